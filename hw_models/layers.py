@@ -47,7 +47,7 @@ class LayerSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "LayerSpec":
+    def from_dict(cls, d: Mapping) -> LayerSpec:
         return cls(
             fqn=str(d["fqn"]),
             op=str(d["op"]),
@@ -77,7 +77,7 @@ class Candidate(Mapping[str, LayerChoice]):
     candidate is scored once.
     """
 
-    __slots__ = ("_items", "_index", "_hash")
+    __slots__ = ("_hash", "_index", "_items")
 
     def __init__(self, choices: Mapping[str, LayerChoice] | Iterable[tuple[str, LayerChoice]]):
         items = tuple(choices.items() if isinstance(choices, Mapping) else choices)
@@ -105,7 +105,7 @@ class Candidate(Mapping[str, LayerChoice]):
         return f"Candidate({inner})"
 
     @classmethod
-    def uniform(cls, fqns: Iterable[str], weight: Precision, activation: Precision) -> "Candidate":
+    def uniform(cls, fqns: Iterable[str], weight: Precision, activation: Precision) -> Candidate:
         choice = LayerChoice(weight, activation)
         return cls((f, choice) for f in fqns)
 
@@ -113,7 +113,7 @@ class Candidate(Mapping[str, LayerChoice]):
         return {k: c.to_dict() for k, c in self._items}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Mapping[str, str]]) -> "Candidate":
+    def from_dict(cls, d: Mapping[str, Mapping[str, str]]) -> Candidate:
         return cls(
             (fqn, LayerChoice(Precision.parse(c["weight"]), Precision.parse(c["activation"])))
             for fqn, c in d.items()

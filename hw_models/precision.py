@@ -32,7 +32,7 @@ class Precision(str, Enum):
         return not self.is_int
 
     @classmethod
-    def parse(cls, name: str) -> "Precision":
+    def parse(cls, name: str) -> Precision:
         """Parse a precision name; raises ValueError naming the known ones."""
         try:
             return cls(name.strip().lower())

@@ -1,0 +1,9 @@
+"""mpsearch: mixed-precision quantization search under hardware budgets."""
+
+from mpsearch.api import search
+from mpsearch.errors import MpsearchError
+from mpsearch.result import SearchResult, TrialRecord
+from mpsearch.tasks.base import Task
+
+__version__ = "0.1.0"
+__all__ = ["MpsearchError", "SearchResult", "Task", "TrialRecord", "__version__", "search"]

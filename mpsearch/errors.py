@@ -37,3 +37,11 @@ class MissingDependencyError(MpsearchError):
 
 class EvaluationError(MpsearchError):
     """A candidate could not be evaluated (non-finite outputs, model fails to run, ...)."""
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a search, after every finished trial was saved. Carries where it went."""
+
+    def __init__(self, message: str, result_path: str):
+        super().__init__(message)
+        self.result_path = result_path

@@ -1,0 +1,153 @@
+"""Command-line interface. Parses arguments and calls the API; no logic of its own.
+
+User errors print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mpsearch.errors import MpsearchError, SearchInterrupted
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mpsearch", description="Mixed-precision quantization search.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("tasks", help="list built-in tasks")
+    sub.add_parser("targets", help="list hardware targets")
+    sub.add_parser("fetch-weights", help="fetch the pretrained weights built-in tasks need")
+
+    s = sub.add_parser("search", help="search per-layer precisions for a task on a target")
+    s.add_argument("--task", required=True, help="built-in name, package.module:function or file.py:function")
+    s.add_argument("--target", default="x86-vnni", help="hardware target (see `mpsearch targets`)")
+    s.add_argument("--trials", type=_positive_int, default=50, help="number of trials (default 50)")
+    s.add_argument("--sampler", default="tpe", help="tpe (default), nsga2 or random")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--latency-budget", type=_positive_float, metavar="MS", help="latency budget in ms")
+    s.add_argument("--weight-precisions", metavar="LIST", help="e.g. int4,int8,fp32 (default int2..int8,fp32)")
+    s.add_argument("--activation-precisions", metavar="LIST", help="e.g. int8,fp32 (default)")
+    s.add_argument("--batch-size", type=_positive_int, default=1, help="batch size for pricing (default 1)")
+    s.add_argument("--out", metavar="DIR", help="output directory (default mpsearch-out/<task>-<target>-<time>)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (else MLFLOW_TRACKING_URI, else local)")
+    g.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow")
+    s.add_argument("--experiment", default="mpsearch", help="MLflow experiment name (default mpsearch)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _cmd_tasks(args) -> int:
+    from mpsearch.tasks import list_tasks
+
+    for name, desc in list_tasks():
+        print(f"{name:14s} {desc}")
+    print("\nAny function returning a Task also works: --task package.module:function or path/file.py:function")
+    return 0
+
+
+def _cmd_targets(args) -> int:
+    from hw_models import list_profiles
+
+    for prof in list_profiles():
+        w = ",".join(p.value for p in prof.weight_precisions)
+        a = ",".join(p.value for p in prof.activation_precisions)
+        peaks = ", ".join(f"{k} {v / 1e9:.0f} GMAC/s" for k, v in prof.peak_macs_per_s.items())
+        print(f"{prof.name:12s} {prof.kind:5s} {prof.description}")
+        print(f"{'':12s} weights {w}; activations {a}")
+        print(f"{'':12s} peak {peaks}; memory {prof.mem_bw_bytes_per_s / 1e9:.0f} GB/s; "
+              f"overhead {prof.layer_overhead_s * 1e6:.0f} us/layer")
+    return 0
+
+
+def _cmd_fetch_weights(args) -> int:
+    from mpsearch.tasks.weights import fetch_all
+
+    fetch_all()
+    return 0
+
+
+def _cmd_search(args) -> int:
+    from mpsearch.api import search
+    from mpsearch.report import pareto_table
+
+    result = search(
+        args.task,
+        target=args.target,
+        n_trials=args.trials,
+        sampler=args.sampler,
+        seed=args.seed,
+        latency_budget_ms=args.latency_budget,
+        weight_precisions=args.weight_precisions,
+        activation_precisions=args.activation_precisions,
+        out_dir=args.out,
+        mlflow_uri=args.mlflow_uri,
+        track=not args.no_mlflow,
+        experiment=args.experiment,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(pareto_table(result))
+    out = Path(result.settings["out_dir"])
+    print(f"\nresults: {out / 'result.json'} (Optuna study: {out / 'study.db'})")
+    if result.tracking.get("run_id"):
+        print(f"MLflow: {result.tracking['mlflow_uri']} experiment {result.tracking['experiment']!r}, "
+              f"run {result.tracking['run_id']}")
+    return 0
+
+
+COMMANDS = {
+    "tasks": _cmd_tasks,
+    "targets": _cmd_targets,
+    "fetch-weights": _cmd_fetch_weights,
+    "search": _cmd_search,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MpsearchError as e:
+        print(f"mpsearch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SearchInterrupted as e:
+        print(f"mpsearch: interrupted; {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("mpsearch: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

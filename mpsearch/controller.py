@@ -1,0 +1,160 @@
+"""The search loop: Optuna proposes (ask), the cost model prices, the evaluator scores, Optuna
+learns (tell). Pricing is cheap and scoring is expensive: a candidate that breaks the latency
+budget, or that the target cannot run, is told to the study as infeasible without scoring.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from hw_models import Candidate, CostModel
+from mpsearch.errors import EvaluationError, InvalidConfigError, SearchInterrupted
+from mpsearch.evaluator import Evaluator
+from mpsearch.result import SearchResult, TrialRecord
+from mpsearch.tracking import Tracker
+from search_spaces import SearchSpace
+
+SAMPLERS = ("tpe", "nsga2", "random")
+# Constraint values told to the study with every trial (> 0 means violated); Optuna's
+# constraint-aware samplers (TPE, NSGA-II) rank infeasible trials below feasible ones.
+UNSUPPORTED = "unsupported_precision"  # 1.0 when the target cannot run a layer's precisions
+OVER_BUDGET = "latency_over_budget_ms"  # latency minus budget, in ms
+
+
+@contextmanager
+def _sigint_deferred():
+    """Hold Ctrl-C until the block ends (main thread only), so a trial is never half-recorded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def make_sampler(name: str | optuna.samplers.BaseSampler, seed: int | None, n_trials: int):
+    """An Optuna sampler by name (tpe, nsga2, random), or the sampler object given."""
+    if isinstance(name, optuna.samplers.BaseSampler):
+        return name
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if name == "nsga2":
+        population = max(10, min(50, n_trials // 4))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise InvalidConfigError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+
+
+def run_search(
+    *,
+    result: SearchResult,
+    space: SearchSpace,
+    cost_model: CostModel,
+    evaluator: Evaluator,
+    study: optuna.Study,
+    n_trials: int,
+    latency_budget_ms: float | None,
+    out_dir: Path,
+    tracker: Tracker | None,
+    progress: bool = True,
+    on_trial: Callable[[TrialRecord], None] | None = None,
+) -> SearchResult:
+    """Run n_trials trials, appending to result.trials; result.json is rewritten after each.
+
+    On Ctrl-C the trial in flight is told to the study as failed, every finished trial stays in
+    result.json and in the study's storage, and KeyboardInterrupt propagates.
+    """
+    dists = space.distributions()
+    # What the study should be told in place of a metric for an infeasible trial: worse than
+    # anything a scored trial reports. Samplers that know constraints rank by those instead.
+    floor = -abs(result.reference["fp32_metric"]) * 10 - 1.0
+    first_trial_of: dict[Candidate, int] = {}
+    result_path = out_dir / "result.json"
+    bar = tqdm(total=n_trials, desc="search", unit="trial", file=sys.stderr, disable=not progress)
+    trial = None
+    try:
+        for _ in range(n_trials):
+            t0 = time.perf_counter()
+            trial = study.ask(dists)
+            candidate = space.candidate(trial.params)
+            cost = cost_model.price(candidate)
+            record = TrialRecord(
+                number=trial.number,
+                state="complete",
+                config=candidate,
+                metric=None,
+                latency_ms=cost.latency_ms,
+                weight_bytes=cost.weight_bytes,
+                bops=cost.bops,
+                feasible=cost.feasible,
+                peak_act_bytes=cost.peak_act_bytes,
+            )
+            over_budget = 0.0 if latency_budget_ms is None else cost.latency_ms - latency_budget_ms
+            if not cost.feasible:
+                record.state, record.reason = "infeasible", cost.reason
+            elif over_budget > 0:
+                record.state, record.feasible = "infeasible", False
+                record.reason = f"latency {cost.latency_ms:.4g} ms is over the budget of {latency_budget_ms:g} ms"
+            else:
+                record.duplicate_of = first_trial_of.get(candidate)
+                try:
+                    score = evaluator.score(candidate)
+                    record.metric, record.proxies = score.metric, dict(score.proxies)
+                except EvaluationError as e:
+                    record.state, record.reason = "fail", str(e)
+                first_trial_of.setdefault(candidate, trial.number)
+            record.seconds = time.perf_counter() - t0
+            with _sigint_deferred():  # the study and result.json learn of the trial together
+                trial.set_constraint(UNSUPPORTED, 0.0 if cost.feasible else 1.0)
+                trial.set_constraint(OVER_BUDGET, over_budget if cost.feasible else 0.0)
+                if record.state == "fail":
+                    study.tell(trial, state=TrialState.FAIL)
+                else:
+                    metric = record.metric if record.state == "complete" else floor
+                    study.tell(trial, [metric, record.latency_ms])
+                trial = None
+                result.trials.append(record)
+                result.write(result_path)
+            if tracker is not None:
+                tracker.log_trial(record)
+            if on_trial is not None:
+                on_trial(record)
+            best = result.best
+            if best is not None:
+                b = result.trial(best)
+                bar.set_postfix(best=f"{b.metric:.4f}", latency_ms=f"{b.latency_ms:.4g}", refresh=False)
+            bar.update(1)
+    except KeyboardInterrupt:
+        if trial is not None:
+            try:
+                study.tell(trial, state=TrialState.FAIL)
+            except Exception:  # noqa: BLE001, S110 - storage may be mid-write; finished trials are safe
+                pass
+        result.interrupted = True
+        result.write(result_path)
+        if tracker is not None:
+            tracker.finish(result, status="KILLED")
+        done = len(result.trials)
+        raise SearchInterrupted(
+            f"{done} finished trial{'s' if done != 1 else ''} kept in {result_path} and in the study storage",
+            str(result_path),
+        ) from None
+    finally:
+        bar.close()
+    result.write(result_path)
+    if tracker is not None:
+        tracker.finish(result)
+    return result

@@ -1,0 +1,141 @@
+"""Trial records, the Pareto front, and result.json (schema "mpsearch.result/1")."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hw_models import Candidate
+from mpsearch.cache import atomic_write_bytes
+
+SCHEMA = "mpsearch.result/1"
+
+
+@dataclass
+class TrialRecord:
+    """One trial. state: "complete" (scored), "infeasible" (priced only: over budget or a
+    precision the target cannot run), or "fail" (scoring raised; see reason)."""
+
+    number: int
+    state: str
+    config: Candidate
+    metric: float | None
+    latency_ms: float
+    weight_bytes: int
+    bops: int
+    feasible: bool
+    peak_act_bytes: int = 0
+    proxies: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+    duplicate_of: int | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialRecord:
+        d = dict(d)
+        d["config"] = Candidate.from_dict(d["config"])
+        return cls(**d)
+
+    @property
+    def mean_weight_bits(self) -> float:
+        return sum(c.weight.bits for c in self.config.values()) / len(self.config)
+
+    @property
+    def mean_activation_bits(self) -> float:
+        return sum(c.activation.bits for c in self.config.values()) / len(self.config)
+
+
+def pareto_front(trials: Sequence[TrialRecord]) -> list[int]:
+    """Trial numbers of the non-dominated complete, feasible trials (metric max, latency min).
+
+    A configuration repeated in several trials appears once, under its first trial.
+    """
+    pool = [t for t in trials if t.state == "complete" and t.feasible and t.duplicate_of is None]
+    front = []
+    for t in pool:
+        dominated = any(
+            (o.metric >= t.metric and o.latency_ms <= t.latency_ms)
+            and (o.metric > t.metric or o.latency_ms < t.latency_ms)
+            for o in pool
+        )
+        if not dominated:
+            front.append(t)
+    front.sort(key=lambda t: (t.latency_ms, -t.metric, t.number))
+    return [t.number for t in front]
+
+
+def best_trial(trials: Sequence[TrialRecord]) -> int | None:
+    """The highest-metric feasible complete trial; ties go to lower latency, then earlier trials."""
+    pool = [t for t in trials if t.state == "complete" and t.feasible]
+    if not pool:
+        return None
+    return min(pool, key=lambda t: (-t.metric, t.latency_ms, t.number)).number
+
+
+@dataclass
+class SearchResult:
+    task: str
+    target: str
+    reference: dict[str, Any]
+    trials: list[TrialRecord]
+    settings: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Any] = field(default_factory=dict)
+    tracking: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def pareto(self) -> list[int]:
+        return pareto_front(self.trials)
+
+    @property
+    def best(self) -> int | None:
+        return best_trial(self.trials)
+
+    def trial(self, number: int) -> TrialRecord:
+        for t in self.trials:
+            if t.number == number:
+                return t
+        raise KeyError(number)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "task": self.task,
+            "target": self.target,
+            "reference": self.reference,
+            "settings": self.settings,
+            "space": self.space,
+            "tracking": self.tracking,
+            "interrupted": self.interrupted,
+            "trials": [t.to_dict() for t in self.trials],
+            "pareto": self.pareto,
+            "best": self.best,
+        }
+
+    def write(self, path: str | Path) -> None:
+        """Write result.json atomically (readers never see a partial file)."""
+        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=1) + "\n").encode())
+
+    @classmethod
+    def read(cls, path: str | Path) -> SearchResult:
+        d = json.loads(Path(path).read_text())
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"{path}: schema {d.get('schema')!r}, expected {SCHEMA!r}")
+        return cls(
+            task=d["task"],
+            target=d["target"],
+            reference=d["reference"],
+            trials=[TrialRecord.from_dict(t) for t in d["trials"]],
+            settings=d.get("settings", {}),
+            space=d.get("space", {}),
+            tracking=d.get("tracking", {}),
+            interrupted=d.get("interrupted", False),
+        )

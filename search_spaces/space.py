@@ -1,0 +1,166 @@
+"""Per-layer precision choices on a target, and their mapping to Optuna distributions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import optuna
+
+from hw_models import Candidate, HardwareProfile, LayerChoice, LayerSpec, Precision
+
+P = Precision
+
+DEFAULT_WEIGHT_PRECISIONS = (P.INT2, P.INT3, P.INT4, P.INT6, P.INT8, P.FP32)
+DEFAULT_ACTIVATION_PRECISIONS = (P.INT8, P.FP32)
+
+
+class SpaceError(ValueError):
+    """A search space that cannot be built (no choice left for a layer, unknown layer, ...)."""
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    fqn: str
+    weights: tuple[Precision, ...]
+    activations: tuple[Precision, ...]
+    note: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.weights) * len(self.activations)
+
+
+def _param(kind: str, fqn: str) -> str:
+    return f"{kind}:{fqn}"
+
+
+class SearchSpace:
+    """Which (weight, activation) precisions each layer may take on a target.
+
+    The requested precisions are intersected with what the target can run. Layers whose
+    input activation cannot be quantized (listed in `fp32_activation_layers`, e.g. the output
+    projection inside nn.MultiheadAttention) keep fp32 activations.
+    Each layer maps to two categorical Optuna parameters, "w:<fqn>" and "a:<fqn>"; a
+    parameter with a single option is fixed and not searched.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerSpec],
+        profile: HardwareProfile,
+        weight_precisions: Iterable[Precision] | None = None,
+        activation_precisions: Iterable[Precision] | None = None,
+        fp32_activation_layers: Iterable[str] = (),
+    ):
+        self.layers = tuple(layers)
+        self.profile = profile
+        self.requested_weights = tuple(weight_precisions or DEFAULT_WEIGHT_PRECISIONS)
+        self.requested_activations = tuple(activation_precisions or DEFAULT_ACTIVATION_PRECISIONS)
+        fp32_act = set(fp32_activation_layers)
+        if not self.layers:
+            raise SpaceError("the model has no quantizable layer")
+        options = []
+        for layer in self.layers:
+            acts = self.requested_activations
+            note = ""
+            if layer.fqn in fp32_act:
+                acts = (P.FP32,)
+                note = "input activation cannot be intercepted: fp32 only"
+            pairs = [(w, a) for w in self.requested_weights for a in acts if profile.rule(w, a)]
+            weights = tuple(dict.fromkeys(w for w, _ in pairs))
+            activations = tuple(dict.fromkeys(a for _, a in pairs))
+            if not weights:
+                raise SpaceError(
+                    f"layer {layer.fqn}: {profile.name} runs none of the requested precisions "
+                    f"(weights {_names(self.requested_weights)}, activations {_names(acts)}); "
+                    f"it runs weights {_names(profile.weight_precisions)} and activations "
+                    f"{_names(profile.activation_precisions)}"
+                )
+            options.append(LayerOptions(layer.fqn, weights, activations, note))
+        self.options = tuple(options)
+        self._by_fqn = {o.fqn: o for o in self.options}
+
+    @property
+    def fqns(self) -> tuple[str, ...]:
+        return tuple(o.fqn for o in self.options)
+
+    @property
+    def size(self) -> int:
+        """Number of distinct candidates (product of per-layer choices)."""
+        return math.prod(o.size for o in self.options)
+
+    @property
+    def log10_size(self) -> float:
+        return sum(math.log10(o.size) for o in self.options)
+
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        """Optuna distributions of the searched parameters (fixed ones left out)."""
+        dists: dict[str, optuna.distributions.BaseDistribution] = {}
+        for o in self.options:
+            if len(o.weights) > 1:
+                dists[_param("w", o.fqn)] = optuna.distributions.CategoricalDistribution(
+                    [p.value for p in o.weights]
+                )
+            if len(o.activations) > 1:
+                dists[_param("a", o.fqn)] = optuna.distributions.CategoricalDistribution(
+                    [p.value for p in o.activations]
+                )
+        return dists
+
+    def candidate(self, params: Mapping[str, str]) -> Candidate:
+        """The candidate an Optuna trial's parameters describe."""
+        choices = []
+        for o in self.options:
+            w = params.get(_param("w", o.fqn), o.weights[0].value)
+            a = params.get(_param("a", o.fqn), o.activations[0].value)
+            choices.append((o.fqn, LayerChoice(P(w), P(a))))
+        return Candidate(choices)
+
+    def params(self, candidate: Candidate) -> dict[str, str]:
+        """Inverse of `candidate`: the Optuna parameters for a candidate in this space."""
+        out = {}
+        for o in self.options:
+            c = candidate[o.fqn]
+            if c.weight not in o.weights or c.activation not in o.activations:
+                raise SpaceError(f"layer {o.fqn}: {c.weight}/{c.activation} is outside the space")
+            if len(o.weights) > 1:
+                out[_param("w", o.fqn)] = c.weight.value
+            if len(o.activations) > 1:
+                out[_param("a", o.fqn)] = c.activation.value
+        return out
+
+    def uniform(self, weight: Precision, activation: Precision) -> Candidate:
+        """Every layer at (weight, activation), where the layer allows it (else its widest option)."""
+        choices = []
+        for o in self.options:
+            w = weight if weight in o.weights else max(o.weights, key=lambda p: p.bits)
+            a = activation if activation in o.activations else max(o.activations, key=lambda p: p.bits)
+            choices.append((o.fqn, LayerChoice(w, a)))
+        return Candidate(choices)
+
+    def layer_choices(self, fqn: str) -> list[LayerChoice]:
+        o = self._by_fqn[fqn]
+        return [LayerChoice(w, a) for w in o.weights for a in o.activations]
+
+    def describe(self) -> dict:
+        return {
+            "size": self.size,
+            "log10_size": round(self.log10_size, 3),
+            "weight_precisions": _names(self.requested_weights).split(","),
+            "activation_precisions": _names(self.requested_activations).split(","),
+            "layers": [
+                {
+                    "fqn": o.fqn,
+                    "weights": [p.value for p in o.weights],
+                    "activations": [p.value for p in o.activations],
+                    **({"note": o.note} if o.note else {}),
+                }
+                for o in self.options
+            ],
+        }
+
+
+def _names(ps: Iterable[Precision]) -> str:
+    return ",".join(p.value for p in ps)

@@ -1,0 +1,210 @@
+"""End-to-end: the CLI on the digits task with a real MLflow SQLite store, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mpsearch.cli import main
+from mpsearch.result import SearchResult, best_trial, pareto_front
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*argv: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mpsearch.cli", *argv], capture_output=True, text=True, timeout=timeout, check=False, **kw
+    )
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_search_end_to_end_with_mlflow(tmp_path):
+    out = tmp_path / "out"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = cli("search", "--task", "digits", "--target", "x86-vnni", "--trials", "6", "--seed", "3",
+            "--out", str(out), "--mlflow-uri", uri, "--experiment", "e2e", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "Pareto front: digits on x86-vnni" in p.stdout
+    assert "search" in p.stderr  # the progress bar
+    assert "Traceback" not in p.stderr
+
+    d = json.loads((out / "result.json").read_text())
+    assert d["schema"] == "mpsearch.result/1"
+    assert d["task"] == "digits" and d["target"] == "x86-vnni"
+    ref = d["reference"]
+    assert ref["metric_name"] == "accuracy" and ref["fp32_metric"] > 0.9
+    assert ref["fp32_latency_ms"] > 0 and ref["fp32_weight_bytes"] > 0
+    assert len(d["trials"]) == 6
+    layers = [x["fqn"] for x in d["space"]["layers"]]
+    assert len(layers) == 8
+    for t in d["trials"]:
+        assert list(t["config"]) == layers
+        assert t["state"] == "complete" and t["feasible"] and 0 <= t["metric"] <= 1
+        assert set(t["config"][layers[0]]) == {"weight", "activation"}
+    result = SearchResult.read(out / "result.json")
+    assert d["pareto"] == pareto_front(result.trials) and d["pareto"]
+    assert d["best"] == best_trial(result.trials)
+    assert (out / "study.db").exists()
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parent) == 1 and len(children) == 6
+    assert parent[0].info.run_id == d["tracking"]["run_id"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent[0].info.run_id}
+    by_trial = {int(c.data.params["trial"]): c for c in children}
+    for t in d["trials"]:
+        run = by_trial[t["number"]]
+        assert run.data.metrics["metric"] == pytest.approx(t["metric"])
+        assert run.data.metrics["latency_ms"] == pytest.approx(t["latency_ms"])
+        assert run.data.metrics["weight_bytes"] == t["weight_bytes"]
+        assert run.data.metrics["bops"] == t["bops"]
+        bits = [int(c["weight"].removeprefix("int").removeprefix("fp")) for c in t["config"].values()]
+        assert float(run.data.params["mean_weight_bits"]) == pytest.approx(sum(bits) / len(bits), abs=1e-4)
+        cfg = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path))).read_text())
+        assert cfg == t["config"]
+    assert parent[0].data.metrics["n_trials"] == 6
+    assert parent[0].info.status == "FINISHED"
+
+
+def test_api_is_reproducible_with_a_seed_and_respects_the_budget(tmp_path):
+    import mpsearch
+
+    a = mpsearch.search("digits", n_trials=8, seed=11, out_dir=tmp_path / "a", track=False, progress=False)
+    b = mpsearch.search("digits", n_trials=8, seed=11, out_dir=tmp_path / "b", track=False, progress=False)
+    assert [t.config for t in a.trials] == [t.config for t in b.trials]
+    assert [t.metric for t in a.trials] == [t.metric for t in b.trials]
+
+    fp32 = a.reference["fp32_latency_ms"]
+    budget = (a.space["min_latency_ms"] + fp32) / 2
+    c = mpsearch.search("digits", n_trials=10, seed=1, sampler="random", latency_budget_ms=budget,
+                        out_dir=tmp_path / "c", track=False, progress=False)
+    assert c.settings["latency_budget_ms"] == budget
+    for t in c.trials:
+        if t.latency_ms > budget:
+            assert t.state == "infeasible" and not t.feasible and t.metric is None and "budget" in t.reason
+        else:
+            assert t.state == "complete" and t.feasible
+    assert any(t.state == "infeasible" for t in c.trials)
+    if c.best is not None:
+        assert c.trial(c.best).latency_ms <= budget
+
+
+def test_restricted_precisions(tmp_path):
+    import mpsearch
+
+    r = mpsearch.search("digits", n_trials=4, seed=0, weight_precisions="int4,int8", activation_precisions="int8",
+                        out_dir=tmp_path, track=False, progress=False)
+    for t in r.trials:
+        assert {c.weight.value for c in t.config.values()} <= {"int4", "int8"}
+        assert {c.activation.value for c in t.config.values()} == {"int8"}
+    assert r.space["size"] == 2**8
+
+
+def one_line_error(rc, err, *needles):
+    assert rc == 2
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+BAD_TASK = """
+def build():
+    raise ValueError("dataset shard 7 is missing")
+"""
+
+
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["search", "--task", "nosuchtask"], ["nosuchtask", "digits", "mobilenet_v2"]),
+        (["search", "--task", "digits", "--target", "tpu-v9"], ["tpu-v9", "x86-vnni"]),
+        (["search", "--task", "a:b:c"], ["a:b:c"]),
+        (["search", "--task", "digits", "--trials", "0"], ["--trials"]),
+        (["search", "--task", "digits", "--trials", "-3"], ["--trials"]),
+        (["search", "--task", "digits", "--sampler", "cmaes"], ["cmaes", "tpe"]),
+        (["search", "--task", "digits", "--weight-precisions", "int5"], ["int5"]),
+        (["search", "--task", "digits", "--latency-budget", "1e-9", "--no-mlflow"], ["cheapest", "ms"]),
+    ],
+)
+def test_bad_input_one_line_exit_2(capsys, argv, needles):
+    rc, _out, err = run_main(capsys, *argv)
+    one_line_error(rc, err, *needles)
+
+
+def test_task_function_that_raises(tmp_path, capsys):
+    f = tmp_path / "bad_task.py"
+    f.write_text(BAD_TASK)
+    rc, _out, err = run_main(capsys, "search", "--task", f"{f}:build", "--no-mlflow")
+    one_line_error(rc, err, "raised ValueError", "dataset shard 7 is missing")
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    rc, _out, err = run_main(capsys, "search", "--task", "digits", "--trials", "1", "--no-mlflow",
+                            "--out", str(blocker / "sub"))
+    one_line_error(rc, err, "output directory", str(blocker / "sub"))
+
+
+def test_bad_input_from_a_real_process_has_no_traceback():
+    p = cli("search", "--task", "nosuchtask")
+    one_line_error(p.returncode, p.stderr, "nosuchtask")
+
+
+def test_tasks_and_targets_commands(capsys):
+    rc, out, _ = run_main(capsys, "tasks")
+    assert rc == 0 and "digits" in out and "mobilenet_v2" in out and "minilm" in out
+    rc, out, _ = run_main(capsys, "targets")
+    assert rc == 0 and "x86-vnni" in out and "int8" in out
+
+
+def test_ctrl_c_keeps_finished_trials(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpsearch.cli", "search", "--task", "digits", "--trials", "500",
+         "--out", str(out), "--no-mlflow", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    result = out / "result.json"
+    deadline = time.time() + 180
+    n = 0
+    while time.time() < deadline and proc.poll() is None:
+        if result.exists():
+            n = len(json.loads(result.read_text())["trials"])
+            if n >= 3:
+                break
+        time.sleep(0.2)
+    assert n >= 3, "search made no progress"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "kept in" in err
+    d = json.loads(result.read_text())
+    assert d["interrupted"] is True and len(d["trials"]) >= n
+    study = optuna.load_study(study_name=d["settings"]["study_name"], storage=d["settings"]["storage"])
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == len(d["trials"])
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)
+    assert os.path.exists(out / "study.db")

@@ -1,0 +1,48 @@
+import json
+
+from hw_models import Candidate, Precision
+from mpsearch.result import SCHEMA, SearchResult, TrialRecord, best_trial, pareto_front
+
+P = Precision
+CFG = Candidate.uniform(["l1", "l2"], P.INT8, P.INT8)
+
+
+def rec(n, metric, lat, state="complete", feasible=True, dup=None):
+    return TrialRecord(n, state, CFG, metric, lat, 100, 1000, feasible, duplicate_of=dup)
+
+
+def test_pareto_by_hand():
+    trials = [
+        rec(0, 0.90, 1.0),  # front
+        rec(1, 0.95, 2.0),  # front
+        rec(2, 0.94, 2.5),  # dominated by 1
+        rec(3, 0.99, 3.0),  # front
+        rec(4, 0.99, 3.0, dup=3),  # same configuration as 3: listed once
+        rec(5, None, 0.5, state="infeasible", feasible=False),  # never on the front
+        rec(6, None, 0.4, state="fail"),
+        rec(7, 0.80, 1.0),  # dominated by 0 (same latency, lower metric)
+    ]
+    assert pareto_front(trials) == [0, 1, 3]
+    assert best_trial(trials) == 3
+
+
+def test_best_ties_break_on_latency_then_number():
+    assert best_trial([rec(0, 0.9, 2.0), rec(1, 0.9, 1.0), rec(2, 0.9, 1.0)]) == 1
+    assert best_trial([rec(0, None, 1.0, state="infeasible", feasible=False)]) is None
+
+
+def test_result_json_round_trip(tmp_path):
+    ref = {"metric_name": "accuracy", "fp32_metric": 1.0, "fp32_latency_ms": 2.0, "fp32_weight_bytes": 400}
+    r = SearchResult("digits", "x86-vnni", ref, [rec(0, 0.9, 1.0), rec(1, 0.95, 2.0)])
+    path = tmp_path / "result.json"
+    r.write(path)
+    d = json.loads(path.read_text())
+    assert d["schema"] == SCHEMA == "mpsearch.result/1"
+    assert d["pareto"] == [0, 1] and d["best"] == 1
+    assert d["trials"][0]["config"] == {"l1": {"weight": "int8", "activation": "int8"},
+                                        "l2": {"weight": "int8", "activation": "int8"}}
+    for key in ("number", "state", "config", "metric", "latency_ms", "weight_bytes", "bops", "feasible"):
+        assert key in d["trials"][0]
+    back = SearchResult.read(path)
+    assert back.trials[1].config == CFG and back.best == 1
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temp file
