@@ -75,7 +75,7 @@ def act_params(lo: float, hi: float, bits: int) -> ActQuantParams:
     if hi - lo <= 0:
         return ActQuantParams(1.0, 0, qmin, qmax)
     scale = (hi - lo) / (qmax - qmin)
-    zero_point = int(round(qmin - lo / scale))
+    zero_point = round(qmin - lo / scale)
     zero_point = max(qmin, min(qmax, zero_point))
     return ActQuantParams(scale, zero_point, qmin, qmax)
 
