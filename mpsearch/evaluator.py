@@ -42,6 +42,9 @@ class Evaluator:
         self.task = task
         self.analysis = analysis
         self.model = task.model
+        if any(isinstance(m, torch.nn.Conv2d) for m in self.model.modules()):
+            # channels-last convolutions run ~2x faster on x86 CPUs (oneDNN); same numbers
+            self.model.to(memory_format=torch.channels_last)
         self._fp32_weights = {
             fqn: getattr(h.module, h.param).detach() for fqn, h in analysis.handles.items()
         }
@@ -96,7 +99,8 @@ class Evaluator:
         key = (fqn, precision)
         w = self._weights.get(key)
         if w is None:
-            w = self._weights[key] = quantize_weight(self._fp32_weights[fqn], precision)
+            fp32 = self._fp32_weights[fqn]
+            w = self._weights[key] = torch.empty_like(fp32).copy_(quantize_weight(fp32, precision))
         return w
 
     def act_params(self, fqn: str, precision: Precision) -> ActQuantParams | None:

@@ -60,3 +60,14 @@ def test_observer_tracks_range():
     assert (obs.lo, obs.hi) == (-1.0, 2.0)
     assert obs.params(P.FP32) is None
     assert obs.params(P.INT8).qmax == 255
+
+
+def test_fast_int8_path_matches_torch_fake_quant():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 8, 5, 5, generator=g) * 3
+    for lo, hi in [(-1.0, 3.0), (0.0, 2.55), (-7.3, 0.4)]:
+        p = act_params(lo, hi, 8)
+        ref = torch.fake_quantize_per_tensor_affine(x, p.scale, p.zero_point, 0, 255)
+        assert torch.allclose(p.fake_quant(x), ref, atol=1e-6)
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(p.fake_quant(xcl), ref, atol=1e-6)
