@@ -88,7 +88,8 @@ def run_search(
     try:
         for _ in range(n_trials):
             t0 = time.perf_counter()
-            trial = study.ask(dists)
+            with _sigint_deferred():  # a trial created in the storage is always one we hold
+                trial = study.ask(dists)
             candidate = space.candidate(trial.params)
             cost = cost_model.price(candidate)
             record = TrialRecord(
