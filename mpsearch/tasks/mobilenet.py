@@ -48,7 +48,10 @@ from mpsearch.tasks.base import Task
 
 DATA_VERSION = 1
 IMAGE_SIZE = 224
-BATCH_SIZE = 64
+BATCH_SIZE = 64  # crops per FP32 forward while generating the data
+# Batches the task hands out: 16 crops keep MobileNetV2's activations cache-resident, ~30%
+# faster per image on this 2-core CPU than 64 (not part of the data cache key).
+TASK_BATCH_SIZE = 16
 CALIB_SIZE = 128
 EVAL_SIZE = 256
 CALIB_SEED = 1
@@ -290,8 +293,9 @@ def build() -> Task:
     calib = normalize(data["calib_images"])
     evals = normalize(data["eval_images"])
     labels = data["eval_labels"]
-    calib_batches = [calib[i : i + BATCH_SIZE] for i in range(0, len(calib), BATCH_SIZE)]
-    eval_batches = [(evals[i : i + BATCH_SIZE], labels[i : i + BATCH_SIZE]) for i in range(0, len(evals), BATCH_SIZE)]
+    b = TASK_BATCH_SIZE
+    calib_batches = [calib[i : i + b] for i in range(0, len(calib), b)]
+    eval_batches = [(evals[i : i + b], labels[i : i + b]) for i in range(0, len(evals), b)]
     return Task(
         name="mobilenet_v2",
         model=model,

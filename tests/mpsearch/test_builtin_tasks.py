@@ -106,7 +106,7 @@ def test_mobilenet_sizes_and_metadata(mobilenet_task):
     assert t.name == "mobilenet_v2" and t.kind == "classifier" and t.metric_name == "top1_agreement"
     assert sum(len(b) for b in t.calib_batches) == mn.CALIB_SIZE == 128
     assert sum(len(x) for x, _ in t.eval_batches) == mn.EVAL_SIZE == 256
-    assert all(len(b) <= mn.BATCH_SIZE for b in t.calib_batches)
+    assert all(len(b) == mn.TASK_BATCH_SIZE for b in t.calib_batches)
     for x, y in t.eval_batches:
         assert x.shape[1:] == (3, 224, 224) and x.dtype == torch.float32
         assert y.dtype == torch.int64 and y.shape == (len(x),)
