@@ -13,9 +13,10 @@ import optuna
 
 from hw_models import CostModel, HardwareProfile, Precision, UnknownProfileError, get_profile
 from mpsearch.analysis import analyze
+from mpsearch.cache import cache_dir
 from mpsearch.controller import make_sampler, run_search
 from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError, UnknownTargetError
-from mpsearch.evaluator import Evaluator
+from mpsearch.evaluator import Evaluator, QuantSettings
 from mpsearch.result import SearchResult
 from mpsearch.tasks import Task, load_task
 from mpsearch.tracking import DEFAULT_EXPERIMENT, Tracker
@@ -84,6 +85,8 @@ def search(
     experiment: str = DEFAULT_EXPERIMENT,
     batch_size: int = 1,
     progress: bool = True,
+    quant: QuantSettings | None = None,
+    evaluator_cache: bool = True,
 ) -> SearchResult:
     """Search per-layer precisions for `task` on `target`; returns the SearchResult.
 
@@ -91,6 +94,10 @@ def search(
     "path/to/file.py:function". Objectives: the task metric (max) and latency (min);
     latency_budget_ms makes latency a constraint too. Writes OUT/result.json after every
     trial and keeps the Optuna study in OUT/study.db. Tracks to MLflow unless track=False.
+    quant: how candidates are quantized for scoring (QuantSettings defaults when None).
+    evaluator_cache: keep the evaluator's candidate-independent work (activation ranges,
+    quantized weights, FP32 reference outputs) in the user cache, so later searches of the
+    same task, data and settings start without recomputing it.
     """
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise InvalidConfigError(f"the number of trials must be a positive integer, got {n_trials!r}")
@@ -125,7 +132,9 @@ def search(
         )
     out = prepare_out_dir(out_dir, task_name, profile.name)
 
-    evaluator = Evaluator(task_obj, analysis)
+    evaluator = Evaluator(
+        task_obj, analysis, quant, cache_dir=cache_dir("evaluator") if evaluator_cache else None
+    )
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     study_name = f"{_slug(task_name)}-{profile.name}-{stamp}"
     db_path = (out / "study.db").resolve()
@@ -143,6 +152,7 @@ def search(
         "seed": seed,
         "latency_budget_ms": latency_budget_ms,
         "batch_size": batch_size,
+        "quant": evaluator.settings.to_dict(),
         "objectives": ["metric:max", "latency_ms:min"],
         "storage": storage,
         "study_name": study_name,
@@ -189,6 +199,7 @@ def search(
             progress=progress,
         )
     finally:
+        evaluator.save_cache()
         evaluator.close()
 
 

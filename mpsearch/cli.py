@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weight-precisions", metavar="LIST", help="e.g. int4,int8,fp32 (default int2..int8,fp32)")
     s.add_argument("--activation-precisions", metavar="LIST", help="e.g. int8,fp32 (default)")
     s.add_argument("--batch-size", type=_positive_int, default=1, help="batch size for pricing (default 1)")
+    q = s.add_argument_group("quantizer (how candidates are scored)")
+    q.add_argument("--weight-granularity", default="per_channel", choices=["per_channel", "per_tensor"])
+    q.add_argument("--weight-clipping", default="auto", choices=["auto", "minmax", "mse"],
+                   help="auto: MSE-optimal at 4 bits and below, min-max above")
+    q.add_argument("--group-size", type=_positive_int, metavar="N", help="group-wise scales for Linear weights")
+    q.add_argument("--act-range", default="minmax", choices=["minmax", "percentile", "mse"])
+    q.add_argument("--act-percentile", type=float, default=99.99, metavar="P")
+    q.add_argument("--bias-correction", default="auto", choices=["auto", "on", "off"],
+                   help="auto: for integer weights of 6 bits and below")
+    q.add_argument("--no-evaluator-cache", action="store_true", help="do not keep the evaluator cache on disk")
     s.add_argument("--out", metavar="DIR", help="output directory (default mpsearch-out/<task>-<target>-<time>)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (else MLFLOW_TRACKING_URI, else local)")
@@ -99,8 +109,17 @@ def _cmd_fetch_weights(args) -> int:
 
 def _cmd_search(args) -> int:
     from mpsearch.api import search
+    from mpsearch.evaluator import QuantSettings
     from mpsearch.report import pareto_table
 
+    quant = QuantSettings(
+        weight_granularity=args.weight_granularity,
+        weight_clipping=args.weight_clipping,
+        group_size=args.group_size,
+        act_range=args.act_range,
+        act_percentile=args.act_percentile,
+        bias_correction=args.bias_correction,
+    )
     result = search(
         args.task,
         target=args.target,
@@ -116,6 +135,8 @@ def _cmd_search(args) -> int:
         experiment=args.experiment,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        quant=quant,
+        evaluator_cache=not args.no_evaluator_cache,
     )
     print(pareto_table(result))
     out = Path(result.settings["out_dir"])

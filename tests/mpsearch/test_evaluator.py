@@ -1,0 +1,100 @@
+"""Evaluator: quantizer settings, bias correction, disk cache, bad input."""
+
+import pytest
+import torch
+
+from hw_models import Candidate, Precision
+from mpsearch.analysis import analyze
+from mpsearch.errors import EvaluationError, InvalidConfigError
+from mpsearch.evaluator import Evaluator, QuantSettings
+from mpsearch.tasks import Task, load_task
+
+P = Precision
+
+
+@pytest.fixture(scope="module")
+def digits():
+    task = load_task("digits")
+    return task, analyze(task.model, task.example_input)
+
+
+def test_bias_correction_restores_the_mean_output_of_a_linear_layer(digits):
+    task, analysis = digits
+    ev = Evaluator(task, analysis, QuantSettings(bias_correction="on", weight_clipping="minmax"))
+    fqn = "classifier.3"  # Linear(64 -> 10)
+    layer = analysis.handles[fqn].module
+    inputs = []
+    hk = layer.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    with torch.no_grad():
+        for b in task.calib_batches:
+            task.model(b)
+    hk.remove()
+    x = torch.cat(inputs)
+    w = ev._fp32_weights[fqn]
+    wq = ev.weight(fqn, P.INT3)
+    delta = ev.bias_delta(fqn, P.INT3)
+    assert torch.allclose(delta, (wq - w) @ x.mean(0), atol=1e-5)  # (W_q - W) E[x] by hand
+    fp32_mean = (x @ w.T).mean(0)
+    corrected = (x @ wq.T - delta).mean(0)
+    uncorrected = (x @ wq.T).mean(0)
+    assert torch.allclose(corrected, fp32_mean, atol=1e-4)
+    assert (uncorrected - fp32_mean).abs().max() > 10 * (corrected - fp32_mean).abs().max()
+    # auto: only 6 bits and below
+    auto = QuantSettings()
+    assert auto.corrects_bias(P.INT6) and not auto.corrects_bias(P.INT8) and not auto.corrects_bias(P.FP32)
+    ev.close()
+
+
+def test_disk_cache_is_reused_and_keyed_by_settings(digits, tmp_path):
+    task, analysis = digits
+    cand = Candidate.uniform(analysis.fqns, P.INT4, P.INT8)
+    a = Evaluator(task, analysis, cache_dir=tmp_path)
+    assert not a.cache_loaded
+    score = a.score(cand)
+    path = a.save_cache()
+    a.close()
+    b = Evaluator(task, analysis, cache_dir=tmp_path)
+    assert b.cache_loaded and b.cache_path == path
+    assert (P.INT4 in {p for _, p in b._weights})  # quantized weights came from disk
+    assert b.score(cand) == score
+    b.close()
+    c = Evaluator(task, analysis, QuantSettings(act_range="percentile"), cache_dir=tmp_path)
+    assert not c.cache_loaded and c.cache_key() != b.cache_key()
+    c.close()
+    path.write_bytes(b"not a torch file")
+    d = Evaluator(task, analysis, cache_dir=tmp_path)  # a damaged cache is rebuilt
+    assert not d.cache_loaded and d.score(cand) == score
+    d.close()
+
+
+@pytest.mark.parametrize("act_range", ["percentile", "mse"])
+def test_histogram_ranges_and_mse_clipping_score(digits, act_range):
+    task, analysis = digits
+    ev = Evaluator(task, analysis, QuantSettings(act_range=act_range, weight_clipping="mse"))
+    s = ev.score(Candidate.uniform(analysis.fqns, P.INT4, P.INT8))
+    assert 0.5 < s.metric <= 1.0 and s.proxies["kl_to_fp32"] >= 0
+    ev.close()
+
+
+def test_invalid_settings():
+    with pytest.raises(InvalidConfigError, match="act_range"):
+        QuantSettings(act_range="entropy")
+    with pytest.raises(InvalidConfigError, match="group_size"):
+        QuantSettings(group_size=0)
+
+
+def test_bad_metric_and_bad_calibration_data(digits):
+    task, analysis = digits
+
+    def broken(outputs, targets):
+        raise ZeroDivisionError("no samples")
+
+    bad = Task("broken", task.model, task.calib_batches, task.eval_batches, "m", broken, fp32_metric=1.0)
+    ev = Evaluator(bad, analysis)
+    with pytest.raises(EvaluationError, match="raised ZeroDivisionError: no samples"):
+        ev.score(Candidate.uniform(analysis.fqns, P.INT8, P.INT8))
+    ev.close()
+    nan = task.calib_batches[0].clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(EvaluationError, match="calibration batch 0: non-finite input to layer features.0"):
+        Evaluator(Task("nan", task.model, [nan], task.eval_batches, "accuracy", task.metric_fn), analysis)
