@@ -367,7 +367,12 @@ class Evaluator:
         self._hooks = []
 
 
-def _pre_hook(module: torch.nn.Module, handle_args: tuple[int | str, ...], fn):
+def input_pre_hook(h, fn, prepend: bool = False):
+    """A forward pre-hook applying fn to a layer's input (every argument its handle names)."""
+    return _pre_hook(h.input_module, _inputs(h), fn, prepend)
+
+
+def _pre_hook(module: torch.nn.Module, handle_args: tuple[int | str, ...], fn, prepend: bool = False):
     """A forward pre-hook applying fn to the module's inputs `handle_args` (positions or keywords).
 
     One tensor passed as several arguments (self-attention's query, key and value) is
@@ -396,7 +401,7 @@ def _pre_hook(module: torch.nn.Module, handle_args: tuple[int | str, ...], fn):
                 args[pos] = apply(args[pos])
         return tuple(args), kwargs
 
-    return module.register_forward_pre_hook(hook, with_kwargs=True)
+    return module.register_forward_pre_hook(hook, with_kwargs=True, prepend=prepend)
 
 
 def _inputs(h) -> tuple[int | str, ...]:

@@ -23,7 +23,6 @@ large: ~0.3 mean absolute logit difference, against ~0.4 between W8A8 and FP32).
 
 from __future__ import annotations
 
-import inspect
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -33,7 +32,7 @@ from hw_models import Candidate, LayerChoice, Precision
 from mpsearch import metrics
 from mpsearch.analysis import ModelAnalysis
 from mpsearch.errors import EvaluationError
-from mpsearch.evaluator import Evaluator
+from mpsearch.evaluator import Evaluator, input_pre_hook
 from mpsearch.onnx_export import LayerQDQ, OrtRunner, default_weight_dtype, export_qdq
 from mpsearch.quant import int_range, weight_qparams
 from mpsearch.tasks.base import Task
@@ -145,33 +144,8 @@ def int8_layers(evaluator: Evaluator, candidate: Candidate) -> dict[str, LayerQD
 ULP_FACTOR = 1.0 + 2.0**-23  # the next float32 after 1
 
 
-def _scale_inputs(h, factor: float):
-    """A forward pre-hook multiplying the layer's input arguments (as the evaluator hooks them) by factor."""
-    try:
-        names = list(inspect.signature(h.input_module.forward).parameters)
-    except (TypeError, ValueError):
-        names = []
-    slots = [(a, a if isinstance(a, int) else (names.index(a) if a in names else None))
-             for a in (h.input_arg, *h.other_input_args)]
-
-    def hook(mod, args, kwargs):
-        args, kwargs, memo = list(args), dict(kwargs), {}
-
-        def apply(x):
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-                return x
-            if id(x) not in memo:
-                memo[id(x)] = x * factor
-            return memo[id(x)]
-
-        for name, pos in slots:
-            if isinstance(name, str) and name in kwargs:
-                kwargs[name] = apply(kwargs[name])
-            elif pos is not None and pos < len(args):
-                args[pos] = apply(args[pos])
-        return tuple(args), kwargs
-
-    return hook
+def _nudge(x: torch.Tensor) -> torch.Tensor:
+    return x * ULP_FACTOR if x.is_floating_point() else x
 
 
 def _perturbed_outputs(evaluator: Evaluator, analysis: ModelAnalysis, candidate: Candidate) -> list[torch.Tensor]:
@@ -181,8 +155,7 @@ def _perturbed_outputs(evaluator: Evaluator, analysis: ModelAnalysis, candidate:
         for fqn, choice in candidate.items():
             h = analysis.handles[fqn]
             if choice.activation != Precision.FP32 and h.input_module is not None:
-                hooks.append(h.input_module.register_forward_pre_hook(
-                    _scale_inputs(h, ULP_FACTOR), prepend=True, with_kwargs=True))
+                hooks.append(input_pre_hook(h, _nudge, prepend=True))
         return evaluator.outputs(candidate)
     finally:
         for hk in hooks:
