@@ -31,17 +31,43 @@ UNSUPPORTED = "unsupported_precision"  # 1.0 when the target cannot run a layer'
 OVER_BUDGET = "latency_over_budget_ms"  # latency minus budget, in ms
 
 
-@contextmanager
-def _sigint_deferred():
-    """Hold Ctrl-C until the block ends (main thread only), so a trial is never half-recorded."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+class _DeferredInterrupt:
+    """Ctrl-C that waits for the end of a critical section (a trial being recorded).
+
+    A SIGINT handler, not a signal mask: Python runs handlers in the main thread, so the
+    check is exact even while torch or SQLite threads exist (a mask would not stop the
+    kernel from delivering SIGINT to one of those threads).
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+    @contextmanager
+    def critical(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending:
+                self.pending = False
+                raise KeyboardInterrupt
 
 
 def make_sampler(name: str | optuna.samplers.BaseSampler, seed: int | None, n_trials: int):
@@ -85,10 +111,12 @@ def run_search(
     result_path = out_dir / "result.json"
     bar = tqdm(total=n_trials, desc="search", unit="trial", file=sys.stderr, disable=not progress)
     trial = None
+    interrupts = _DeferredInterrupt()
     try:
+        interrupts.install()
         for _ in range(n_trials):
             t0 = time.perf_counter()
-            with _sigint_deferred():  # a trial created in the storage is always one we hold
+            with interrupts.critical():  # a trial created in the storage is always one we hold
                 trial = study.ask(dists)
             candidate = space.candidate(trial.params)
             cost = cost_model.price(candidate)
@@ -118,7 +146,7 @@ def run_search(
                     record.state, record.reason = "fail", str(e)
                 first_trial_of.setdefault(candidate, trial.number)
             record.seconds = time.perf_counter() - t0
-            with _sigint_deferred():  # the study and result.json learn of the trial together
+            with interrupts.critical():  # the study and result.json learn of the trial together
                 trial.set_constraint(UNSUPPORTED, 0.0 if cost.feasible else 1.0)
                 trial.set_constraint(OVER_BUDGET, over_budget if cost.feasible else 0.0)
                 if record.state == "fail":
@@ -154,6 +182,7 @@ def run_search(
             str(result_path),
         ) from None
     finally:
+        interrupts.restore()
         bar.close()
     result.write(result_path)
     if tracker is not None:
