@@ -10,7 +10,7 @@ def _row(t: TrialRecord, fp32_latency_ms: float, marker: str) -> list[str]:
     return [
         f"{t.number}{marker}",
         f"{t.metric:.4f}",
-        f"{t.latency_ms:.4g}",
+        f"{t.latency_ms:.5g}",
         f"{speedup:.2f}x",
         f"{t.weight_bytes / 1024:.1f}",
         f"{t.bops / 1e6:.4g}",
