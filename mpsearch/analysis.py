@@ -73,8 +73,8 @@ def _batch_first(m: nn.Module) -> bool:
 
 
 @dataclass(frozen=True)
-class UnsupportedModule:
-    """A module that holds a weight matrix but is not searched (it stays in FP32), and why."""
+class ModuleNote:
+    """A module the search leaves in FP32, and why."""
 
     fqn: str
     type_name: str
@@ -84,16 +84,12 @@ class UnsupportedModule:
         return {"fqn": self.fqn, "type_name": self.type_name, "reason": self.reason}
 
 
-@dataclass(frozen=True)
-class IgnoredModule:
+class UnsupportedModule(ModuleNote):
+    """A module that holds a weight matrix but is not searched (it stays in FP32)."""
+
+
+class IgnoredModule(ModuleNote):
     """A module with weights that is not a quantization target (normalization, 1-D weights)."""
-
-    fqn: str
-    type_name: str
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"fqn": self.fqn, "type_name": self.type_name, "reason": self.reason}
 
 
 @dataclass(frozen=True)

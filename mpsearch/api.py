@@ -172,7 +172,7 @@ def search(
         space={
             **space.describe(),
             "min_latency_ms": cheapest,
-            "unsupported": [u.__dict__ for u in analysis.unsupported],
+            "unsupported": [u.to_dict() for u in analysis.unsupported],
         },
     )
     tracker = None
