@@ -6,6 +6,7 @@ import datetime as _dt
 import os
 import re
 import sqlite3
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -112,8 +113,6 @@ def search(
 
     analysis = analyze(task_obj.model, task_obj.example_input)
     if analysis.unsupported:
-        import sys
-
         names = ", ".join(f"{u.fqn} ({u.type_name}: {u.reason})" for u in analysis.unsupported[:5])
         more = f" and {len(analysis.unsupported) - 5} more" if len(analysis.unsupported) > 5 else ""
         print(f"mpsearch: left at fp32, not searched: {names}{more}", file=sys.stderr)

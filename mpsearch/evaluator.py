@@ -120,6 +120,8 @@ class Evaluator:
         self.n_evaluations = 0
         self.cache_path = Path(cache_dir) / f"evaluator-{self.cache_key()}.pt" if cache_dir else None
         self.cache_loaded = self.cache_path is not None and self._load_cache()
+        # how many quantized weights the file on disk holds (None: no file yet)
+        self._weights_on_disk = len(self._weights) if self.cache_loaded else None
         if not self.cache_loaded:
             self._observers, self._input_means = self._calibrate()
             self.reference_outputs = self.task.outputs(self.model)
@@ -260,9 +262,14 @@ class Evaluator:
         return h.hexdigest()[:24]
 
     def save_cache(self) -> Path | None:
-        """Write the candidate-independent caches to disk (atomically); returns the path."""
+        """Write the candidate-independent caches to disk (atomically); returns the path.
+
+        Skipped when the file on disk already holds everything computed in memory.
+        """
         if self.cache_path is None:
             return None
+        if len(self._weights) == self._weights_on_disk:
+            return self.cache_path
         state = {
             "version": CACHE_VERSION,
             "observers": {fqn: obs.state_dict() for fqn, obs in self._observers.items()},
@@ -274,6 +281,7 @@ class Evaluator:
         torch.save(state, buf)
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.cache_path, buf.getvalue())
+        self._weights_on_disk = len(self._weights)
         return self.cache_path
 
     def _load_cache(self) -> bool:
