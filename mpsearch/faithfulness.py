@@ -153,7 +153,7 @@ def _perturbed_outputs(evaluator: Evaluator, analysis: ModelAnalysis, candidate:
     hooks = []
     try:
         for fqn, choice in candidate.items():
-            h = analysis.handles[fqn]
+            h = evaluator.handles[fqn]
             if choice.activation != Precision.FP32 and h.input_module is not None:
                 hooks.append(input_pre_hook(h, _nudge, prepend=True))
         return evaluator.outputs(candidate)
@@ -204,7 +204,7 @@ def compare_int8(
     sim = evaluator.outputs(candidate)
 
     example = task.example_input
-    model = task.model
+    model = evaluator.model  # batch norms folded as the evaluator quantizes them
     if weight_dtype == "auto":
         weight_dtype = default_weight_dtype()
     dynamic = "batch" if _fixed_sizes(task) else "all"
