@@ -17,7 +17,7 @@ from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
 from mpsearch.controller import make_sampler, run_search
 from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError, UnknownTargetError
-from mpsearch.evaluator import Evaluator, QuantSettings
+from mpsearch.evaluator import ADAROUND_MAX_BITS, Evaluator, QuantSettings
 from mpsearch.result import SearchResult
 from mpsearch.tasks import Task, load_task
 from mpsearch.tracking import DEFAULT_EXPERIMENT, Tracker
@@ -88,6 +88,7 @@ def search(
     progress: bool = True,
     quant: QuantSettings | None = None,
     evaluator_cache: bool = True,
+    early_stop: bool = False,
 ) -> SearchResult:
     """Search per-layer precisions for `task` on `target`; returns the SearchResult.
 
@@ -99,6 +100,9 @@ def search(
     evaluator_cache: keep the evaluator's candidate-independent work (activation ranges,
     quantized weights, FP32 reference outputs) in the user cache, so later searches of the
     same task, data and settings start without recomputing it.
+    early_stop: multi-fidelity scoring: stop scoring a candidate part-way through the evaluation
+    batches once it clearly cannot reach the metric of a trial at least as fast (recorded as
+    "pruned"; see mpsearch.controller.run_search).
     """
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise InvalidConfigError(f"the number of trials must be a positive integer, got {n_trials!r}")
@@ -134,6 +138,11 @@ def search(
     evaluator = Evaluator(
         task_obj, analysis, quant, cache_dir=cache_dir("evaluator") if evaluator_cache else None
     )
+    if evaluator.settings.weight_rounding == "adaround":  # the costly weights up front, with a bar
+        low = {c.weight for f in space.fqns for c in space.layer_choices(f)
+               if c.weight.is_int and c.weight.bits <= ADAROUND_MAX_BITS}
+        if evaluator.precompute_weights(sorted(low, key=lambda p: p.bits), progress=progress):
+            evaluator.save_cache()
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     study_name = f"{_slug(task_name)}-{profile.name}-{stamp}"
     db_path = (out / "study.db").resolve()
@@ -152,6 +161,7 @@ def search(
         "latency_budget_ms": latency_budget_ms,
         "batch_size": batch_size,
         "quant": evaluator.settings.to_dict(),
+        "early_stop": early_stop,
         "objectives": ["metric:max", "latency_ms:min"],
         "storage": storage,
         "study_name": study_name,
@@ -196,6 +206,7 @@ def search(
             out_dir=out,
             tracker=tracker,
             progress=progress,
+            early_stop=early_stop,
         )
     finally:
         evaluator.save_cache()

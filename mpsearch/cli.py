@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-percentile", type=float, default=99.99, metavar="P")
     q.add_argument("--bias-correction", default="auto", choices=["auto", "on", "off"],
                    help="auto: for integer weights of 6 bits and below")
+    q.add_argument("--weight-rounding", default="nearest", choices=["nearest", "adaround"],
+                   help="adaround: learned rounding for weights of 4 bits and fewer (computed once, cached)")
+    q.add_argument("--early-stop", action="store_true",
+                   help="multi-fidelity: stop scoring a candidate part-way once it clearly cannot matter")
     q.add_argument("--no-evaluator-cache", action="store_true", help="do not keep the evaluator cache on disk")
     s.add_argument("--out", metavar="DIR", help="output directory (default mpsearch-out/<task>-<target>-<time>)")
     g = s.add_mutually_exclusive_group()
@@ -119,6 +123,7 @@ def _cmd_search(args) -> int:
         act_range=args.act_range,
         act_percentile=args.act_percentile,
         bias_correction=args.bias_correction,
+        weight_rounding=args.weight_rounding,
     )
     result = search(
         args.task,
@@ -137,6 +142,7 @@ def _cmd_search(args) -> int:
         progress=not args.no_progress,
         quant=quant,
         evaluator_cache=not args.no_evaluator_cache,
+        early_stop=args.early_stop,
     )
     print(pareto_table(result))
     out = Path(result.settings["out_dir"])

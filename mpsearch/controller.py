@@ -70,6 +70,15 @@ class _DeferredInterrupt:
                 raise KeyboardInterrupt
 
 
+def _dominating_metric(trials: list[TrialRecord], latency_ms: float) -> float | None:
+    """The best metric of the complete, feasible trials no slower than latency_ms (None: none)."""
+    best = None
+    for t in trials:
+        if t.state == "complete" and t.feasible and t.latency_ms <= latency_ms and (best is None or t.metric > best):
+            best = t.metric
+    return best
+
+
 def make_sampler(name: str | optuna.samplers.BaseSampler, seed: int | None, n_trials: int):
     """An Optuna sampler by name (tpe, nsga2, random), or the sampler object given."""
     if isinstance(name, optuna.samplers.BaseSampler):
@@ -97,8 +106,14 @@ def run_search(
     tracker: Tracker | None,
     progress: bool = True,
     on_trial: Callable[[TrialRecord], None] | None = None,
+    early_stop: bool = False,
 ) -> SearchResult:
     """Run n_trials trials, appending to result.trials; result.json is rewritten after each.
+
+    early_stop: multi-fidelity scoring. A candidate is scored on part of the evaluation batches
+    first and stopped ("pruned", its metric the estimate on those batches) when its metric
+    cannot, with high confidence, reach the best metric of a complete trial at least as fast:
+    it would be dominated (see Evaluator.score). The study is told the estimate.
 
     On Ctrl-C the trial in flight is told to the study as failed, every finished trial stays in
     result.json and in the study's storage, and KeyboardInterrupt propagates.
@@ -139,9 +154,17 @@ def run_search(
                 record.reason = f"latency {cost.latency_ms:.4g} ms is over the budget of {latency_budget_ms:g} ms"
             else:
                 record.duplicate_of = first_trial_of.get(candidate)
+                threshold = _dominating_metric(result.trials, cost.latency_ms) if early_stop else None
                 try:
-                    score = evaluator.score(candidate)
+                    score = evaluator.score(candidate, stop_below=threshold)
                     record.metric, record.proxies = score.metric, dict(score.proxies)
+                    if score.fidelity < 1:
+                        record.state, record.fidelity = "pruned", score.fidelity
+                        record.reason = (
+                            f"stopped after {score.fidelity:.0%} of the evaluation batches: "
+                            f"{score.metric:.4g} there, at most {score.metric_upper:.4g} expected in "
+                            f"full, below {threshold:.4g} of a trial at least as fast"
+                        )
                 except EvaluationError as e:
                     record.state, record.reason = "fail", str(e)
                 first_trial_of.setdefault(candidate, trial.number)
@@ -152,7 +175,7 @@ def run_search(
                 if record.state == "fail":
                     study.tell(trial, state=TrialState.FAIL)
                 else:
-                    metric = record.metric if record.state == "complete" else floor
+                    metric = record.metric if record.state in ("complete", "pruned") else floor
                     study.tell(trial, [metric, record.latency_ms])
                 trial = None
                 result.trials.append(record)

@@ -1,6 +1,8 @@
 """Scores a candidate: its task metric and label-free proxies against the FP32 model.
 
-Everything that does not depend on the candidate is done once and cached: quantized weights
+The model scored is a copy with batch norms folded into the convolutions that feed them, as an
+inference runtime runs it (mpsearch.folding; QuantSettings.fold_batchnorm). Everything that does
+not depend on the candidate is done once and cached: quantized weights
 per (layer, precision), activation quantizer parameters per (layer, precision) from ranges
 observed on the calibration batches on the FP32 model, bias corrections per (layer, precision),
 and the FP32 reference outputs. The caches live in memory and can be written to disk
@@ -22,19 +24,32 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from hw_models import Candidate, Precision
 from mpsearch import metrics
+from mpsearch.adaround import adaround_weight
 from mpsearch.analysis import ModelAnalysis
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import EvaluationError, InvalidConfigError
-from mpsearch.quant import ActQuantParams, HistogramObserver, quantize_weight, resolve_clipping
+from mpsearch.folding import fold_batchnorm, remap_handles
+from mpsearch.quant import (
+    ActQuantParams,
+    HistogramObserver,
+    fake_quant_weight,
+    quantize_weight,
+    resolve_clipping,
+    weight_qparams,
+)
 from mpsearch.tasks.base import Task, run_model
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 WEIGHT_CLIPPINGS = ("auto", "minmax", "mse")
 ACT_RANGES = ("minmax", "percentile", "mse")
+WEIGHT_ROUNDINGS = ("nearest", "adaround")
+ADAROUND_MAX_BITS = 4  # learned rounding for integer weights of this many bits and fewer
+ADAROUND_SAMPLES = 64  # calibration samples whose layer inputs AdaRound reconstructs
 BIAS_CORRECTIONS = ("auto", "on", "off")
 
 
@@ -51,6 +66,13 @@ class QuantSettings:
         quantization, with E[x] the layer's mean input on the calibration batches. "auto" applies
         it to integer weights of 6 bits and below (at 8 bits the shift is negligible), "on" to
         every quantized weight, "off" never. Conv/Linear layers only.
+    fold_batchnorm: quantize (and run) a copy of the model with eval-mode batch norms folded
+        into the convolutions before them, as inference runtimes do (see mpsearch.folding).
+    weight_rounding: "nearest", or "adaround": learned up-or-down rounding (mpsearch.adaround)
+        of integer weights of ADAROUND_MAX_BITS bits and fewer in Conv1d/Conv2d/Linear layers,
+        fit to reconstruct each layer's output on the FP32 inputs of the first ADAROUND_SAMPLES
+        calibration samples; the scales (clipping) stay those of weight_clipping. Computed once
+        per (layer, precision) and cached like every quantized weight (~0.5-2 s a layer here).
     """
 
     weight_granularity: str = "per_channel"
@@ -59,11 +81,14 @@ class QuantSettings:
     act_range: str = "minmax"
     act_percentile: float = 99.99
     bias_correction: str = "auto"
+    fold_batchnorm: bool = True
+    weight_rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES),
             ("weight_clipping", self.weight_clipping, WEIGHT_CLIPPINGS),
+            ("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS),
             ("act_range", self.act_range, ACT_RANGES),
             ("bias_correction", self.bias_correction, BIAS_CORRECTIONS),
         ):
@@ -85,10 +110,24 @@ class QuantSettings:
 
 @dataclass(frozen=True)
 class Score:
-    """The task metric of a candidate (higher is better) and its proxies against FP32."""
+    """The task metric of a candidate (higher is better) and its proxies against FP32.
+
+    fidelity: the share of the evaluation batches scored. Below 1 the candidate was stopped
+    early (`Evaluator.score(..., stop_below=...)`): metric and proxies are on those batches only,
+    and metric_upper is the upper confidence bound of the full metric that fell below the
+    threshold.
+    """
 
     metric: float
     proxies: dict[str, float] = field(default_factory=dict)
+    fidelity: float = 1.0
+    metric_upper: float | None = None
+
+
+# Multi-fidelity scoring: where (share of the evaluation batches) a candidate may be stopped,
+# and how many standard errors its upper confidence bound allows (see Evaluator.score).
+EARLY_STOP_AT = (0.25, 0.5)
+EARLY_STOP_Z = 3.0
 
 
 class Evaluator:
@@ -104,12 +143,17 @@ class Evaluator:
         self.task = task
         self.analysis = analysis
         self.settings = settings or QuantSettings()
-        self.model = task.model
+        if self.settings.fold_batchnorm:
+            # a copy with batch norms folded into their convolutions (mpsearch.folding)
+            self.model, self.folded = fold_batchnorm(task.model)
+            self.handles = remap_handles(analysis.handles, task.model, self.model)
+        else:
+            self.model, self.folded, self.handles = task.model, [], dict(analysis.handles)
         if any(isinstance(m, torch.nn.Conv2d) for m in self.model.modules()):
             # channels-last convolutions run ~2x faster on x86 CPUs (oneDNN); same numbers
             self.model.to(memory_format=torch.channels_last)
         self._fp32_weights = {
-            fqn: getattr(h.module, h.param).detach() for fqn, h in analysis.handles.items()
+            fqn: getattr(h.module, h.param).detach() for fqn, h in self.handles.items()
         }
         self._weights: dict[tuple[str, Precision], torch.Tensor] = {}
         self._act_params: dict[tuple[str, Precision], ActQuantParams | None] = {}
@@ -117,7 +161,9 @@ class Evaluator:
         self._active: dict[str, ActQuantParams | None] = {}
         self._active_delta: dict[str, torch.Tensor] = {}
         self._scores: dict[Candidate, Score] = {}
-        self.n_evaluations = 0
+        self._partial: dict[Candidate, Score] = {}  # stopped early (fidelity < 1)
+        self.n_evaluations = 0  # candidate runs, full or stopped early
+        self.n_batches_scored = 0  # evaluation batches run over all candidates
         self.cache_path = Path(cache_dir) / f"evaluator-{self.cache_key()}.pt" if cache_dir else None
         self.cache_loaded = self.cache_path is not None and self._load_cache()
         # how many quantized weights the file on disk holds (None: no file yet)
@@ -135,7 +181,7 @@ class Evaluator:
         observers: dict[str, HistogramObserver] = {}
         sums: dict[str, list] = {}
         hooks = []
-        for fqn, h in self.analysis.handles.items():
+        for fqn, h in self.handles.items():
             if h.input_module is None:
                 continue
             obs = observers[fqn] = HistogramObserver()
@@ -176,7 +222,7 @@ class Evaluator:
         return {fqn: obs for fqn, obs in observers.items() if obs.seen}, means
 
     def _install_act_hook(self, fqn: str):
-        h = self.analysis.handles[fqn]
+        h = self.handles[fqn]
 
         def fake_quant(x, fqn=fqn):
             params = self._active.get(fqn)
@@ -189,7 +235,7 @@ class Evaluator:
             delta = self._active_delta.get(fqn)
             return output if delta is None else output - delta
 
-        return self.analysis.handles[fqn].module.register_forward_hook(correct)
+        return self.handles[fqn].module.register_forward_hook(correct)
 
     def weight(self, fqn: str, precision: Precision) -> torch.Tensor:
         """The fake-quantized weight of a layer (cached; same memory format as the FP32 one)."""
@@ -198,15 +244,70 @@ class Evaluator:
         if w is None:
             fp32 = self._fp32_weights[fqn]
             s = self.settings
-            q = quantize_weight(
-                fp32,
-                precision,
-                granularity=s.weight_granularity,
-                clipping=resolve_clipping(s.weight_clipping, precision.bits) if precision.is_int else "minmax",
-                group_size=s.group_size if fp32.dim() == 2 else None,
-            )
+            group_size = s.group_size if fp32.dim() == 2 else None
+            if not precision.is_int:
+                q = quantize_weight(fp32, precision, granularity=s.weight_granularity, group_size=group_size)
+            else:
+                scale = weight_qparams(
+                    fp32,
+                    precision.bits,
+                    granularity=s.weight_granularity,
+                    clipping=resolve_clipping(s.weight_clipping, precision.bits),
+                    group_size=group_size,
+                )
+                if self._adarounds(fqn, precision):
+                    q = adaround_weight(
+                        self.handles[fqn].module, fp32, scale, precision.bits, self._layer_inputs(fqn)
+                    )
+                else:
+                    q = fake_quant_weight(fp32, scale, precision.bits)
             w = self._weights[key] = torch.empty_like(fp32).copy_(q)
         return w
+
+    def _adarounds(self, fqn: str, precision: Precision) -> bool:
+        return (
+            self.settings.weight_rounding == "adaround"
+            and precision.is_int
+            and precision.bits <= ADAROUND_MAX_BITS
+            and _channel_dim(self.handles[fqn]) is not None
+        )
+
+    def _layer_inputs(self, fqn: str) -> torch.Tensor:
+        """The FP32 model's input to a layer on the first ADAROUND_SAMPLES calibration samples
+        (the forward pass stops at the layer)."""
+        h = self.handles[fqn]
+        captured: list[torch.Tensor] = []
+
+        def capture(x):
+            captured.append(x.detach())
+            raise _Captured
+
+        hook = _pre_hook(h.input_module, (h.input_arg,), capture)
+        n = 0
+        try:
+            with torch.no_grad():
+                for batch in self.task.calib_batches:
+                    try:
+                        run_model(self.model, batch)
+                    except _Captured:
+                        n += captured[-1].shape[0]
+                    if n >= ADAROUND_SAMPLES:
+                        break
+        finally:
+            hook.remove()
+        if not captured:
+            raise EvaluationError(f"layer {fqn}: its input was never seen on the calibration batches")
+        return torch.cat(captured)[:ADAROUND_SAMPLES]
+
+    def precompute_weights(self, precisions, progress: bool = False) -> int:
+        """Quantize every layer's weight at each of `precisions` now (with a progress bar when
+        asked); returns how many were computed. Useful before a search when the weights are
+        expensive (weight_rounding="adaround")."""
+        todo = [(f, p) for p in precisions for f in self.handles if (f, p) not in self._weights]
+        bar = tqdm(todo, desc="quantizing weights", unit="layer", file=sys.stderr, disable=not progress)
+        for fqn, p in bar:
+            self.weight(fqn, p)
+        return len(todo)
 
     def act_params(self, fqn: str, precision: Precision) -> ActQuantParams | None:
         key = (fqn, precision)
@@ -231,7 +332,7 @@ class Evaluator:
             delta = None
             if mean is not None and self.settings.corrects_bias(precision):
                 dw = (self.weight(fqn, precision) - self._fp32_weights[fqn]).float()
-                module = self.analysis.handles[fqn].module
+                module = self.handles[fqn].module
                 if dw.dim() == 2:  # linear: [out, in] @ [in]
                     delta = dw @ mean
                 else:  # conv: sum over kernel positions, input channels within each group
@@ -306,60 +407,110 @@ class Evaluator:
         return True
 
     # -- per candidate -------------------------------------------------------------------
-    def score(self, candidate: Candidate) -> Score:
+    def score(self, candidate: Candidate, stop_below: float | None = None) -> Score:
+        """The candidate's metric and proxies over the evaluation batches (memoized).
+
+        stop_below: multi-fidelity scoring. After a quarter and after half of the evaluation
+        batches (at least 2), the full metric's upper confidence bound is estimated from the
+        per-batch metrics so far: the batches not yet run are taken to score like those seen,
+        give or take EARLY_STOP_Z standard errors,
+            upper = m_k + (n - k) / n * z * s * sqrt(1/k + 1/(n - k)),
+        with m_k the metric on the k batches run, s the standard deviation of their per-batch
+        metrics, n the number of batches. When upper < stop_below the candidate cannot reach
+        the threshold and is stopped there: the Score has fidelity k / n. A search passes the best
+        metric among the trials at least as fast as the candidate, so only candidates that
+        would be dominated are stopped.
+        """
         cached = self._scores.get(candidate)
         if cached is not None:
             return cached
+        partial = self._partial.get(candidate)
+        if partial is not None and stop_below is not None and partial.metric_upper < stop_below:
+            return partial
         try:
-            outputs = self._run(candidate)
+            outputs, upper = self._run(candidate, stop_below)
         except EvaluationError:
             raise
         except Exception as e:  # the model cannot run with these weights
             raise EvaluationError(f"the model failed under this configuration: {type(e).__name__}: {e}") from e
-        for i, out in enumerate(outputs):
+        k, n = len(outputs), len(self.task.eval_batches)
+        metric = self._metric(outputs)
+        self.n_evaluations += 1
+        self.n_batches_scored += k
+        score = Score(metric, self.proxies(outputs), fidelity=k / n, metric_upper=upper if k < n else None)
+        if k < n:
+            self._partial[candidate] = score
+        else:
+            self._scores[candidate] = score
+        return score
+
+    def _metric(self, outputs: list[torch.Tensor], first: int = 0) -> float:
+        """The task metric of outputs of eval_batches[first:first + len(outputs)]."""
+        for i, out in enumerate(outputs, first):
             if not torch.isfinite(out).all():
                 raise EvaluationError(f"non-finite model output on evaluation batch {i}")
+        targets = [t for _, t in self.task.eval_batches[first : first + len(outputs)]]
         try:
-            metric = self.task.score_outputs(outputs)
+            metric = float(self.task.metric_fn(outputs, targets))
         except Exception as e:
             raise EvaluationError(
                 f"the task metric {self.task.metric_name} raised {type(e).__name__}: {e}"
             ) from e
         if not math.isfinite(metric):
             raise EvaluationError(f"the task metric {self.task.metric_name} is not finite ({metric})")
-        score = Score(metric, self.proxies(outputs))
-        self._scores[candidate] = score
-        self.n_evaluations += 1
-        return score
+        return metric
 
     def outputs(self, candidate: Candidate) -> list[torch.Tensor]:
         """The simulated-quantized model's outputs on the evaluation batches (not memoized)."""
-        return self._run(candidate)
+        return self._run(candidate)[0]
 
-    def _run(self, candidate: Candidate) -> list[torch.Tensor]:
-        handles = self.analysis.handles
+    def _run(self, candidate: Candidate, stop_below: float | None = None) -> tuple[list[torch.Tensor], float]:
+        """Outputs on the evaluation batches, and the last upper bound checked (inf if none):
+        fewer outputs than batches when the candidate was stopped early (see `score`)."""
+        handles = self.handles
+        batches = self.task.eval_batches
+        n = len(batches)
+        stops = set() if stop_below is None else {k for f in EARLY_STOP_AT if 2 <= (k := math.ceil(f * n)) < n}
+        upper = math.inf
+        # everything first (computing a weight may run the FP32 model), then swap it all in
+        parts = [
+            (fqn, self.weight(fqn, c.weight), self.act_params(fqn, c.activation), self.bias_delta(fqn, c.weight))
+            for fqn, c in candidate.items()
+        ]
         try:
-            for fqn, choice in candidate.items():
+            for fqn, weight, act, delta in parts:
                 h = handles[fqn]
-                getattr(h.module, h.param).data = self.weight(fqn, choice.weight)
-                self._active[fqn] = self.act_params(fqn, choice.activation)
-                delta = self.bias_delta(fqn, choice.weight)
+                getattr(h.module, h.param).data = weight
+                self._active[fqn] = act
                 if delta is not None:
                     self._active_delta[fqn] = delta
-            return self.task.outputs(self.model)
+            outputs: list[torch.Tensor] = []
+            per_batch: list[float] = []
+            with torch.no_grad():
+                for i, (inputs, _) in enumerate(batches):
+                    outputs.append(run_model(self.model, inputs))
+                    if not stops:
+                        continue
+                    per_batch.append(self._metric(outputs[-1:], i))
+                    if len(outputs) in stops:
+                        upper = _upper_bound(self._metric(outputs), per_batch, n)
+                        if upper < stop_below:
+                            break
+            return outputs, upper
         finally:
             self.restore()
 
     def restore(self) -> None:
         """Put the FP32 weights back and turn every activation quantizer off."""
         for fqn, w in self._fp32_weights.items():
-            h = self.analysis.handles[fqn]
+            h = self.handles[fqn]
             getattr(h.module, h.param).data = w
         self._active.clear()
         self._active_delta.clear()
 
     def proxies(self, outputs: list[torch.Tensor]) -> dict[str, float]:
-        ref = self.reference_outputs
+        """Label-free proxies of outputs of the first len(outputs) evaluation batches."""
+        ref = self.reference_outputs[: len(outputs)]
         out = {"sqnr_db": metrics.sqnr_db(outputs, ref)}
         if self.task.kind == "classifier":
             out["kl_to_fp32"] = metrics.kl_divergence(outputs, ref)
@@ -373,6 +524,18 @@ class Evaluator:
         for hk in self._hooks:
             hk.remove()
         self._hooks = []
+
+
+class _Captured(Exception):
+    """Stops a forward pass once the input of the layer of interest has been seen."""
+
+
+def _upper_bound(metric_k: float, per_batch: list[float], n: int) -> float:
+    """Upper confidence bound of the metric over n batches from the first k (see Evaluator.score)."""
+    k = len(per_batch)
+    mean = sum(per_batch) / k
+    sd = math.sqrt(sum((m - mean) ** 2 for m in per_batch) / (k - 1))
+    return metric_k + (n - k) / n * EARLY_STOP_Z * sd * math.sqrt(1 / k + 1 / (n - k))
 
 
 def input_pre_hook(h, fn, prepend: bool = False):

@@ -17,7 +17,9 @@ SCHEMA = "mpsearch.result/1"
 @dataclass
 class TrialRecord:
     """One trial. state: "complete" (scored), "infeasible" (priced only: over budget or a
-    precision the target cannot run), or "fail" (scoring raised; see reason)."""
+    precision the target cannot run), "pruned" (stopped early by multi-fidelity scoring: metric
+    and proxies on the first `fidelity` share of the evaluation batches; see reason), or "fail"
+    (scoring raised; see reason)."""
 
     number: int
     state: str
@@ -32,6 +34,7 @@ class TrialRecord:
     reason: str = ""
     duplicate_of: int | None = None
     seconds: float = 0.0
+    fidelity: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -98,3 +98,45 @@ def test_bad_metric_and_bad_calibration_data(digits):
     nan[0, 0, 0, 0] = float("nan")
     with pytest.raises(EvaluationError, match="calibration batch 0: non-finite input to layer features.0"):
         Evaluator(Task("nan", task.model, [nan], task.eval_batches, "accuracy", task.metric_fn), analysis)
+
+
+def test_adaround_weights_are_on_the_grid_and_reconstruct_better(digits, tmp_path):
+    task, analysis = digits
+    settings = QuantSettings(weight_clipping="minmax", bias_correction="off")
+    near = Evaluator(task, analysis, settings)
+    ada = Evaluator(task, analysis, QuantSettings(weight_clipping="minmax", bias_correction="off",
+                                                  weight_rounding="adaround"), cache_dir=tmp_path)
+    fqn = "features.2"
+    # the layer's FP32 input on the first calibration samples, as a hook on the model sees it
+    seen = []
+    hk = analysis.handles[fqn].module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        task.model(task.calib_batches[0])
+    hk.remove()
+    x = ada._layer_inputs(fqn)
+    assert torch.allclose(x, seen[0][: x.shape[0]])
+    w = ada._fp32_weights[fqn]
+    wq_near, wq_ada = near.weight(fqn, P.INT3), ada.weight(fqn, P.INT3)
+    scale = w.abs().amax(dim=(1, 2, 3), keepdim=True) / 3  # int3 min-max: qmax 3
+    ints = wq_ada / scale
+    assert torch.allclose(ints, ints.round(), atol=1e-4) and ints.abs().max() <= 3 + 1e-4
+    assert ((wq_ada / scale - w / scale).abs() < 1 + 1e-4).all()  # floor or ceil
+    assert not torch.equal(wq_ada, wq_near)
+    conv = analysis.handles[fqn].module
+
+    def err(wq):
+        f = torch.nn.functional.conv2d
+        return float((f(x, wq, None, 1, 1) - f(x, w, None, 1, 1)).pow(2).mean())
+
+    assert err(wq_ada) < 0.8 * err(wq_near)
+    assert conv.padding == (1, 1)
+    # 8-bit weights keep round-to-nearest; precompute + disk cache
+    assert torch.equal(ada.weight(fqn, P.INT8), near.weight(fqn, P.INT8))
+    assert ada.precompute_weights([P.INT3]) == len(analysis.fqns) - 1
+    cand = Candidate.uniform(analysis.fqns, P.INT3, P.INT8)
+    assert ada.score(cand).proxies["kl_to_fp32"] < near.score(cand).proxies["kl_to_fp32"]
+    ada.save_cache()
+    again = Evaluator(task, analysis, ada.settings, cache_dir=tmp_path)
+    assert again.cache_loaded and torch.equal(again.weight(fqn, P.INT3), wq_ada)
+    for ev in (near, ada, again):
+        ev.close()
