@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hw_models.layers import Candidate, LayerChoice, LayerSpec
 from hw_models.precision import Precision
@@ -38,7 +38,11 @@ def bops(layer: LayerSpec, choice: LayerChoice) -> int:
 
 @dataclass(frozen=True)
 class LayerCost:
-    """One layer at one precision pair, for the model's batch size."""
+    """One layer at one precision pair, for the model's batch size.
+
+    transition_s: converting this layer's input from the previous layer's compute kind (0 in
+    the table; filled in by `CostModel.breakdown`, which knows the neighbours).
+    """
 
     fqn: str
     choice: LayerChoice
@@ -50,6 +54,8 @@ class LayerCost:
     weight_bytes: int
     act_bytes: int
     bops: int
+    energy_j: float | None = None
+    transition_s: float = 0.0
 
     @property
     def bound(self) -> str:
@@ -58,7 +64,10 @@ class LayerCost:
 
 @dataclass(frozen=True)
 class Cost:
-    """What a candidate costs on a target. Infeasible candidates carry the reason."""
+    """What a candidate costs on a target. Infeasible candidates carry the reason.
+
+    latency_s includes `transitions` conversions between compute kinds (transition_s of it).
+    """
 
     latency_s: float
     weight_bytes: int
@@ -67,6 +76,8 @@ class Cost:
     energy_j: float | None
     feasible: bool
     reason: str = ""
+    transitions: int = 0
+    transition_s: float = 0.0
 
     @property
     def latency_ms(self) -> float:
@@ -79,8 +90,24 @@ class CostModel:
     latency of a layer = max(compute time, memory time) + per-layer overhead, where
     compute time = batch x MACs / (peak x efficiency) of the arithmetic the target uses for
     the pair, and memory time = (weight bytes + batch x activation bytes) / bandwidth, with
-    input activations moved at their precision and outputs at fp32. Network latency is the
-    sum over layers.
+    input activations moved at their precision and outputs at fp32.
+
+    Network latency = the sum over layers + transitions: wherever the compute kind changes
+    between adjacent layers in execution order (and from / to the profile's io_compute at the
+    model's input and output), the activation handed over is converted, at
+    transition_overhead_s + batch x elements x transition_bytes_per_elem / bandwidth.
+
+    Peak activation memory: the largest (input at its precision + output at the precision the
+    next layer reads) over the execution order, times the batch (tensors kept alive by
+    residual connections are not counted). Energy (when the profile has per-MAC figures):
+    batch x MACs x pJ/MAC of the compute kind, plus bytes moved x pJ/byte when known.
+    A profile's weight or activation capacity makes a candidate that does not fit infeasible.
+    Pricing is table look-ups: a few microseconds per layer.
+
+    Lookup-table mode: when the profile carries a LayerTable measured on this model (every
+    layer present with the same MACs, same batch size), a layer's latency is the measured one
+    for its compute kind (the roofline where the table has no entry), and the model's measured
+    non-layer time is added once.
     """
 
     def __init__(self, layers: Sequence[LayerSpec], profile: HardwareProfile, batch_size: int = 1):
@@ -89,11 +116,27 @@ class CostModel:
         self.layers = tuple(layers)
         self.profile = profile
         self.batch_size = batch_size
+        t = profile.layer_table
+        self.measured = (
+            t is not None
+            and t.batch_size == batch_size
+            and all(x.fqn in t.layers and t.layers[x.fqn].get("macs") == x.macs for x in self.layers)
+        )
         self._table: dict[tuple[str, LayerChoice], LayerCost] = {}
         for layer in self.layers:
             for rule in profile.rules:
                 choice = LayerChoice(rule.weight, rule.activation)
                 self._table[(layer.fqn, choice)] = self._layer_cost(layer, choice)
+        # conversion of each layer's input, and of the model's output
+        self._in_transition = [self.transition_s(layer.in_elems) for layer in self.layers]
+        self._out_transition = self.transition_s(self.layers[-1].out_elems) if self.layers else 0.0
+
+    def transition_s(self, elems: int) -> float:
+        """Seconds to convert an activation of `elems` elements per sample between compute kinds."""
+        p = self.profile
+        if not (p.transition_overhead_s or p.transition_bytes_per_elem):
+            return 0.0
+        return p.transition_overhead_s + self.batch_size * elems * p.transition_bytes_per_elem / p.mem_bw_bytes_per_s
 
     def _layer_cost(self, layer: LayerSpec, choice: LayerChoice) -> LayerCost:
         p = self.profile
@@ -104,9 +147,17 @@ class CostModel:
         if rule is None:
             return LayerCost(layer.fqn, choice, False, None, math.inf, math.inf, math.inf, wb, act, b)
         compute_s = self.batch_size * layer.macs / p.effective_macs_per_s(rule.compute)
-        memory_s = (wb + self.batch_size * act) / p.mem_bw_bytes_per_s
+        moved = wb + self.batch_size * act
+        memory_s = moved / p.mem_bw_bytes_per_s
         latency = max(compute_s, memory_s) + p.layer_overhead_s
-        return LayerCost(layer.fqn, choice, True, rule.compute, latency, compute_s, memory_s, wb, act, b)
+        if self.measured and rule.compute in p.layer_table.layers[layer.fqn]:
+            latency = p.layer_table.layers[layer.fqn][rule.compute]
+        energy = None
+        if rule.compute in p.energy_pj_per_mac:
+            energy = self.batch_size * layer.macs * p.energy_pj_per_mac[rule.compute] * 1e-12
+            if p.energy_pj_per_byte is not None:
+                energy += moved * p.energy_pj_per_byte * 1e-12
+        return LayerCost(layer.fqn, choice, True, rule.compute, latency, compute_s, memory_s, wb, act, b, energy)
 
     def layer_cost(self, fqn: str, choice: LayerChoice) -> LayerCost:
         cost = self._table.get((fqn, choice))
@@ -116,32 +167,75 @@ class CostModel:
         return cost
 
     def breakdown(self, candidate: Candidate) -> list[LayerCost]:
-        """Per-layer costs of a candidate, in execution order."""
-        return [self.layer_cost(layer.fqn, candidate[layer.fqn]) for layer in self.layers]
+        """Per-layer costs of a candidate, in execution order, with each layer's input transition."""
+        out = []
+        prev = self.profile.io_compute
+        for i, layer in enumerate(self.layers):
+            c = self.layer_cost(layer.fqn, candidate[layer.fqn])
+            if c.supported and c.compute != prev:
+                c = replace(c, transition_s=self._in_transition[i])
+            out.append(c)
+            prev = c.compute if c.supported else prev
+        return out
 
     def price(self, candidate: Candidate) -> Cost:
+        p = self.profile
         latency = 0.0
         wbytes = 0
         peak_act = 0
         total_bops = 0
+        energy = 0.0 if p.energy_pj_per_mac else None
         reason = ""
-        for layer in self.layers:
-            c = self.layer_cost(layer.fqn, candidate[layer.fqn])
+        n_trans = 0
+        trans_s = 0.0
+        prev = p.io_compute
+        prev_out = 0  # output elements of the previous layer, stored at this layer's input precision
+        prev_in_bytes = 0
+        for i, layer in enumerate(self.layers):
+            choice = candidate[layer.fqn]
+            c = self.layer_cost(layer.fqn, choice)
             if not c.supported and not reason:
                 reason = (
-                    f"{self.profile.name} cannot run layer {layer.fqn} with weight {c.choice.weight} "
-                    f"/ activation {c.choice.activation}"
+                    f"{p.name} cannot run layer {layer.fqn} with weight {choice.weight} "
+                    f"/ activation {choice.activation}"
                 )
             latency += c.latency_s
             wbytes += c.weight_bytes
             total_bops += c.bops
-            peak_act = max(peak_act, c.act_bytes)
+            if energy is not None and c.energy_j is not None:
+                energy += c.energy_j
+            if c.supported and c.compute != prev:
+                n_trans += 1
+                trans_s += self._in_transition[i]
+            prev = c.compute if c.supported else prev
+            in_bytes = math.ceil(layer.in_elems * choice.activation.bits / 8)
+            if i:
+                peak_act = max(peak_act, prev_in_bytes + math.ceil(prev_out * choice.activation.bits / 8))
+            prev_out, prev_in_bytes = layer.out_elems, in_bytes
+        if self.layers:
+            peak_act = max(peak_act, prev_in_bytes + prev_out * 4)  # the model's output in fp32
+            if prev != p.io_compute:
+                n_trans += 1
+                trans_s += self._out_transition
+        latency += trans_s
+        if self.measured:
+            latency += p.layer_table.other_s
+        if energy is not None and p.energy_pj_per_byte is not None and p.transition_bytes_per_elem:
+            moved = (trans_s - n_trans * p.transition_overhead_s) * p.mem_bw_bytes_per_s
+            energy += moved * p.energy_pj_per_byte * 1e-12
+        peak_act *= self.batch_size
+        if not reason and p.weight_capacity_bytes is not None and wbytes > p.weight_capacity_bytes:
+            reason = f"weights need {wbytes:,} bytes; {p.name} holds {p.weight_capacity_bytes:,}"
+        if not reason and p.act_capacity_bytes is not None and peak_act > p.act_capacity_bytes:
+            reason = f"peak activations need {peak_act:,} bytes; {p.name} holds {p.act_capacity_bytes:,}"
         return Cost(
             latency_s=latency,
             weight_bytes=wbytes,
-            peak_act_bytes=peak_act * self.batch_size,
+            peak_act_bytes=peak_act,
             bops=total_bops,
-            energy_j=None,
+            energy_j=energy,
             feasible=not reason,
             reason=reason,
+            transitions=n_trans,
+            transition_s=trans_s,
         )

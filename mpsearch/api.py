@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 import sqlite3
@@ -12,7 +13,16 @@ from pathlib import Path
 
 import optuna
 
-from hw_models import CostModel, HardwareProfile, Precision, UnknownProfileError, get_profile
+from hw_models import (
+    Candidate,
+    CostModel,
+    HardwareProfile,
+    LayerChoice,
+    Precision,
+    UnknownProfileError,
+    get_profile,
+)
+from hw_models.profile_file import ProfileFileError
 from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
 from mpsearch.controller import make_sampler, run_search
@@ -33,6 +43,8 @@ def resolve_target(target: str | HardwareProfile) -> HardwareProfile:
         return get_profile(target)
     except UnknownProfileError as e:
         raise UnknownTargetError(str(e)) from None
+    except ProfileFileError as e:
+        raise InvalidConfigError(str(e)) from None
 
 
 def parse_precisions(names: Iterable[str | Precision] | None, what: str) -> tuple[Precision, ...] | None:
@@ -126,7 +138,8 @@ def search(
     except SpaceError as e:
         raise InvalidConfigError(str(e)) from None
     cost_model = CostModel(analysis.layers, profile, batch_size=batch_size)
-    fp32 = cost_model.price(space.uniform(Precision.FP32, Precision.FP32))
+    # the FP32 model's cost (None where the target cannot run fp32, e.g. an integer accelerator)
+    fp32 = cost_model.price(Candidate.uniform(space.fqns, Precision.FP32, Precision.FP32))
     cheapest = _cheapest_latency_ms(space, cost_model)
     if latency_budget_ms is not None and latency_budget_ms < cheapest:
         raise BudgetError(
@@ -173,7 +186,7 @@ def search(
         reference={
             "metric_name": task_obj.metric_name,
             "fp32_metric": task_obj.fp32_metric,
-            "fp32_latency_ms": fp32.latency_ms,
+            "fp32_latency_ms": fp32.latency_ms if fp32.feasible else None,
             "fp32_weight_bytes": fp32.weight_bytes,
         },
         trials=[],
@@ -213,6 +226,62 @@ def search(
         evaluator.close()
 
 
+def profile_config(
+    task: Task | str,
+    target: str | HardwareProfile = DEFAULT_TARGET,
+    *,
+    precision: str = "fp32",
+    config: str | os.PathLike | dict | Candidate | None = None,
+    batch_size: int = 1,
+) -> tuple[CostModel, Candidate]:
+    """The cost model of `task` on `target` and the configuration to price: every layer at
+    `precision` ("int8", or "weight/activation" such as "int4/int8"), or `config` (a Candidate,
+    a {layer: {"weight", "activation"}} dict, or a JSON file holding one, or a result.json
+    trial's "config")."""
+    profile = resolve_target(target)
+    task_obj = load_task(task) if isinstance(task, str) else task
+    analysis = analyze(task_obj.model, task_obj.example_input)
+    cost_model = CostModel(analysis.layers, profile, batch_size=batch_size)
+    if config is None:
+        w, _, a = precision.partition("/")
+        wp = parse_precisions([w], "weight")[0]
+        ap = parse_precisions([a or w], "activation")[0]
+        fp32_act = {f for f, h in analysis.handles.items() if h.input_module is None}
+        candidate = Candidate(
+            (f, LayerChoice(wp, Precision.FP32 if f in fp32_act else ap)) for f in analysis.fqns
+        )
+        return cost_model, candidate
+    return cost_model, _load_config(config, analysis.fqns)
+
+
+def _load_config(config, fqns) -> Candidate:
+    if isinstance(config, Candidate):
+        cand = config
+    else:
+        data = config
+        if not isinstance(config, dict):
+            try:
+                data = json.loads(Path(config).read_text())
+            except OSError as e:
+                raise InvalidConfigError(f"cannot read config {config}: {e.strerror or e}") from None
+            except json.JSONDecodeError as e:
+                raise InvalidConfigError(f"config {config} is not valid JSON ({e})") from None
+        if isinstance(data, dict) and isinstance(data.get("config"), dict):
+            data = data["config"]
+        try:
+            cand = Candidate.from_dict(data)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise InvalidConfigError(f"config {config}: expected {{layer: {{weight, activation}}}} ({e})") from None
+    missing = [f for f in fqns if f not in cand]
+    if missing:
+        raise InvalidConfigError(f"config has no precision for layer {missing[0]}"
+                                 + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    extra = [f for f in cand if f not in set(fqns)]
+    if extra:
+        raise InvalidConfigError(f"config names layer {extra[0]}, which the model does not have")
+    return Candidate((f, cand[f]) for f in fqns)
+
+
 def sqlite_storage(path: Path) -> optuna.storages.RDBStorage:
     """An Optuna SQLite storage in write-ahead-log mode with synchronous=NORMAL.
 
@@ -230,7 +299,8 @@ def sqlite_storage(path: Path) -> optuna.storages.RDBStorage:
 
 
 def _cheapest_latency_ms(space: SearchSpace, cost_model: CostModel) -> float:
-    """Lowest latency any candidate in the space can reach (the cost model is additive)."""
+    """A lower bound of the latency any candidate in the space reaches: the sum of each layer's
+    cheapest choice (conversions between compute kinds only add to it)."""
     total = 0.0
     for fqn in space.fqns:
         total += min(cost_model.layer_cost(fqn, c).latency_s for c in space.layer_choices(fqn))

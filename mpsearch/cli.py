@@ -48,9 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("targets", help="list hardware targets")
     sub.add_parser("fetch-weights", help="fetch the pretrained weights built-in tasks need")
 
+    pr = sub.add_parser("profile", help="per-layer cost table of a configuration on a target")
+    pr.add_argument("--task", required=True, help="built-in name, package.module:function or file.py:function")
+    pr.add_argument("--target", default="x86-vnni", help="hardware target or profile file (.toml)")
+    how = pr.add_mutually_exclusive_group()
+    how.add_argument("--precision", default="fp32", metavar="P",
+                     help="every layer at P (int8, fp32, ...) or WEIGHT/ACT (int4/int8); default fp32")
+    how.add_argument("--config", metavar="FILE", help="per-layer precisions: JSON {layer: {weight, activation}}")
+    pr.add_argument("--batch-size", type=_positive_int, default=1, help="batch size (default 1)")
+
     s = sub.add_parser("search", help="search per-layer precisions for a task on a target")
     s.add_argument("--task", required=True, help="built-in name, package.module:function or file.py:function")
-    s.add_argument("--target", default="x86-vnni", help="hardware target (see `mpsearch targets`)")
+    s.add_argument("--target", default="x86-vnni",
+                   help="hardware target (see `mpsearch targets`) or a profile file (.toml)")
     s.add_argument("--trials", type=_positive_int, default=50, help="number of trials (default 50)")
     s.add_argument("--sampler", default="tpe", help="tpe (default), nsga2 or random")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -96,18 +106,47 @@ def _cmd_targets(args) -> int:
     for prof in list_profiles():
         w = ",".join(p.value for p in prof.weight_precisions)
         a = ",".join(p.value for p in prof.activation_precisions)
-        peaks = ", ".join(f"{k} {v / 1e9:.0f} GMAC/s" for k, v in prof.peak_macs_per_s.items())
+        native = sorted({f"{r.weight}/{r.activation}" for r in prof.rules if r.native})
+        peaks = ", ".join(f"{k} {_rate(v)}" for k, v in sorted(prof.peak_macs_per_s.items(), key=lambda kv: -kv[1]))
         print(f"{prof.name:12s} {prof.kind:5s} {prof.description}")
         print(f"{'':12s} weights {w}; activations {a}")
-        print(f"{'':12s} peak {peaks}; memory {prof.mem_bw_bytes_per_s / 1e9:.0f} GB/s; "
-              f"overhead {prof.layer_overhead_s * 1e6:.0f} us/layer")
+        n_all = len(prof.weight_precisions) * len(prof.activation_precisions)
+        shown = f"every listed weight x activation ({len(native)})" if len(native) == n_all else ", ".join(native)
+        print(f"{'':12s} native pairs {shown}")
+        print(f"{'':12s} peak MAC/s {peaks}")
+        mem = [f"memory {prof.mem_bw_bytes_per_s / 1e9:.4g} GB/s", f"overhead {prof.layer_overhead_s * 1e6:.3g} us/layer"]
+        if prof.weight_capacity_bytes:
+            mem.append(f"weights must fit {prof.weight_capacity_bytes // 1024} KiB")
+        if prof.act_capacity_bytes:
+            mem.append(f"activations must fit {prof.act_capacity_bytes // 1024} KiB")
+        if prof.energy_pj_per_mac:
+            mem.append("energy figures")
+        print(f"{'':12s} {'; '.join(mem)}\n")
+    print("A profile file works wherever a target name does: --target my-cpu.toml (see mpsearch calibrate).")
     return 0
+
+
+def _rate(v: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if v >= scale:
+            return f"{v / scale:.4g}{unit}"
+    return f"{v:.4g}"
 
 
 def _cmd_fetch_weights(args) -> int:
     from mpsearch.tasks.weights import fetch_all
 
     fetch_all()
+    return 0
+
+
+def _cmd_profile(args) -> int:
+    from mpsearch.api import profile_config
+    from mpsearch.report import cost_table
+
+    model, candidate = profile_config(args.task, args.target, precision=args.precision, config=args.config,
+                                      batch_size=args.batch_size)
+    print(cost_table(model, candidate))
     return 0
 
 
@@ -158,6 +197,7 @@ COMMANDS = {
     "targets": _cmd_targets,
     "fetch-weights": _cmd_fetch_weights,
     "search": _cmd_search,
+    "profile": _cmd_profile,
 }
 
 

@@ -22,28 +22,52 @@ class SpaceError(ValueError):
 
 @dataclass(frozen=True)
 class LayerOptions:
+    """The (weight, activation) pairs one layer may take."""
+
     fqn: str
-    weights: tuple[Precision, ...]
-    activations: tuple[Precision, ...]
+    pairs: tuple[LayerChoice, ...]
     note: str = ""
 
     @property
+    def weights(self) -> tuple[Precision, ...]:
+        return tuple(dict.fromkeys(c.weight for c in self.pairs))
+
+    @property
+    def activations(self) -> tuple[Precision, ...]:
+        return tuple(dict.fromkeys(c.activation for c in self.pairs))
+
+    @property
     def size(self) -> int:
-        return len(self.weights) * len(self.activations)
+        return len(self.pairs)
+
+    @property
+    def is_product(self) -> bool:
+        """Whether the pairs are every weight with every activation (two independent parameters)."""
+        return len(self.pairs) == len(self.weights) * len(self.activations)
 
 
 def _param(kind: str, fqn: str) -> str:
     return f"{kind}:{fqn}"
 
 
-class SearchSpace:
-    """Which (weight, activation) precisions each layer may take on a target.
+def _pair_name(c: LayerChoice) -> str:
+    return f"{c.weight.value}/{c.activation.value}"
 
-    The requested precisions are intersected with what the target can run. Layers whose
-    input activation cannot be quantized (listed in `fp32_activation_layers`, e.g. the output
-    projection inside nn.MultiheadAttention) keep fp32 activations.
-    Each layer maps to two categorical Optuna parameters, "w:<fqn>" and "a:<fqn>"; a
-    parameter with a single option is fixed and not searched.
+
+class SearchSpace:
+    """Which (weight, activation) precision pairs each layer may take on a target.
+
+    Each layer gets the pairs the target runs whose weight is among `weight_precisions` and
+    whose activation is among `activation_precisions` (None: every precision the target runs
+    for that side). Layers whose input activation cannot be quantized (listed in
+    `fp32_activation_layers`, e.g. the output projection inside nn.MultiheadAttention) keep
+    fp32 activations.
+
+    Optuna parameters: when a layer's pairs are every listed weight with every listed activation
+    (a CPU's int8 / fp32 space), two categoricals "w:<fqn>" and "a:<fqn>"; otherwise (a GPU runs
+    int4 weights with bf16 activations but not with fp32 ones) one categorical "p:<fqn>" over
+    "weight/activation" names, so that no unsupported pair is ever proposed. A parameter with a
+    single option is fixed and not searched.
     """
 
     def __init__(
@@ -56,8 +80,10 @@ class SearchSpace:
     ):
         self.layers = tuple(layers)
         self.profile = profile
-        self.requested_weights = tuple(weight_precisions or DEFAULT_WEIGHT_PRECISIONS)
-        self.requested_activations = tuple(activation_precisions or DEFAULT_ACTIVATION_PRECISIONS)
+        self.requested_weights = tuple(weight_precisions) if weight_precisions else profile.weight_precisions
+        self.requested_activations = (
+            tuple(activation_precisions) if activation_precisions else profile.activation_precisions
+        )
         fp32_act = set(fp32_activation_layers)
         if not self.layers:
             raise SpaceError("the model has no quantizable layer")
@@ -68,17 +94,17 @@ class SearchSpace:
             if layer.fqn in fp32_act:
                 acts = (P.FP32,)
                 note = "input activation cannot be intercepted: fp32 only"
-            pairs = [(w, a) for w in self.requested_weights for a in acts if profile.rule(w, a)]
-            weights = tuple(dict.fromkeys(w for w, _ in pairs))
-            activations = tuple(dict.fromkeys(a for _, a in pairs))
-            if not weights:
+            pairs = tuple(
+                LayerChoice(w, a) for w in self.requested_weights for a in acts if profile.rule(w, a)
+            )
+            if not pairs:
                 raise SpaceError(
                     f"layer {layer.fqn}: {profile.name} runs none of the requested precisions "
                     f"(weights {_names(self.requested_weights)}, activations {_names(acts)}); "
                     f"it runs weights {_names(profile.weight_precisions)} and activations "
                     f"{_names(profile.activation_precisions)}"
                 )
-            options.append(LayerOptions(layer.fqn, weights, activations, note))
+            options.append(LayerOptions(layer.fqn, pairs, note))
         self.options = tuple(options)
         self._by_fqn = {o.fqn: o for o in self.options}
 
@@ -97,24 +123,27 @@ class SearchSpace:
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         """Optuna distributions of the searched parameters (fixed ones left out)."""
+        cat = optuna.distributions.CategoricalDistribution
         dists: dict[str, optuna.distributions.BaseDistribution] = {}
         for o in self.options:
+            if not o.is_product:
+                dists[_param("p", o.fqn)] = cat([_pair_name(c) for c in o.pairs])
+                continue
             if len(o.weights) > 1:
-                dists[_param("w", o.fqn)] = optuna.distributions.CategoricalDistribution(
-                    [p.value for p in o.weights]
-                )
+                dists[_param("w", o.fqn)] = cat([p.value for p in o.weights])
             if len(o.activations) > 1:
-                dists[_param("a", o.fqn)] = optuna.distributions.CategoricalDistribution(
-                    [p.value for p in o.activations]
-                )
+                dists[_param("a", o.fqn)] = cat([p.value for p in o.activations])
         return dists
 
     def candidate(self, params: Mapping[str, str]) -> Candidate:
         """The candidate an Optuna trial's parameters describe."""
         choices = []
         for o in self.options:
-            w = params.get(_param("w", o.fqn), o.weights[0].value)
-            a = params.get(_param("a", o.fqn), o.activations[0].value)
+            if not o.is_product:
+                w, a = params[_param("p", o.fqn)].split("/")
+            else:
+                w = params.get(_param("w", o.fqn), o.weights[0].value)
+                a = params.get(_param("a", o.fqn), o.activations[0].value)
             choices.append((o.fqn, LayerChoice(P(w), P(a))))
         return Candidate(choices)
 
@@ -123,8 +152,11 @@ class SearchSpace:
         out = {}
         for o in self.options:
             c = candidate[o.fqn]
-            if c.weight not in o.weights or c.activation not in o.activations:
+            if c not in o.pairs:
                 raise SpaceError(f"layer {o.fqn}: {c.weight}/{c.activation} is outside the space")
+            if not o.is_product:
+                out[_param("p", o.fqn)] = _pair_name(c)
+                continue
             if len(o.weights) > 1:
                 out[_param("w", o.fqn)] = c.weight.value
             if len(o.activations) > 1:
@@ -132,17 +164,19 @@ class SearchSpace:
         return out
 
     def uniform(self, weight: Precision, activation: Precision) -> Candidate:
-        """Every layer at (weight, activation), where the layer allows it (else its widest option)."""
+        """Every layer at (weight, activation) where the layer allows it, else its pair with that
+        weight (or, failing that, the widest pair)."""
         choices = []
         for o in self.options:
-            w = weight if weight in o.weights else max(o.weights, key=lambda p: p.bits)
-            a = activation if activation in o.activations else max(o.activations, key=lambda p: p.bits)
-            choices.append((o.fqn, LayerChoice(w, a)))
+            want = LayerChoice(weight, activation)
+            if want not in o.pairs:
+                same_w = [c for c in o.pairs if c.weight == weight]
+                want = max(same_w or o.pairs, key=lambda c: (c.activation.bits, c.weight.bits, c.activation.is_float))
+            choices.append((o.fqn, want))
         return Candidate(choices)
 
     def layer_choices(self, fqn: str) -> list[LayerChoice]:
-        o = self._by_fqn[fqn]
-        return [LayerChoice(w, a) for w in o.weights for a in o.activations]
+        return list(self._by_fqn[fqn].pairs)
 
     def describe(self) -> dict:
         return {
@@ -155,6 +189,7 @@ class SearchSpace:
                     "fqn": o.fqn,
                     "weights": [p.value for p in o.weights],
                     "activations": [p.value for p in o.activations],
+                    **({} if o.is_product else {"pairs": [_pair_name(c) for c in o.pairs]}),
                     **({"note": o.note} if o.note else {}),
                 }
                 for o in self.options

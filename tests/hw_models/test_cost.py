@@ -66,20 +66,88 @@ def test_int4_weights_are_not_priced_as_native_compute():
     assert X86.rule(P.INT8, P.INT8).native is True
 
 
-def test_price_sums_layers_and_batch_scales_activations():
+def test_price_sums_layers_and_transitions_and_batch_scales_activations():
     cand = Candidate([("conv", LayerChoice(P.INT4, P.INT8)), ("fc", LayerChoice(P.FP32, P.FP32))])
     model = CostModel([CONV, FC], X86)
     cost = model.price(cand)
     parts = model.breakdown(cand)
     assert cost.feasible and cost.reason == ""
-    assert cost.latency_s == pytest.approx(sum(p.latency_s for p in parts))
+    # fp32 input -> int8 conv (800 input elements), int8 conv -> fp32 fc (64), fp32 output: none
+    t_in = 4e-6 + 800 * 13 / 20e9
+    t_mid = 4e-6 + 64 * 13 / 20e9
+    assert cost.transitions == 2
+    assert cost.transition_s == pytest.approx(t_in + t_mid)
+    assert [p.transition_s for p in parts] == pytest.approx([t_in, t_mid])
+    assert cost.latency_s == pytest.approx(sum(p.latency_s + p.transition_s for p in parts))
     assert cost.weight_bytes == 640 + 2560
     assert cost.bops == 115_200 * 32 + 640 * 1024
+    # conv: 800 B int8 input + 1600 outputs read by the fc at fp32 (6400 B); fc: 256 + 40
     assert cost.peak_act_bytes == 800 + 6400
     batched = CostModel([CONV, FC], X86, batch_size=8).price(cand)
     assert batched.weight_bytes == cost.weight_bytes
     assert batched.peak_act_bytes == 8 * cost.peak_act_bytes
     assert batched.latency_s > cost.latency_s
+    # int8 output read by an int8 layer is stored as int8
+    both = Candidate([("conv", LayerChoice(P.INT8, P.INT8)), ("fc", LayerChoice(P.INT8, P.INT8))])
+    c2 = model.price(both)
+    assert c2.peak_act_bytes == 800 + 1600
+    assert c2.transitions == 2  # in at the input, out at the output
+    assert c2.transition_s == pytest.approx(t_in + 4e-6 + 10 * 13 / 20e9)
+
+
+def test_alternating_precisions_pay_for_every_switch():
+    layers = [LayerSpec(f"l{i}", "conv2d", (32, 32, 1, 1), 1, 32 * 32 * 196, 32 * 196, 32 * 196) for i in range(6)]
+    model = CostModel(layers, X86)
+    i8, f32 = LayerChoice(P.INT8, P.INT8), LayerChoice(P.FP32, P.FP32)
+    blocks = model.price(Candidate([(f"l{i}", i8 if i < 3 else f32) for i in range(6)]))
+    alternating = model.price(Candidate([(f"l{i}", i8 if i % 2 == 0 else f32) for i in range(6)]))
+    assert blocks.transitions == 2 and alternating.transitions == 6
+    per_layer = sum(c.latency_s for c in model.breakdown(Candidate([(f"l{i}", i8 if i % 2 == 0 else f32)
+                                                                     for i in range(6)])))
+    assert alternating.latency_s - per_layer == pytest.approx(alternating.transition_s)
+    assert alternating.latency_s > blocks.latency_s
+
+
+def test_energy_by_hand():
+    model = CostModel([FC], X86)
+    c = model.layer_cost("fc", LayerChoice(P.FP32, P.FP32))
+    moved = 2560 + 256 + 40
+    assert c.energy_j == pytest.approx(640 * (3.7 + 0.9) * 1e-12 + moved * 160 * 1e-12)
+    assert model.price(Candidate([("fc", LayerChoice(P.FP32, P.FP32))])).energy_j == pytest.approx(c.energy_j)
+
+
+def test_microcontroller_memory_limits_make_configs_infeasible():
+    m7 = get_profile("cortex-m7")
+    big = LayerSpec("big", "linear", (1024, 1024), 1, 1024 * 1024, 1024, 1024)  # 1M weights
+    model = CostModel([big], m7)
+    fp32 = model.price(Candidate([("big", LayerChoice(P.FP32, P.FP32))]))
+    assert not fp32.feasible and "4,194,304 bytes" in fp32.reason and "2,097,152" in fp32.reason
+    int8 = model.price(Candidate([("big", LayerChoice(P.INT8, P.INT8))]))
+    assert int8.feasible and int8.weight_bytes == 1024 * 1024 + 4 * 1024
+    wide = LayerSpec("wide", "conv2d", (8, 8, 1, 1), 1, 64 * 100_000, 8 * 100_000, 8 * 100_000)
+    act = CostModel([wide], m7).price(Candidate([("wide", LayerChoice(P.INT8, P.INT8))]))
+    assert not act.feasible and "peak activations need 4,000,000 bytes" in act.reason  # 800k int8 + 3.2M fp32
+
+
+def test_bitfusion_throughput_scales_with_bit_bricks():
+    bf = get_profile("bitfusion")
+    model = CostModel([CONV], bf)
+    t = {(w, a): model.layer_cost("conv", LayerChoice(w, a)).compute_s
+         for w in (P.INT2, P.INT3, P.INT4, P.INT8) for a in (P.INT2, P.INT4, P.INT8)}
+    assert t[(P.INT3, P.INT4)] == t[(P.INT4, P.INT4)]  # 3 bits cost what 4 bits do
+    assert t[(P.INT8, P.INT8)] == pytest.approx(16 * t[(P.INT2, P.INT2)])  # 4 x 4 bricks
+    assert t[(P.INT4, P.INT8)] == pytest.approx(8 * t[(P.INT2, P.INT2)])
+    assert t[(P.INT2, P.INT2)] == pytest.approx(115_200 / (8192 * 500e6 * 0.8))
+    assert bf.rule(P.FP32, P.FP32) is None  # floats: unsupported, never priced as native
+
+
+def test_h100_uses_dense_figures_and_int4_is_weight_only():
+    h = get_profile("h100")
+    assert h.peak_macs_per_s["int8"] * 2 == 1979e12 and h.peak_macs_per_s["fp8"] * 2 == 1979e12
+    assert h.mem_bw_bytes_per_s == 3.35e12
+    r = h.rule(P.INT4, P.BF16)
+    assert r.compute == "fp16" and not r.native
+    assert h.rule(P.INT4, P.INT4) is None
 
 
 def test_unsupported_pair_is_infeasible_with_reason():
@@ -97,7 +165,7 @@ def test_unknown_target_lists_known():
 @pytest.mark.parametrize("name", sorted(PROFILES))
 def test_every_profile_is_complete(name):
     prof = PROFILES[name]
-    assert prof.rule(P.FP32, P.FP32) is not None
+    assert prof.rule(P.INT8, P.INT8) is not None
     for r in prof.rules:
         assert prof.peak_macs_per_s[r.compute] > 0
     for key in ("peak_macs_per_s", "mem_bw_bytes_per_s", "layer_overhead_s", "efficiency"):

@@ -146,6 +146,9 @@ def build():
         (["search", "--task", "digits", "--sampler", "cmaes"], ["cmaes", "tpe"]),
         (["search", "--task", "digits", "--weight-precisions", "int5"], ["int5"]),
         (["search", "--task", "digits", "--latency-budget", "1e-9", "--no-mlflow"], ["cheapest", "ms"]),
+        (["search", "--task", "digits", "--target", "/nonexistent/cpu.toml"], ["/nonexistent/cpu.toml", "no such"]),
+        (["profile", "--task", "digits", "--precision", "int5"], ["int5"]),
+        (["profile", "--task", "digits", "--config", "/nonexistent/c.json"], ["/nonexistent/c.json"]),
     ],
 )
 def test_bad_input_one_line_exit_2(capsys, argv, needles):
@@ -177,7 +180,29 @@ def test_tasks_and_targets_commands(capsys):
     rc, out, _ = run_main(capsys, "tasks")
     assert rc == 0 and "digits" in out and "mobilenet_v2" in out and "minilm" in out
     rc, out, _ = run_main(capsys, "targets")
-    assert rc == 0 and "x86-vnni" in out and "int8" in out
+    assert rc == 0 and "int8" in out
+    for name in ("x86-vnni", "arm-a76", "h100", "jetson-orin", "cortex-m7", "bitfusion"):
+        assert f"\n{name} " in "\n" + out
+
+
+def test_profile_command_prints_every_layer_and_totals(capsys, tmp_path):
+    rc, out, _ = run_main(capsys, "profile", "--task", "digits", "--precision", "int4/int8")
+    assert rc == 0
+    rows = [ln for ln in out.splitlines() if ln.startswith(("features.", "classifier."))]
+    assert len(rows) == 8 and all("int4/int8" in r and "int8" in r for r in rows)
+    assert "total: latency" in out and "2 conversions" in out
+    # a config file: one layer missing is refused, naming it; a full one is priced
+    import json
+
+    cfg = {f"features.{i}": {"weight": "int8", "activation": "int8"} for i in (0, 2, 4, 6, 8, 10)}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    rc, _, err = run_main(capsys, "profile", "--task", "digits", "--config", str(tmp_path / "c.json"))
+    one_line_error(rc, err, "classifier.1")
+    cfg |= {f"classifier.{i}": {"weight": "fp32", "activation": "fp32"} for i in (1, 3)}
+    (tmp_path / "c.json").write_text(json.dumps({"config": cfg}))
+    rc, out, _ = run_main(capsys, "profile", "--task", "digits", "--config", str(tmp_path / "c.json"),
+                          "--target", "cortex-m7")
+    assert rc == 0 and "cortex-m7" in out and "fp32/fp32" in out
 
 
 def test_ctrl_c_keeps_finished_trials(tmp_path):

@@ -40,3 +40,26 @@ def test_space_drives_optuna_ask():
 def test_nothing_runnable_is_an_error():
     with pytest.raises(SpaceError, match="runs none"):
         SearchSpace(LAYERS, X86, [P.FP16], [P.FP16])
+
+
+def test_targets_that_do_not_run_every_pair_get_one_parameter_per_layer():
+    h100 = get_profile("h100")
+    space = SearchSpace(LAYERS, h100, [P.INT4, P.INT8, P.BF16], [P.INT8, P.BF16, P.FP32])
+    # h100 runs int4 / int8 weights with bf16 activations (weight-only), int4 weights on int8
+    # kernels, int8 x int8, bf16 x bf16; never integer weights with fp32 activations
+    pairs = {f"{c.weight}/{c.activation}" for c in space.layer_choices("a")}
+    assert pairs == {"int4/int8", "int4/bf16", "int8/int8", "int8/bf16", "bf16/bf16"}
+    assert space.size == 5 * 5
+    dists = space.distributions()
+    assert set(dists) == {"p:a", "p:b"}
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=2))
+    seen = set()
+    for _ in range(200):
+        cand = space.candidate(study.ask(dists).params)
+        assert all(h100.rule(c.weight, c.activation) is not None for c in cand.values())
+        assert space.candidate(space.params(cand)) == cand
+        seen.add(cand)
+    assert len(seen) == 25
+    # the default space is every pair the target runs
+    assert SearchSpace(LAYERS, h100).options[0].size == len(h100.rules)
+    assert SearchSpace(LAYERS, X86).options[0].size == len(X86.rules) == 12
