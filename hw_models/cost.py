@@ -106,8 +106,10 @@ class CostModel:
 
     Lookup-table mode: when the profile carries a LayerTable measured on this model (every
     layer present with the same MACs, same batch size), a layer's latency is the measured one
-    for its compute kind (the roofline where the table has no entry), and the model's measured
-    non-layer time is added once.
+    for its compute kind (the roofline where the table has no entry), "<kind>@exit" where the
+    next layer uses another compute kind (measured on a layer between two of another kind, so
+    it includes its input conversion: no transition is added for it when the previous layer
+    is of another kind too), and the model's measured non-layer time is added once.
     """
 
     def __init__(self, layers: Sequence[LayerSpec], profile: HardwareProfile, batch_size: int = 1):
@@ -127,6 +129,14 @@ class CostModel:
             for rule in profile.rules:
                 choice = LayerChoice(rule.weight, rule.activation)
                 self._table[(layer.fqn, choice)] = self._layer_cost(layer, choice)
+        # measured latency of a layer whose successor uses another compute kind ("int8@exit":
+        # ONNX Runtime runs an int8 layer whose output is not quantized as a float convolution)
+        self._exit: dict[tuple[str, str], float] = {}
+        if self.measured:
+            for layer in self.layers:
+                for key, v in profile.layer_table.layers[layer.fqn].items():
+                    if key.endswith("@exit"):
+                        self._exit[(layer.fqn, key.removesuffix("@exit"))] = v
         # conversion of each layer's input, and of the model's output
         self._in_transition = [self.transition_s(layer.in_elems) for layer in self.layers]
         self._out_transition = self.transition_s(self.layers[-1].out_elems) if self.layers else 0.0
@@ -191,20 +201,27 @@ class CostModel:
         prev = p.io_compute
         prev_out = 0  # output elements of the previous layer, stored at this layer's input precision
         prev_in_bytes = 0
+        costs = [self.layer_cost(layer.fqn, candidate[layer.fqn]) for layer in self.layers]
         for i, layer in enumerate(self.layers):
-            choice = candidate[layer.fqn]
-            c = self.layer_cost(layer.fqn, choice)
+            c = costs[i]
+            choice = c.choice
             if not c.supported and not reason:
                 reason = (
                     f"{p.name} cannot run layer {layer.fqn} with weight {choice.weight} "
                     f"/ activation {choice.activation}"
                 )
             latency += c.latency_s
+            measured_in = False  # the measured exit time includes this layer's input conversion
+            if self._exit and i + 1 < len(costs) and costs[i + 1].compute != c.compute:
+                exit_s = self._exit.get((layer.fqn, c.compute))
+                if exit_s is not None:
+                    latency += exit_s - c.latency_s
+                    measured_in = c.compute != prev
             wbytes += c.weight_bytes
             total_bops += c.bops
             if energy is not None and c.energy_j is not None:
                 energy += c.energy_j
-            if c.supported and c.compute != prev:
+            if c.supported and c.compute != prev and not measured_in:
                 n_trans += 1
                 trans_s += self._in_transition[i]
             prev = c.compute if c.supported else prev

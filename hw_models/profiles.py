@@ -36,7 +36,8 @@ class LayerTable:
     """Measured per-layer latencies of one model on the target (lookup-table mode).
 
     layers: fqn -> {"macs": the layer's MACs per sample (to recognise it), compute kind ->
-    seconds at batch_size}. other_s: the model's operations that are not quantizable layers
+    seconds at batch_size, and optionally "<compute kind>@exit" -> seconds when the next layer
+    uses another compute kind (a runtime may then run the layer differently)}. other_s: the model's operations that are not quantizable layers
     (pooling, additions, reshapes). A cost model uses the table when every one of its layers
     is in it with the same MACs and its batch size is batch_size; otherwise the roofline.
     """

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mpsearch.errors import MpsearchError, SearchInterrupted
+from mpsearch.errors import InvalidConfigError, MpsearchError, SearchInterrupted
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="every layer at P (int8, fp32, ...) or WEIGHT/ACT (int4/int8); default fp32")
     how.add_argument("--config", metavar="FILE", help="per-layer precisions: JSON {layer: {weight, activation}}")
     pr.add_argument("--batch-size", type=_positive_int, default=1, help="batch size (default 1)")
+
+    c = sub.add_parser("calibrate", help="measure this machine and write a fitted profile (.toml)")
+    c.add_argument("--task", required=True, help="built-in name, package.module:function or file.py:function")
+    c.add_argument("--target", default="x86-vnni", help="the CPU profile to fit (default x86-vnni)")
+    c.add_argument("--out", required=True, metavar="FILE.toml", help="where to write the profile")
+    c.add_argument("--name", help="the new profile's name (default <target>-calibrated)")
+    c.add_argument("--threads", type=_positive_int, help="intra-op threads (default: the profile's)")
+    c.add_argument("--batch-size", type=_positive_int, default=1, help="batch size measured (default 1)")
+    c.add_argument("--mixed", type=int, default=8, metavar="N", help="random mixed configurations (default 8)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("search", help="search per-layer precisions for a task on a target")
     s.add_argument("--task", required=True, help="built-in name, package.module:function or file.py:function")
@@ -150,6 +161,19 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    from mpsearch.calibrate import calibrate, write_profile
+
+    if not args.out.endswith(".toml"):
+        raise InvalidConfigError(f"--out must name a .toml file, got {args.out}")
+    cal = calibrate(args.task, args.target, name=args.name, threads=args.threads, batch_size=args.batch_size,
+                    n_mixed=max(0, args.mixed), seed=args.seed, progress=not args.no_progress)
+    path = write_profile(cal, args.out)
+    print(cal.summary())
+    print(f"\nwrote {path}; use it with --target {path}")
+    return 0
+
+
 def _cmd_search(args) -> int:
     from mpsearch.api import search
     from mpsearch.evaluator import QuantSettings
@@ -198,6 +222,7 @@ COMMANDS = {
     "fetch-weights": _cmd_fetch_weights,
     "search": _cmd_search,
     "profile": _cmd_profile,
+    "calibrate": _cmd_calibrate,
 }
 
 

@@ -1,0 +1,293 @@
+"""`mpsearch calibrate`: fit a hardware profile to latencies measured on this machine.
+
+What is measured (ONNX Runtime on the CPU, fixed thread count; mpsearch.measure):
+
+* sessions of the task's model with all layers FP32, all layers int8 (QDQ), two alternating
+  configurations (even / odd layers int8) and `n_mixed` random mixtures;
+* per layer, ONNX Runtime's profiler on the all-FP32, all-int8 and alternating sessions: each
+  layer's FP32 time, its int8 time, and its time as an int8 layer followed by an FP32 one
+  ("int8@exit": ONNX Runtime then runs it as a float convolution on dequantized weights);
+* end to end, every session timed interleaved against the all-FP32 one (drift cancels).
+
+What is fitted:
+
+* the profile's efficiency per compute kind (fp32, int8) and its per-layer overhead, by a grid
+  search minimising the squared log error of the roofline against the per-layer times;
+* its transition cost (per conversion: overhead + bytes per element), by least squares on what
+  the per-layer times leave unexplained in the end-to-end times of the mixed configurations;
+* a lookup table of the measured per-layer times (and the model's non-layer time), which the
+  cost model uses for this model (`hw_models.profiles.LayerTable`); other models get the
+  fitted roofline.
+
+The result is a profile file that works wherever a target name does (`--target my-cpu.toml`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import platform
+import random
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from hw_models import Candidate, CostModel, HardwareProfile, Precision, weight_bytes
+from hw_models.profile_file import dump_profile
+from hw_models.profiles import LayerTable
+from mpsearch.analysis import ModelAnalysis, analyze
+from mpsearch.cache import atomic_write_bytes, cache_dir
+from mpsearch.errors import InvalidConfigError
+from mpsearch.evaluator import Evaluator
+from mpsearch.tasks import Task, load_task
+from mpsearch.tasks.base import Batch
+
+# Each timing is the median of this many back-to-back runs: the reference, timed twice as often,
+# would otherwise run with warmer caches than the configuration it is compared with.
+TIMING_NUMBER = 3
+# Grids of the roofline fit.
+EFFICIENCY_GRID = np.geomspace(0.002, 1.0, 80)
+OVERHEAD_GRID = np.linspace(0.0, 100e-6, 101)
+
+
+@dataclass
+class Calibration:
+    """A fitted profile and what it was fitted on."""
+
+    profile: HardwareProfile
+    batch_size: int
+    threads: int
+    end_to_end: dict[str, float]  # session -> measured seconds
+    predicted: dict[str, float]  # session -> calibrated prediction (seconds)
+    fit: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        p = self.profile
+        eff = ", ".join(f"{k} {v:.3g}" for k, v in p.efficiency.items())
+        lines = [
+            (f"profile {p.name}: efficiency {eff}; overhead {p.layer_overhead_s * 1e6:.3g} us/layer; "
+            f"transition {p.transition_overhead_s * 1e6:.3g} us + {p.transition_bytes_per_elem:.3g} B/element"),
+            (f"measured at batch size {self.batch_size}, {self.threads} thread(s); roofline fit rms log error "
+            f"{self.fit.get('roofline_rms_log', float('nan')):.3f}"),
+            f"{'session':12s} {'measured_ms':>12s} {'predicted_ms':>12s}",
+        ]
+        for k, v in self.end_to_end.items():
+            lines.append(f"{k:12s} {v * 1e3:12.4g} {self.predicted[k] * 1e3:12.4g}")
+        return "\n".join(lines)
+
+
+def first_samples(batch: Batch, n: int) -> Batch:
+    if isinstance(batch, tuple):
+        return tuple(x[:n] for x in batch)
+    return batch[:n]
+
+
+def random_configs(fqns: tuple[str, ...], n: int, seed: int) -> list[frozenset[str]]:
+    """n random int8 layer sets: a share p ~ U(0, 1) per configuration, each layer int8 with
+    probability p (so configurations range from nearly FP32 to nearly all int8)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = rng.random()
+        out.append(frozenset(f for f in fqns if rng.random() < p))
+    return out
+
+
+def int8_of(analysis: ModelAnalysis, int8: frozenset[str]) -> Candidate:
+    from mpsearch.measure import config_candidate
+
+    return config_candidate(analysis, int8)
+
+
+def calibrate(
+    task: Task | str,
+    target: str | HardwareProfile = "x86-vnni",
+    *,
+    name: str | None = None,
+    threads: int | None = None,
+    batch_size: int = 1,
+    n_mixed: int = 8,
+    rounds: int = 5,
+    repeats: int = 5,
+    seed: int = 0,
+    progress: bool = True,
+) -> Calibration:
+    """Measure `task`'s model on this machine and fit `target`'s profile to it (module doc)."""
+    from mpsearch.api import resolve_target
+    from mpsearch.measure import build_session, profile_layers, time_interleaved
+
+    base = resolve_target(target)
+    if base.kind != "cpu":
+        raise InvalidConfigError(
+            f"calibrate measures this machine's CPU with ONNX Runtime; {base.name} is a {base.kind} profile"
+        )
+    if batch_size < 1 or n_mixed < 0 or rounds < 1 or repeats < 1:
+        raise InvalidConfigError("batch size, rounds and repeats must be positive, mixed configurations >= 0")
+    threads = threads or base.threads or 1
+    task_obj = load_task(task) if isinstance(task, str) else task
+    analysis = analyze(task_obj.model, task_obj.example_input)
+    evaluator = Evaluator(task_obj, analysis, cache_dir=cache_dir("evaluator"))
+    batch = first_samples(task_obj.eval_batches[0][0], batch_size)
+    fqns = analysis.fqns
+    configs: dict[str, frozenset[str]] = {
+        "fp32": frozenset(),
+        "int8": frozenset(fqns),
+        "alt_even": frozenset(fqns[0::2]),
+        "alt_odd": frozenset(fqns[1::2]),
+    }
+    for i, c in enumerate(random_configs(fqns, n_mixed, seed)):
+        configs[f"mixed_{i}"] = c
+    runners = {}
+    bar = tqdm(configs.items(), desc="building sessions", unit="session", file=sys.stderr, disable=not progress)
+    for k, int8 in bar:
+        runners[k] = build_session(task_obj, analysis, evaluator, int8, threads=threads)
+    evaluator.close()
+    measured = time_interleaved(runners, batch, rounds=rounds, reference="fp32", seed=seed, number=TIMING_NUMBER)
+    profiles = {}
+    for k in tqdm(("fp32", "int8", "alt_even", "alt_odd"), desc="profiling layers", unit="session",
+                  file=sys.stderr, disable=not progress):
+        profiles[k] = profile_layers(runners[k], batch, analysis, repeats=repeats, threads=threads)
+
+    # per-layer times, scaled so that each session's profile total matches its interleaved time
+    def scaled(k: str) -> dict[str, float]:
+        prof = profiles[k]
+        s = measured[k] / prof.total if prof.total > 0 else 1.0
+        return {f: v * s for f, v in prof.layers.items()}
+
+    fp32, int8 = scaled("fp32"), scaled("int8")
+    exits: dict[str, float] = {}
+    for k in ("alt_even", "alt_odd"):
+        times = scaled(k)
+        for i, f in enumerate(fqns[:-1]):
+            if f in configs[k] and fqns[i + 1] not in configs[k] and f in times:
+                exits[f] = times[f]
+    entries = {}
+    for layer in analysis.layers:
+        e: dict[str, float] = {"macs": float(layer.macs)}
+        if layer.fqn in fp32:
+            e["fp32"] = fp32[layer.fqn]
+        if layer.fqn in int8:
+            e["int8"] = int8[layer.fqn]
+        if layer.fqn in exits:
+            e["int8@exit"] = exits[layer.fqn]
+        entries[layer.fqn] = e
+    other_s = max(0.0, measured["fp32"] - sum(fp32.values()))
+
+    # roofline fit on the per-layer times
+    efficiency, overhead, rms = _fit_roofline(base, analysis, batch_size, {"fp32": fp32, "int8": int8})
+    fitted = replace(base, efficiency={**base.efficiency, **efficiency}, layer_overhead_s=overhead)
+
+    # transitions: least squares on what the table leaves unexplained end to end
+    table = LayerTable(entries, batch_size, other_s)
+    no_trans = replace(fitted, transition_overhead_s=0.0, transition_bytes_per_elem=0.0, layer_table=table)
+    rows, resid = [], []
+    for k, c in configs.items():
+        cand = int8_of(analysis, c)
+        base_pred = CostModel(analysis.layers, no_trans, batch_size).price(cand).latency_s
+        n = CostModel(analysis.layers, replace(no_trans, transition_overhead_s=1.0), batch_size).price(cand)
+        e = CostModel(analysis.layers, replace(no_trans, transition_bytes_per_elem=1.0, mem_bw_bytes_per_s=1.0),
+                      batch_size).price(cand)
+        rows.append([n.transition_s, e.transition_s])
+        resid.append(measured[k] - base_pred)
+    t_over, t_bytes = _nonneg_lstsq(np.array(rows), np.array(resid))
+    t_bytes *= base.mem_bw_bytes_per_s  # the column was elements; bytes = elements x bytes/elem / bandwidth
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    where = f"measured by mpsearch calibrate on {platform.node() or 'this machine'} ({platform.processor() or platform.machine()}), {stamp}, task {task_obj.name}, ONNX Runtime, {threads} thread(s), batch {batch_size}"
+    profile = replace(
+        fitted,
+        name=name or f"{base.name}-calibrated",
+        description=f"{base.description}; calibrated on this machine",
+        threads=threads,
+        transition_overhead_s=t_over,
+        transition_bytes_per_elem=t_bytes,
+        layer_table=table,
+        sources={
+            **base.sources,
+            "efficiency": f"fitted to per-layer latencies {where}",
+            "layer_overhead_s": f"fitted to per-layer latencies {where}",
+            "transitions": f"fitted to end-to-end latencies of {len(configs)} configurations {where}",
+        },
+    )
+    predicted = {
+        k: CostModel(analysis.layers, profile, batch_size).price(int8_of(analysis, c)).latency_s
+        for k, c in configs.items()
+    }
+    return Calibration(profile, batch_size, threads, measured, predicted,
+                       {"roofline_rms_log": rms, "other_s": other_s, "n_configs": len(configs)})
+
+
+def _fit_roofline(base: HardwareProfile, analysis: ModelAnalysis, batch: int,
+                  times: dict[str, dict[str, float]]) -> tuple[dict[str, float], float, float]:
+    """Efficiency per compute kind and one per-layer overhead minimising the squared log error
+    of max(compute, memory) + overhead against the measured per-layer times."""
+    kinds = {}
+    for kind, measured in times.items():
+        if kind not in base.peak_macs_per_s:
+            continue
+        rows = []
+        for layer in analysis.layers:
+            t = measured.get(layer.fqn)
+            if t is None or t <= 0:
+                continue
+            p = Precision.INT8 if kind == "int8" else Precision.FP32
+            wb = weight_bytes(layer, p)
+            act = math.ceil(layer.in_elems * p.bits / 8) + layer.out_elems * 4
+            mem = (wb + batch * act) / base.mem_bw_bytes_per_s
+            rows.append((batch * layer.macs / base.peak_macs_per_s[kind], mem, t))
+        if rows:
+            kinds[kind] = np.array(rows)
+    if not kinds:
+        raise InvalidConfigError("no layer could be timed; nothing to fit")
+    best = (math.inf, {}, 0.0)
+    for o in OVERHEAD_GRID:
+        total, effs = 0.0, {}
+        for kind, r in kinds.items():
+            pred = np.maximum(r[:, 0:1] / EFFICIENCY_GRID[None, :], r[:, 1:2]) + o  # [layers, grid]
+            err = ((np.log(pred) - np.log(r[:, 2:3])) ** 2).sum(0)
+            j = int(err.argmin())
+            total += float(err[j])
+            effs[kind] = float(EFFICIENCY_GRID[j])
+        if total < best[0]:
+            best = (total, effs, float(o))
+    n = sum(len(r) for r in kinds.values())
+    return best[1], best[2], math.sqrt(best[0] / n)
+
+
+def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Least squares b ~ a @ x with x >= 0 (two unknowns: try both, then each alone)."""
+    best = (math.inf, (0.0, 0.0))
+    cands = []
+    if len(b) >= 2:
+        x, *_ = np.linalg.lstsq(a, b, rcond=None)
+        cands.append((float(x[0]), float(x[1])))
+    for j in (0, 1):
+        col = a[:, j]
+        denom = float(col @ col)
+        v = float(col @ b) / denom if denom > 0 else 0.0
+        cands.append((v, 0.0) if j == 0 else (0.0, v))
+    cands.append((0.0, 0.0))
+    for x in cands:
+        if x[0] < 0 or x[1] < 0:
+            continue
+        err = float(((a @ np.array(x)) - b) @ ((a @ np.array(x)) - b))
+        if err < best[0]:
+            best = (err, x)
+    return best[1]
+
+
+def write_profile(cal: Calibration, out: str | Path) -> Path:
+    path = Path(out)
+    if path.suffix != ".toml":
+        raise InvalidConfigError(f"the profile file must end in .toml, got {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, dump_profile(cal.profile).encode())
+    except OSError as e:
+        raise InvalidConfigError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+__all__ = ["Calibration", "calibrate", "random_configs", "write_profile"]

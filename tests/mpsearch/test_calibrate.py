@@ -1,0 +1,84 @@
+"""Calibration: the fits recover known figures; the command writes a profile that works as a target."""
+
+import math
+
+import numpy as np
+import pytest
+
+from hw_models import LayerSpec, get_profile
+from hw_models.profile_file import load_profile
+from mpsearch.calibrate import EFFICIENCY_GRID, _fit_roofline, _nonneg_lstsq, random_configs
+
+X86 = get_profile("x86-vnni")
+
+
+def test_roofline_fit_recovers_efficiency_and_overhead():
+    layers = [LayerSpec(f"l{i}", "conv2d", (c, c, 3, 3), 1, c * c * 9 * hw, c * hw, c * hw)
+              for i, (c, hw) in enumerate([(16, 3136), (32, 784), (64, 196), (128, 49), (8, 12544)])]
+
+    class A:  # the part of ModelAnalysis the fit reads
+        pass
+
+    analysis = A()
+    analysis.layers = tuple(layers)
+    eff = {"fp32": float(EFFICIENCY_GRID[60]), "int8": float(EFFICIENCY_GRID[30])}
+    overhead = 20e-6
+    times = {}
+    for kind, bits in (("fp32", 32), ("int8", 8)):
+        times[kind] = {}
+        for x in layers:
+            wb = x.weight_elems * bits // 8 + (4 * x.out_channels if kind == "int8" else 0)
+            mem = (wb + math.ceil(x.in_elems * bits / 8) + x.out_elems * 4) / X86.mem_bw_bytes_per_s
+            times[kind][x.fqn] = max(x.macs / (X86.peak_macs_per_s[kind] * eff[kind]), mem) + overhead
+    got, o, rms = _fit_roofline(X86, analysis, 1, times)
+    assert got == pytest.approx(eff) and o == pytest.approx(overhead) and rms < 1e-9
+
+
+def test_transition_fit_is_nonnegative_least_squares():
+    a = np.array([[1.0, 10.0], [2.0, 5.0], [3.0, 40.0], [0.0, 0.0]])
+    x_true = np.array([4e-6, 2e-8])
+    assert _nonneg_lstsq(a, a @ x_true) == pytest.approx(tuple(x_true))
+    # a negative best fit is clamped: b explained by the first column alone
+    b = a @ np.array([5e-6, 0.0]) - a[:, 1] * 1e-9
+    x = _nonneg_lstsq(a, b)
+    assert x[0] > 0 and x[1] == 0.0
+
+
+def test_random_configs_are_seeded_and_span_the_range():
+    fqns = tuple(f"l{i}" for i in range(20))
+    a, b = random_configs(fqns, 30, seed=4), random_configs(fqns, 30, seed=4)
+    assert a == b and a != random_configs(fqns, 30, seed=5)
+    sizes = [len(c) for c in a]
+    assert min(sizes) <= 4 and max(sizes) >= 16
+
+
+def test_calibrate_command_writes_a_profile_that_works_as_a_target(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from mpsearch.cli import main
+
+    out = tmp_path / "my-cpu.toml"
+    rc = main(["calibrate", "--task", "digits", "--out", str(out), "--mixed", "3", "--no-progress",
+               "--name", "my-cpu"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "wrote" in text and "mixed_2" in text
+    prof = load_profile(out)
+    assert prof.name == "my-cpu" and prof.kind == "cpu"
+    assert all(0 < v <= 1 for v in prof.efficiency.values())
+    assert "fitted" in prof.sources["efficiency"] and "digits" in prof.sources["efficiency"]
+    table = prof.layer_table
+    assert set(table.layers) == {"features.0", "features.2", "features.4", "features.6", "features.8",
+                                 "features.10", "classifier.1", "classifier.3"}
+    assert all(e["fp32"] > 0 and e["int8"] > 0 for e in table.layers.values())
+    rc = main(["profile", "--task", "digits", "--target", str(out), "--precision", "int8"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "my-cpu" in text and "(measured per-layer table)" in text
+    # a changed copy of the file is read back as changed (the file is what is used)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(out.read_text().replace("layer_overhead_s = ", "layer_overhead_s = -", 1))
+    rc = main(["profile", "--task", "digits", "--target", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "layer_overhead_s" in err and str(bad) in err
+    rc = main(["calibrate", "--task", "digits", "--out", str(tmp_path / "x.json")])
+    assert rc == 2 and ".toml" in capsys.readouterr().err
+    rc = main(["calibrate", "--task", "digits", "--target", "h100", "--out", str(out)])
+    assert rc == 2 and "gpu" in capsys.readouterr().err
