@@ -45,9 +45,9 @@ import numpy as np
 from hw_models import CostModel, get_profile
 from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
-from mpsearch.calibrate import TIMING_NUMBER, calibrate, first_samples, int8_of, random_configs
+from mpsearch.calibrate import TIMING_NUMBER, calibrate, first_samples, random_configs
 from mpsearch.evaluator import Evaluator
-from mpsearch.measure import build_session, time_interleaved
+from mpsearch.measure import build_session, config_candidate, time_interleaved
 from mpsearch.tasks import load_task
 
 
@@ -91,9 +91,9 @@ def bench_task(name: str, n: int, rounds: int, threads: int, batch_size: int) ->
     for key, prof in (("uncalibrated", base), ("calibrated_roofline", roofline_only),
                       ("calibrated_table", cal.profile)):
         cm = CostModel(analysis.layers, prof, batch_size)
-        pred = [cm.price(int8_of(analysis, c)).latency_s for c in configs]
+        pred = [cm.price(config_candidate(analysis, c)).latency_s for c in configs]
         # relative to the fp32 reference timed alongside: drift since calibration cancels
-        scale = measured["fp32"] / cm.price(int8_of(analysis, frozenset())).latency_s
+        scale = measured["fp32"] / cm.price(config_candidate(analysis, frozenset())).latency_s
         models[key] = scores([x * scale for x in pred], meas)
         models[key]["mape_absolute"] = scores(pred, meas)["mape"]
     p = cal.profile

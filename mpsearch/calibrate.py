@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from hw_models import Candidate, CostModel, HardwareProfile, Precision, weight_bytes
+from hw_models import CostModel, HardwareProfile, Precision, weight_bytes
 from hw_models.profile_file import dump_profile
 from hw_models.profiles import LayerTable
 from mpsearch.analysis import ModelAnalysis, analyze
@@ -96,12 +96,6 @@ def random_configs(fqns: tuple[str, ...], n: int, seed: int) -> list[frozenset[s
     return out
 
 
-def int8_of(analysis: ModelAnalysis, int8: frozenset[str]) -> Candidate:
-    from mpsearch.measure import config_candidate
-
-    return config_candidate(analysis, int8)
-
-
 def calibrate(
     task: Task | str,
     target: str | HardwareProfile = "x86-vnni",
@@ -117,7 +111,7 @@ def calibrate(
 ) -> Calibration:
     """Measure `task`'s model on this machine and fit `target`'s profile to it (module doc)."""
     from mpsearch.api import resolve_target
-    from mpsearch.measure import build_session, profile_layers, time_interleaved
+    from mpsearch.measure import build_session, config_candidate, profile_layers, time_interleaved
 
     base = resolve_target(target)
     if base.kind != "cpu":
@@ -185,7 +179,7 @@ def calibrate(
     no_trans = replace(fitted, transition_overhead_s=0.0, transition_bytes_per_elem=0.0, layer_table=table)
     rows, resid = [], []
     for k, c in configs.items():
-        cand = int8_of(analysis, c)
+        cand = config_candidate(analysis, c)
         base_pred = CostModel(analysis.layers, no_trans, batch_size).price(cand).latency_s
         n = CostModel(analysis.layers, replace(no_trans, transition_overhead_s=1.0), batch_size).price(cand)
         e = CostModel(analysis.layers, replace(no_trans, transition_bytes_per_elem=1.0, mem_bw_bytes_per_s=1.0),
@@ -212,7 +206,7 @@ def calibrate(
         },
     )
     predicted = {
-        k: CostModel(analysis.layers, profile, batch_size).price(int8_of(analysis, c)).latency_s
+        k: CostModel(analysis.layers, profile, batch_size).price(config_candidate(analysis, c)).latency_s
         for k, c in configs.items()
     }
     return Calibration(profile, batch_size, threads, measured, predicted,
