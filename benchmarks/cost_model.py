@@ -8,7 +8,8 @@ seeded configurations); then N random per-layer {fp32, int8} configurations (ano
 held out from the fit) are each built as a real mixed model in ONNX Runtime (int8 QDQ on the
 int8 layers, fp32 elsewhere; mpsearch.measure.build_session), timed interleaved against the
 all-fp32 model (median over rounds of the ratio to the reference timed around it, times the
-reference's median: drift cancels), and priced by the uncalibrated x86-vnni profile, by the
+reference's median: drift cancels; each timing the median of enough back-to-back runs to last
+2 ms), and priced by the uncalibrated x86-vnni profile, by the
 calibrated profile's fitted roofline alone, and by the calibrated profile with its measured
 per-layer table (what `mpsearch calibrate` writes).
 
@@ -45,7 +46,7 @@ import numpy as np
 from hw_models import CostModel, get_profile
 from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
-from mpsearch.calibrate import TIMING_NUMBER, calibrate, first_samples, random_configs
+from mpsearch.calibrate import calibrate, first_samples, random_configs, timing_number
 from mpsearch.evaluator import Evaluator
 from mpsearch.measure import build_session, config_candidate, time_interleaved
 from mpsearch.tasks import load_task
@@ -83,7 +84,8 @@ def bench_task(name: str, n: int, rounds: int, threads: int, batch_size: int) ->
     evaluator.close()
     batch = first_samples(task.eval_batches[0][0], batch_size)
     log(f"[{name}] timing {n} configurations interleaved with the fp32 reference, {rounds} rounds")
-    measured = time_interleaved(runners, batch, rounds=rounds, reference="fp32", seed=3, number=TIMING_NUMBER)
+    number = timing_number(runners["fp32"], batch)
+    measured = time_interleaved(runners, batch, rounds=rounds, reference="fp32", seed=3, number=number)
     meas = [measured[f"c{i}"] for i in range(n)]
     base = get_profile("x86-vnni")
     roofline_only = dataclasses.replace(cal.profile, layer_table=None)

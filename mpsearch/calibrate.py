@@ -45,9 +45,17 @@ from mpsearch.evaluator import Evaluator
 from mpsearch.tasks import Task, load_task
 from mpsearch.tasks.base import Batch
 
-# Each timing is the median of this many back-to-back runs: the reference, timed twice as often,
-# would otherwise run with warmer caches than the configuration it is compared with.
+# Each timing is the median of at least this many back-to-back runs, and of enough runs to last
+# MIN_TIMING_S: the reference, timed twice as often, would otherwise run with warmer caches than
+# the configuration it is compared with, and a run of tens of microseconds is mostly timer noise.
 TIMING_NUMBER = 3
+MIN_TIMING_S = 2e-3
+
+
+def timing_number(runner, batch: Batch) -> int:
+    """Back-to-back runs per timing for this model (see MIN_TIMING_S)."""
+    t = sorted(runner.time_batch(batch, repeats=3, warmup=True))[1]
+    return max(TIMING_NUMBER, math.ceil(MIN_TIMING_S / max(t, 1e-7)))
 # Grids of the roofline fit.
 EFFICIENCY_GRID = np.geomspace(0.002, 1.0, 80)
 OVERHEAD_GRID = np.linspace(0.0, 100e-6, 101)
@@ -139,7 +147,8 @@ def calibrate(
     for k, int8 in bar:
         runners[k] = build_session(task_obj, analysis, evaluator, int8, threads=threads)
     evaluator.close()
-    measured = time_interleaved(runners, batch, rounds=rounds, reference="fp32", seed=seed, number=TIMING_NUMBER)
+    number = timing_number(runners["fp32"], batch)
+    measured = time_interleaved(runners, batch, rounds=rounds, reference="fp32", seed=seed, number=number)
     profiles = {}
     for k in tqdm(("fp32", "int8", "alt_even", "alt_odd"), desc="profiling layers", unit="session",
                   file=sys.stderr, disable=not progress):
