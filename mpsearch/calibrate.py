@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from hw_models import CostModel, HardwareProfile, Precision, weight_bytes
+from hw_models import CostModel, HardwareProfile, LayerChoice, Precision
 from hw_models.profile_file import dump_profile
 from hw_models.profiles import LayerTable
 from mpsearch.analysis import ModelAnalysis, analyze
@@ -186,15 +186,16 @@ def calibrate(
     # transitions: least squares on what the table leaves unexplained end to end
     table = LayerTable(entries, batch_size, other_s)
     no_trans = replace(fitted, transition_overhead_s=0.0, transition_bytes_per_elem=0.0, layer_table=table)
+    # the same table with a transition costing 1 s (counts them) or 1 s per element (sums elements)
+    layers_only = CostModel(analysis.layers, no_trans, batch_size)
+    counts = CostModel(analysis.layers, replace(no_trans, transition_overhead_s=1.0), batch_size)
+    elems = CostModel(analysis.layers, replace(no_trans, transition_bytes_per_elem=1.0, mem_bw_bytes_per_s=1.0),
+                      batch_size)
     rows, resid = [], []
     for k, c in configs.items():
         cand = config_candidate(analysis, c)
-        base_pred = CostModel(analysis.layers, no_trans, batch_size).price(cand).latency_s
-        n = CostModel(analysis.layers, replace(no_trans, transition_overhead_s=1.0), batch_size).price(cand)
-        e = CostModel(analysis.layers, replace(no_trans, transition_bytes_per_elem=1.0, mem_bw_bytes_per_s=1.0),
-                      batch_size).price(cand)
-        rows.append([n.transition_s, e.transition_s])
-        resid.append(measured[k] - base_pred)
+        rows.append([counts.price(cand).transition_s, elems.price(cand).transition_s])
+        resid.append(measured[k] - layers_only.price(cand).latency_s)
     t_over, t_bytes = _nonneg_lstsq(np.array(rows), np.array(resid))
     t_bytes *= base.mem_bw_bytes_per_s  # the column was elements; bytes = elements x bytes/elem / bandwidth
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -226,20 +227,19 @@ def _fit_roofline(base: HardwareProfile, analysis: ModelAnalysis, batch: int,
                   times: dict[str, dict[str, float]]) -> tuple[dict[str, float], float, float]:
     """Efficiency per compute kind and one per-layer overhead minimising the squared log error
     of max(compute, memory) + overhead against the measured per-layer times."""
+    at_peak = CostModel(analysis.layers, replace(base, efficiency={}, layer_table=None), batch)
     kinds = {}
     for kind, measured in times.items():
         if kind not in base.peak_macs_per_s:
             continue
+        p = Precision.INT8 if kind == "int8" else Precision.FP32
         rows = []
         for layer in analysis.layers:
             t = measured.get(layer.fqn)
             if t is None or t <= 0:
                 continue
-            p = Precision.INT8 if kind == "int8" else Precision.FP32
-            wb = weight_bytes(layer, p)
-            act = math.ceil(layer.in_elems * p.bits / 8) + layer.out_elems * 4
-            mem = (wb + batch * act) / base.mem_bw_bytes_per_s
-            rows.append((batch * layer.macs / base.peak_macs_per_s[kind], mem, t))
+            c = at_peak.layer_cost(layer.fqn, LayerChoice(p, p))  # compute at efficiency 1
+            rows.append((c.compute_s, c.memory_s, t))
         if rows:
             kinds[kind] = np.array(rows)
     if not kinds:
