@@ -2,6 +2,9 @@
 # The venv is cached outside the clone (see tools/venv.sh); .venv is a symlink to it.
 PYTHON ?= python3
 export PYTHON
+# The cached venv is shared by clones and its editable install points at whichever clone ran
+# tools/venv.sh last: make's targets import this clone's code first, whatever that points at.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 VENV_ROOT := $(or $(MPSEARCH_VENV_ROOT),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mpsearch/venvs)
 BIN := .venv/bin

@@ -6,7 +6,8 @@
 For each task: `mpsearch.calibrate.calibrate` fits the x86-vnni profile on this machine (its own
 seeded configurations); then N random per-layer {fp32, int8} configurations (another seed, so
 held out from the fit) are each built as a real mixed model in ONNX Runtime (int8 QDQ on the
-int8 layers, fp32 elsewhere; mpsearch.measure.build_session), timed interleaved against the
+int8 layers, fp32 elsewhere; mpsearch.measure.build_session; two sessions of each, built
+separately, whose mean is the configuration's latency), timed interleaved against the
 all-fp32 model (median over rounds of the ratio to the reference timed around it, times the
 reference's median: drift cancels; each timing the median of enough back-to-back runs to last
 2 ms), and priced by the uncalibrated x86-vnni profile, by the
@@ -21,7 +22,11 @@ JSON keys (one entry per task under "tasks"):
   int8_layers          per configuration, layers requested in int8
   int8_kernels         per configuration, int8 kernels in ONNX Runtime's optimized graph (an int8
                        layer whose output is not quantized runs as a float convolution)
-  measured_s           per configuration, measured latency (seconds)
+  measured_s           per configuration, measured latency (seconds): the mean of two separately
+                       built ONNX Runtime sessions of it (on a ~40 us model, identical sessions
+                       differ by up to ~15%: memory placement), each timed interleaved
+  repeatability        {spearman, mape, within_10pct} of one session's timings against the other's:
+                       the measurement's own noise, a ceiling for any cost model
   models               {uncalibrated, calibrated_roofline, calibrated_table}: each with
                        predicted_s (per configuration, relative to the reference: the model's
                        predicted ratio to the all-fp32 configuration times the fp32 latency
@@ -80,13 +85,18 @@ def bench_task(name: str, n: int, rounds: int, threads: int, batch_size: int) ->
     log(f"[{name}] building {n} mixed models")
     runners = {"fp32": build_session(task, analysis, evaluator, frozenset(), threads=threads)}
     for i, c in enumerate(configs):
-        runners[f"c{i}"] = build_session(task, analysis, evaluator, c, threads=threads)
+        for copy in "ab":
+            runners[f"c{i}{copy}"] = build_session(task, analysis, evaluator, c, threads=threads)
     evaluator.close()
     batch = first_samples(task.eval_batches[0][0], batch_size)
-    log(f"[{name}] timing {n} configurations interleaved with the fp32 reference, {rounds} rounds")
+    log(f"[{name}] timing {n} configurations (two sessions each) interleaved with the fp32 reference, "
+        f"{rounds} rounds")
     number = timing_number(runners["fp32"], batch)
     measured = time_interleaved(runners, batch, rounds=rounds, reference="fp32", seed=3, number=number)
-    meas = [measured[f"c{i}"] for i in range(n)]
+    copies = {copy: np.array([measured[f"c{i}{copy}"] for i in range(n)]) for copy in "ab"}
+    meas = ((copies["a"] + copies["b"]) / 2).tolist()
+    repeat = scores(copies["a"], copies["b"])
+    del repeat["predicted_s"]
     base = get_profile("x86-vnni")
     roofline_only = dataclasses.replace(cal.profile, layer_table=None)
     models = {}
@@ -104,8 +114,9 @@ def bench_task(name: str, n: int, rounds: int, threads: int, batch_size: int) ->
         "batch_size": batch_size,
         "threads": threads,
         "int8_layers": [len(c) for c in configs],
-        "int8_kernels": [runners[f"c{i}"].int8_kernels for i in range(n)],
+        "int8_kernels": [runners[f"c{i}a"].int8_kernels for i in range(n)],
         "measured_s": meas,
+        "repeatability": repeat,
         "fp32_s": measured["fp32"],
         "models": models,
         "calibration": {"efficiency": dict(p.efficiency), "layer_overhead_s": p.layer_overhead_s,
@@ -120,6 +131,9 @@ def print_task(name: str, r: dict) -> None:
     print(f"\n== {name}: {r['n_configs']} random fp32/int8 configurations, batch {r['batch_size']}, "
           f"{r['threads']} thread(s); measured {meas.min():.3g}-{meas.max():.3g} ms (fp32 {r['fp32_s'] * 1e3:.3g} ms)")
     k8 = sum(r["int8_kernels"])
+    rp = r["repeatability"]
+    print(f"two sessions of each configuration against each other: spearman {rp['spearman']:.3f}, "
+          f"MAPE {rp['mape']:.1f}%, within 10% {rp['within_10pct']:.0%} (the measurement's own noise)")
     print(f"int8 layers requested {sum(r['int8_layers'])}, int8 kernels in ORT {k8} (over all configurations)")
     print(f"{'model':22s} {'spearman':>9s} {'MAPE %':>8s} {'within 10%':>11s} {'raw MAPE %':>11s}")
     for key, m in r["models"].items():

@@ -508,6 +508,15 @@ def _split_runs(events: list[dict]) -> list[tuple[float, list[dict]]]:
     return out
 
 
+def interquartile_mean(values: list[float]) -> float:
+    """Mean of the middle half of `values` (sorted, a quarter cut from each end; all of them
+    when there are fewer than 4)."""
+    v = sorted(values)
+    k = len(v) // 4
+    mid = v[k:len(v) - k] if k else v
+    return sum(mid) / len(mid)
+
+
 def profile_layers(
     runner_or_proto: OrtRunner | onnx.ModelProto,
     batch: Batch,
@@ -538,7 +547,9 @@ def profile_layers(
     overhead between kernels (in `total`, not in any node). The profiler's resolution is 1 us.
 
     threads: intra-op threads of the profiled session; None: the runner's (a ModelProto: 1).
-    Returns durations in seconds, medians over the `repeats` runs.
+    Returns durations in seconds: per layer the mean of the middle half of the `repeats` runs (an
+    interquartile mean: robust to outlier runs like a median, but averaging the profiler's 1 us
+    ticks over many runs resolves kernels of a few microseconds, which a median cannot).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be at least 1 and warmup at least 0, got {repeats} and {warmup}")
@@ -593,20 +604,20 @@ def profile_layers(
 
     us = 1e-6
 
-    def median(values: list[dict[str, float]], key: str) -> float:
-        return us * statistics.median(v.get(key, 0.0) for v in values)
+    def central(values: list[dict[str, float]], key: str) -> float:
+        return us * interquartile_mean([v.get(key, 0.0) for v in values])
 
     # a layer none of whose nodes shows up in the profile is not measured (should not happen)
     seen = {f for sums in per_run for f in sums}
-    layers = {f: median(per_run, f) for f in analysis.fqns if f in seen}
+    layers = {f: central(per_run, f) for f in analysis.fqns if f in seen}
     all_ops = sorted({op for ops in rest_ops for op in ops})
     return LayerProfile(
         layers=layers,
         kernels={f: tuple(kernels[f]) for f in layers},
         missing=tuple(f for f in analysis.fqns if f not in layers),
-        unattributed=us * statistics.median(rest),
-        unattributed_ops={op: median(rest_ops, op) for op in all_ops},
-        total=us * statistics.median(total for total, _ in runs),
+        unattributed=us * interquartile_mean(rest),
+        unattributed_ops={op: central(rest_ops, op) for op in all_ops},
+        total=us * interquartile_mean([total for total, _ in runs]),
         runs=repeats,
         threads=threads,
     )
