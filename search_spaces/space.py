@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -63,6 +64,12 @@ class SearchSpace:
     `fp32_activation_layers`, e.g. the output projection inside nn.MultiheadAttention) keep
     fp32 activations.
 
+    Space reduction: `ties` are groups of layers that must share one pair (tied weights, branches
+    a runtime fuses): they get the pairs every member allows and one set of parameters, named
+    after the group's first layer in execution order. `pins` fix a layer to one pair (for example
+    the first and last layers at int8). `size` counts what is left; `unreduced_size` what the
+    target and precision lists alone allow.
+
     Optuna parameters: when a layer's pairs are every listed weight with every listed activation
     (a CPU's int8 / fp32 space), two categoricals "w:<fqn>" and "a:<fqn>"; otherwise (a GPU runs
     int4 weights with bf16 activations but not with fp32 ones) one categorical "p:<fqn>" over
@@ -77,6 +84,8 @@ class SearchSpace:
         weight_precisions: Iterable[Precision] | None = None,
         activation_precisions: Iterable[Precision] | None = None,
         fp32_activation_layers: Iterable[str] = (),
+        ties: Iterable[Sequence[str]] = (),
+        pins: Mapping[str, LayerChoice] | None = None,
     ):
         self.layers = tuple(layers)
         self.profile = profile
@@ -105,7 +114,40 @@ class SearchSpace:
                     f"{_names(profile.activation_precisions)}"
                 )
             options.append(LayerOptions(layer.fqn, pairs, note))
-        self.options = tuple(options)
+        self.unreduced_log10_size = sum(math.log10(o.size) for o in options)
+        by_fqn = {o.fqn: o for o in options}
+        order = {o.fqn: i for i, o in enumerate(options)}
+        self.pins = dict(pins or {})
+        for fqn, choice in self.pins.items():
+            if fqn not in by_fqn:
+                raise SpaceError(f"cannot pin layer {fqn!r}: the model has no such quantizable layer")
+            if choice not in by_fqn[fqn].pairs:
+                raise SpaceError(f"cannot pin layer {fqn} to {_pair_name(choice)}: its options are "
+                                 f"{', '.join(_pair_name(c) for c in by_fqn[fqn].pairs)}")
+            by_fqn[fqn] = LayerOptions(fqn, (choice,), "pinned")
+        # tie groups: merged when they share a layer, members in execution order
+        groups: list[list[str]] = []
+        for tie in ties:
+            tie = list(dict.fromkeys(tie))
+            for fqn in tie:
+                if fqn not in by_fqn:
+                    raise SpaceError(f"cannot tie layer {fqn!r}: the model has no such quantizable layer")
+            if len(tie) < 2:
+                continue
+            hit = [g for g in groups if set(g) & set(tie)]
+            merged = set(tie).union(*hit) if hit else set(tie)
+            groups = [g for g in groups if g not in hit] + [sorted(merged, key=order.__getitem__)]
+        self.ties = tuple(tuple(g) for g in sorted(groups, key=lambda g: order[g[0]]))
+        self._leader = {}
+        for g in self.ties:
+            common = [c for c in by_fqn[g[0]].pairs if all(c in by_fqn[f].pairs for f in g[1:])]
+            if not common:
+                raise SpaceError(f"tied layers {', '.join(g)} have no precision pair in common")
+            for f in g:
+                note = (by_fqn[f].note or f"tied to {g[0]}") if f != g[0] else by_fqn[f].note
+                by_fqn[f] = LayerOptions(f, tuple(common), note)
+                self._leader[f] = g[0]
+        self.options = tuple(by_fqn[o.fqn] for o in options)
         self._by_fqn = {o.fqn: o for o in self.options}
 
     @property
@@ -113,19 +155,35 @@ class SearchSpace:
         return tuple(o.fqn for o in self.options)
 
     @property
+    def free(self) -> tuple[LayerOptions, ...]:
+        """The layers whose choice is searched independently (a tie group's first layer)."""
+        return tuple(o for o in self.options if self._leader.get(o.fqn, o.fqn) == o.fqn)
+
+    @property
     def size(self) -> int:
-        """Number of distinct candidates (product of per-layer choices)."""
-        return math.prod(o.size for o in self.options)
+        """Number of distinct candidates (product of the free layers' choices)."""
+        return math.prod(o.size for o in self.free)
 
     @property
     def log10_size(self) -> float:
-        return sum(math.log10(o.size) for o in self.options)
+        return sum(math.log10(o.size) for o in self.free)
+
+    def leader(self, fqn: str) -> str:
+        """The layer whose parameters decide `fqn`'s pair (itself unless tied)."""
+        return self._leader.get(fqn, fqn)
+
+    def enumerate(self) -> Iterator[Candidate]:
+        """Every candidate of the space (there are `size` of them)."""
+        free = self.free
+        for combo in itertools.product(*(o.pairs for o in free)):
+            chosen = {o.fqn: c for o, c in zip(free, combo, strict=True)}
+            yield Candidate((o.fqn, chosen[self.leader(o.fqn)]) for o in self.options)
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         """Optuna distributions of the searched parameters (fixed ones left out)."""
         cat = optuna.distributions.CategoricalDistribution
         dists: dict[str, optuna.distributions.BaseDistribution] = {}
-        for o in self.options:
+        for o in self.free:
             if not o.is_product:
                 dists[_param("p", o.fqn)] = cat([_pair_name(c) for c in o.pairs])
                 continue
@@ -137,15 +195,15 @@ class SearchSpace:
 
     def candidate(self, params: Mapping[str, str]) -> Candidate:
         """The candidate an Optuna trial's parameters describe."""
-        choices = []
-        for o in self.options:
+        chosen = {}
+        for o in self.free:
             if not o.is_product:
                 w, a = params[_param("p", o.fqn)].split("/")
             else:
                 w = params.get(_param("w", o.fqn), o.weights[0].value)
                 a = params.get(_param("a", o.fqn), o.activations[0].value)
-            choices.append((o.fqn, LayerChoice(P(w), P(a))))
-        return Candidate(choices)
+            chosen[o.fqn] = LayerChoice(P(w), P(a))
+        return Candidate((o.fqn, chosen[self.leader(o.fqn)]) for o in self.options)
 
     def params(self, candidate: Candidate) -> dict[str, str]:
         """Inverse of `candidate`: the Optuna parameters for a candidate in this space."""
@@ -154,6 +212,11 @@ class SearchSpace:
             c = candidate[o.fqn]
             if c not in o.pairs:
                 raise SpaceError(f"layer {o.fqn}: {c.weight}/{c.activation} is outside the space")
+            lead = self.leader(o.fqn)
+            if lead != o.fqn:
+                if candidate[lead] != c:
+                    raise SpaceError(f"layer {o.fqn} is tied to {lead} but has another precision pair")
+                continue
             if not o.is_product:
                 out[_param("p", o.fqn)] = _pair_name(c)
                 continue
@@ -182,6 +245,9 @@ class SearchSpace:
         return {
             "size": self.size,
             "log10_size": round(self.log10_size, 3),
+            "log10_size_unreduced": round(self.unreduced_log10_size, 3),
+            "ties": [list(g) for g in self.ties],
+            "pins": {f: _pair_name(c) for f, c in self.pins.items()},
             "weight_precisions": _names(self.requested_weights).split(","),
             "activation_precisions": _names(self.requested_activations).split(","),
             "layers": [

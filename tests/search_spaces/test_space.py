@@ -1,7 +1,9 @@
+import math
+
 import optuna
 import pytest
 
-from hw_models import LayerSpec, Precision, get_profile
+from hw_models import Candidate, LayerChoice, LayerSpec, Precision, get_profile
 from search_spaces import SearchSpace, SpaceError
 
 P = Precision
@@ -63,3 +65,40 @@ def test_targets_that_do_not_run_every_pair_get_one_parameter_per_layer():
     # the default space is every pair the target runs
     assert SearchSpace(LAYERS, h100).options[0].size == len(h100.rules)
     assert SearchSpace(LAYERS, X86).options[0].size == len(X86.rules) == 12
+
+
+THREE = [*LAYERS, LayerSpec("c", "linear", (2, 2), 1, 4, 2, 2)]
+
+
+def test_ties_share_one_parameter_and_pins_fix_a_layer():
+    space = SearchSpace(THREE, X86, [P.INT4, P.INT8], [P.INT8], ties=[["c", "a"]], pins={"b": LayerChoice(P.INT8, P.INT8)})
+    assert space.ties == (("a", "c"),)  # execution order: "a" leads
+    assert set(space.distributions()) == {"w:a"}
+    assert space.size == 2
+    assert round(space.unreduced_log10_size, 6) == round(3 * math.log10(2), 6)  # 2 x 2 x 2 before reduction
+    cand = space.candidate({"w:a": "int4"})
+    assert cand["c"] == cand["a"] == LayerChoice(P.INT4, P.INT8) and cand["b"].weight is P.INT8
+    assert space.candidate(space.params(cand)) == cand
+    assert sorted(c["a"].weight.bits for c in space.enumerate()) == [4, 8]
+    d = space.describe()
+    assert d["ties"] == [["a", "c"]] and d["pins"] == {"b": "int8/int8"}
+
+
+def test_enumerate_yields_every_candidate_once():
+    space = SearchSpace(THREE, X86, [P.INT4, P.INT8, P.FP32], [P.INT8])
+    cands = list(space.enumerate())
+    assert len(cands) == len(set(cands)) == space.size == 27
+
+
+def test_bad_ties_and_pins_are_errors():
+    with pytest.raises(SpaceError, match="no such quantizable layer"):
+        SearchSpace(THREE, X86, ties=[["a", "zz"]])
+    with pytest.raises(SpaceError, match="cannot pin layer b to int2/int8"):
+        SearchSpace(THREE, X86, [P.INT4], [P.INT8], pins={"b": LayerChoice(P.INT2, P.INT8)})
+    # b keeps fp32 activations; a does not offer them: no common pair
+    with pytest.raises(SpaceError, match="no precision pair in common"):
+        SearchSpace(THREE, X86, [P.INT8], [P.INT8], fp32_activation_layers=["b"], ties=[["a", "b"]])
+    space = SearchSpace(THREE, X86, [P.INT4, P.INT8], [P.INT8], ties=[["a", "c"]])
+    with pytest.raises(SpaceError, match="tied to a"):
+        space.params(Candidate({"a": LayerChoice(P.INT4, P.INT8), "b": LayerChoice(P.INT4, P.INT8),
+                                "c": LayerChoice(P.INT8, P.INT8)}))
