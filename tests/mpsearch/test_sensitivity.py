@@ -1,0 +1,198 @@
+"""Per-layer sensitivity: equal to the evaluator's own KL, suffix == full forward, disk cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hw_models import Candidate, LayerChoice, Precision, get_profile
+from mpsearch import metrics
+from mpsearch.analysis import analyze
+from mpsearch.errors import InvalidConfigError
+from mpsearch.evaluator import Evaluator
+from mpsearch.sensitivity import Sensitivity, measure_sensitivity
+from mpsearch.tasks import Task, load_task
+from search_spaces.space import SearchSpace
+
+P = Precision
+FP32 = LayerChoice(P.FP32, P.FP32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and a busy machine cannot oversubscribe it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    task = load_task("digits")
+    analysis = analyze(task.model, task.example_input)
+    ev = Evaluator(task, analysis, cache_dir=None)
+    space = SearchSpace(analysis.layers, get_profile("x86-vnni"))
+    yield task, analysis, ev, {o.fqn: o.pairs for o in space.options}
+    ev.close()
+
+
+def _kl_by_hand(ev: Evaluator, fqn: str, c: LayerChoice, batches: int) -> float:
+    """KL to FP32 with only `fqn` at `c`: the evaluator's whole-model outputs, first batches."""
+    outputs = ev.outputs(Candidate({fqn: c}))[:batches]
+    return metrics.kl_divergence(outputs, ev.reference_outputs[:batches])
+
+
+def test_values_equal_the_evaluators_kl(digits):
+    task, _, ev, _ = digits
+    picks = {
+        "features.0": [LayerChoice(P.INT2, P.INT8), LayerChoice(P.INT8, P.FP32)],
+        "features.4": [LayerChoice(P.INT4, P.INT8), FP32, LayerChoice(P.FP32, P.INT8)],  # depthwise
+        "classifier.3": [LayerChoice(P.INT3, P.FP32), LayerChoice(P.INT6, P.INT8)],
+    }
+    n = len(task.eval_batches)
+    s = measure_sensitivity(ev, picks, batches=n)
+    assert s.measure == "kl_to_fp32" and s.path == "suffix" and s.batches == n
+    for fqn, choices in picks.items():
+        assert list(s.values[fqn]) == choices
+        for c in choices:
+            want = ev.score(Candidate({fqn: c})).proxies["kl_to_fp32"]
+            assert s.values[fqn][c] == pytest.approx(want, rel=1e-9, abs=1e-15), (fqn, c)
+    assert s.values["features.4"][FP32] == 0.0
+    one = measure_sensitivity(ev, picks, batches=1)
+    for fqn, choices in picks.items():
+        for c in choices:
+            assert one.values[fqn][c] == pytest.approx(_kl_by_hand(ev, fqn, c, 1), rel=1e-9, abs=1e-15)
+    # the evaluator is left as it was: FP32 weights, no quantizer on
+    assert not ev._active and not ev._active_delta
+    for fqn, h in ev.handles.items():
+        assert getattr(h.module, h.param).data_ptr() == ev._fp32_weights[fqn].data_ptr()
+
+
+def test_suffix_path_equals_full_forward_on_every_pair(digits):
+    _, _, ev, options = digits
+    suffix = measure_sensitivity(ev, options)
+    full = measure_sensitivity(ev, options, suffix=False)
+    assert suffix.path == "suffix" and full.path == "full" and full.note == "suffix=False"
+    assert suffix.batches == full.batches == 1  # one 120-sample batch holds DEFAULT_SAMPLES = 64
+    for fqn, per in options.items():
+        for c in per:
+            assert suffix.values[fqn][c] == pytest.approx(full.values[fqn][c], rel=1e-5, abs=1e-12)
+            assert suffix.values[fqn][c] >= 0.0
+        assert suffix.values[fqn][FP32] == 0.0
+        # fewer weight bits hurt more
+        for a in (P.INT8, P.FP32):
+            assert suffix.values[fqn][LayerChoice(P.INT2, a)] > suffix.values[fqn][LayerChoice(P.INT8, a)] > 0
+
+
+def test_disk_cache_is_reused(digits, tmp_path):
+    _, _, ev, options = digits
+    some = {f: options[f] for f in list(options)[:3]}
+    first = measure_sensitivity(ev, some, cache_dir=tmp_path)
+    files = list(tmp_path.glob("sensitivity-*.json"))
+    assert len(files) == 1 and first.from_cache == 0 and first.seconds > 0
+    measured = sum(1 for per in some.values() for c in per if c != FP32)
+    second = measure_sensitivity(ev, some, cache_dir=tmp_path)
+    assert second.from_cache == measured and second.seconds == 0.0 and second.path == "cache"
+    assert second.values == first.values
+    # more layers: the cached ones are reused, the new ones measured and merged into the file
+    third = measure_sensitivity(ev, options, cache_dir=tmp_path)
+    assert third.from_cache == measured and third.path == "suffix"
+    assert {f: third.values[f] for f in some} == first.values
+    on_disk = json.loads(files[0].read_text())["values"]
+    assert set(on_disk) == set(options) and on_disk["features.0"]["int2/int8"] == third.values["features.0"][
+        LayerChoice(P.INT2, P.INT8)
+    ]
+    # another number of batches is another file
+    measure_sensitivity(ev, some, cache_dir=tmp_path, batches=2)
+    assert len(list(tmp_path.glob("sensitivity-*.json"))) == 2
+
+
+def test_to_dict_round_trip(digits):
+    _, _, ev, options = digits
+    s = measure_sensitivity(ev, {"classifier.1": options["classifier.1"]}, batches=1)
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["values"]["classifier.1"]["fp32/fp32"] == 0.0
+    assert Sensitivity.from_dict(d) == s
+
+
+def test_bad_arguments(digits):
+    _, _, ev, options = digits
+    with pytest.raises(InvalidConfigError):
+        measure_sensitivity(ev, options, batches=0)
+    with pytest.raises(InvalidConfigError):
+        measure_sensitivity(ev, options, batches=4)
+    with pytest.raises(InvalidConfigError, match="nope"):
+        measure_sensitivity(ev, {"nope": [FP32]})
+
+
+def _small_task(model: nn.Module, kind: str = "classifier") -> Task:
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(16, 1, 8, 8, generator=g) for _ in range(2)]
+    evals = [
+        (torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(3)
+    ]
+    return Task("small", model.eval(), calib, evals, "accuracy", metrics.accuracy, kind=kind)
+
+
+class _InPlaceResidual(nn.Module):
+    """conv2's input is modified in place after conv2 ran: the suffix from conv2 must not
+    corrupt the cached FP32 value that every choice's run starts from."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        a = self.conv1(x)
+        b = self.conv2(a)
+        a.add_(b)
+        return self.fc(torch.flatten(self.relu(a), 1))
+
+
+class _Untraceable(_InPlaceResidual):
+    def forward(self, x):
+        a = self.conv1(x)
+        if a.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            a = a * 0.5
+        return self.fc(torch.flatten(self.relu(self.conv2(a)), 1))
+
+
+@pytest.mark.parametrize(("model", "path"), [(_InPlaceResidual, "suffix"), (_Untraceable, "full")])
+def test_in_place_ops_and_untraceable_models(model, path):
+    task = _small_task(model())
+    analysis = analyze(task.model, task.example_input)
+    ev = Evaluator(task, analysis, cache_dir=None)
+    options = {f: [LayerChoice(w, a) for w in (P.INT2, P.INT4, P.INT8) for a in (P.INT8, P.FP32)]
+               for f in analysis.fqns}
+    s = measure_sensitivity(ev, options)
+    assert s.path == path
+    if path == "full":
+        assert "trace" in s.note
+    for fqn, per in options.items():
+        for c in per:
+            want = ev.score(Candidate({fqn: c})).proxies["kl_to_fp32"]
+            assert s.values[fqn][c] == pytest.approx(want, rel=1e-9, abs=1e-15), (fqn, c)
+    ev.close()
+
+
+def test_other_task_kinds_use_normalized_mse(digits):
+    task, analysis, _, _ = digits
+    other = Task("digits-other", task.model, task.calib_batches, task.eval_batches, "accuracy",
+                 task.metric_fn, fp32_metric=task.fp32_metric, kind="other")
+    ev = Evaluator(other, analysis, cache_dir=None)
+    c = LayerChoice(P.INT3, P.INT8)
+    s = measure_sensitivity(ev, {"features.2": [c, FP32]}, batches=len(task.eval_batches))
+    assert s.measure == "normalized_mse"
+    sqnr = ev.score(Candidate({"features.2": c})).proxies["sqnr_db"]
+    assert s.values["features.2"][c] == pytest.approx(10 ** (-sqnr / 10), rel=1e-9)
+    assert s.values["features.2"][FP32] == 0.0 and math.isfinite(sqnr)
+    ev.close()
