@@ -7,7 +7,7 @@ Everything that does not depend on the candidate is tabulated once in `CostModel
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from hw_models.layers import Candidate, LayerChoice, LayerSpec
@@ -175,6 +175,28 @@ class CostModel:
             layer = next(x for x in self.layers if x.fqn == fqn)
             cost = self._layer_cost(layer, choice)
         return cost
+
+    def upper_bounds(self, options: Mapping[str, Iterable[LayerChoice]]) -> dict[str, float]:
+        """Upper bounds over every candidate that picks each layer's pair from `options` (only
+        the pairs the target runs count): latency_s (each layer at its slowest pair or measured
+        exit time, a conversion at every layer boundary), weight_bytes, bops, energy_j."""
+        p = self.profile
+        lat = wb = ops = energy = 0.0
+        for layer in self.layers:
+            costs = [c for c in (self.layer_cost(layer.fqn, ch) for ch in options[layer.fqn]) if c.supported]
+            if not costs:
+                continue
+            exits = [self._exit.get((layer.fqn, c.compute), 0.0) for c in costs]
+            lat += max(max(c.latency_s for c in costs), *exits)
+            wb += max(c.weight_bytes for c in costs)
+            ops += max(c.bops for c in costs)
+            energy += max(c.energy_j or 0.0 for c in costs)
+        trans = sum(self._in_transition) + self._out_transition
+        lat += trans + (p.layer_table.other_s if self.measured else 0.0)
+        if p.energy_pj_per_byte is not None and p.transition_bytes_per_elem:
+            n = len(self._in_transition) + 1
+            energy += (trans - n * p.transition_overhead_s) * p.mem_bw_bytes_per_s * p.energy_pj_per_byte * 1e-12
+        return {"latency_s": lat, "weight_bytes": wb, "bops": ops, "energy_j": energy}
 
     def breakdown(self, candidate: Candidate) -> list[LayerCost]:
         """Per-layer costs of a candidate, in execution order, with each layer's input transition."""

@@ -1,5 +1,7 @@
 """Cost arithmetic checked against hand-computed values."""
 
+import dataclasses
+import itertools
 import math
 
 import pytest
@@ -171,3 +173,21 @@ def test_every_profile_is_complete(name):
     for key in ("peak_macs_per_s", "mem_bw_bytes_per_s", "layer_overhead_s", "efficiency"):
         assert prof.sources.get(key)
     assert prof.mem_bw_bytes_per_s > 0 and prof.layer_overhead_s >= 0
+
+
+def test_upper_bounds_cover_every_candidate_of_a_mixed_space():
+    prof = dataclasses.replace(get_profile("x86-vnni"), transition_overhead_s=3e-6, transition_bytes_per_elem=8.0)
+    layers = [CONV, FC, dataclasses.replace(FC, fqn="fc2", weight_shape=(10, 10), macs=100, in_elems=10)]
+    cm = CostModel(layers, prof)
+    pairs = [LayerChoice(P.INT8, P.INT8), LayerChoice(P.FP32, P.FP32), LayerChoice(P.INT4, P.INT8)]
+    ub = cm.upper_bounds({x.fqn: pairs for x in layers})
+    worst = {"latency_s": 0.0, "weight_bytes": 0, "bops": 0}
+    for combo in itertools.product(pairs, repeat=len(layers)):
+        c = cm.price(Candidate(zip([x.fqn for x in layers], combo, strict=True)))
+        worst = {"latency_s": max(worst["latency_s"], c.latency_s), "weight_bytes": max(worst["weight_bytes"], c.weight_bytes),
+                 "bops": max(worst["bops"], c.bops)}
+    # weights and BOPs are sums of per-layer maxima: reached exactly by one candidate
+    assert ub["weight_bytes"] == worst["weight_bytes"] and ub["bops"] == worst["bops"]
+    # latency: alternating compute kinds pay conversions; the bound charges one at every boundary
+    n_boundaries = len(layers) + 1
+    assert worst["latency_s"] <= ub["latency_s"] <= worst["latency_s"] + n_boundaries * 3e-6 + 1e-4
