@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
 import sqlite3
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from hw_models import (
     Candidate,
@@ -25,10 +27,14 @@ from hw_models import (
 from hw_models.profile_file import ProfileFileError
 from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
-from mpsearch.controller import make_sampler, run_search
+from mpsearch.controller import RECORD_ATTR, Budgets, make_sampler, run_search
 from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError, UnknownTargetError
 from mpsearch.evaluator import ADAROUND_MAX_BITS, Evaluator, QuantSettings
-from mpsearch.result import SearchResult
+from mpsearch.ilp import cost_table, solve_allocation
+from mpsearch.objectives import MB, OBJECTIVES, parse_objectives, reference_point
+from mpsearch.result import SearchResult, TrialRecord
+from mpsearch.strategy import EXHAUSTIVE_LIMIT, STRATEGIES, check_strategy
+from mpsearch.strategy import plan as make_plan
 from mpsearch.tasks import Task, load_task
 from mpsearch.tracking import DEFAULT_EXPERIMENT, Tracker
 from search_spaces import SearchSpace, SpaceError
@@ -101,29 +107,64 @@ def search(
     quant: QuantSettings | None = None,
     evaluator_cache: bool = True,
     early_stop: bool = False,
+    *,
+    strategy: str = "hybrid",
+    objectives: str | Sequence[str] | None = None,
+    size_budget_mb: float | None = None,
+    memory_budget_mb: float | None = None,
+    ties: Iterable[Sequence[str]] = (),
+    pins: Mapping[str, str | LayerChoice] | None = None,
+    pin_first_last: bool = False,
+    storage: str | None = None,
+    study_name: str | None = None,
+    resume: bool = False,
+    n_seeds: int | None = None,
+    exhaustive_limit: int = EXHAUSTIVE_LIMIT,
 ) -> SearchResult:
     """Search per-layer precisions for `task` on `target`; returns the SearchResult.
 
     task: a Task, a built-in task name ("digits"), or "package.module:function" /
-    "path/to/file.py:function". Objectives: the task metric (max) and latency (min);
-    latency_budget_ms makes latency a constraint too. Writes OUT/result.json after every
-    trial and keeps the Optuna study in OUT/study.db. Tracks to MLflow unless track=False.
+    "path/to/file.py:function".
+    objectives: "metric" and any of latency, weight_memory, activation_memory, bops, energy
+    (mpsearch.objectives; default metric,latency). Budgets (latency_budget_ms, size_budget_mb:
+    weight memory, memory_budget_mb: weights plus peak activations) are constraints: a candidate
+    over one is priced, never scored.
+    strategy: hybrid (default: sensitivity-guided ILP solutions first, then the sampler), optuna,
+    ilp, or exhaustive (mpsearch.strategy); n_seeds: the hybrid's ILP solutions (default a tenth
+    of the trials).
+    ties: groups of layer names that must share a precision pair (layers sharing a weight tensor
+    are tied automatically); pins: {layer: "weight/activation"}; pin_first_last: the first and
+    last layers at int8/int8 (their widest pair where the target has no int8).
+    Writes OUT/result.json after every trial; the Optuna study lives in `storage` (any Optuna
+    storage URL; default SQLite OUT/study.db) under `study_name`. resume=True continues that
+    study (the only one in the storage when study_name is None) up to n_trials trials in all,
+    refusing one whose task, target, space or objectives differ. Tracks to MLflow unless
+    track=False.
     quant: how candidates are quantized for scoring (QuantSettings defaults when None).
     evaluator_cache: keep the evaluator's candidate-independent work (activation ranges,
-    quantized weights, FP32 reference outputs) in the user cache, so later searches of the
-    same task, data and settings start without recomputing it.
+    quantized weights, FP32 reference outputs) and the layer sensitivities in the user cache.
     early_stop: multi-fidelity scoring: stop scoring a candidate part-way through the evaluation
-    batches once it clearly cannot reach the metric of a trial at least as fast (recorded as
+    batches once it clearly cannot reach the metric of a trial no costlier (recorded as
     "pruned"; see mpsearch.controller.run_search).
     """
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise InvalidConfigError(f"the number of trials must be a positive integer, got {n_trials!r}")
-    if latency_budget_ms is not None and not latency_budget_ms > 0:
-        raise InvalidConfigError(f"the latency budget must be positive, got {latency_budget_ms!r} ms")
+    for name, v in (("latency", latency_budget_ms), ("size", size_budget_mb), ("memory", memory_budget_mb)):
+        if v is not None and not v > 0:
+            raise InvalidConfigError(f"the {name} budget must be positive, got {v!r}")
+    budgets = Budgets(latency_budget_ms, None if size_budget_mb is None else size_budget_mb * MB,
+                      None if memory_budget_mb is None else memory_budget_mb * MB)
+    objectives = parse_objectives(objectives)
     profile = resolve_target(target)
+    if "energy" in objectives and not profile.energy_pj_per_mac:
+        raise InvalidConfigError(f"objective energy: target {profile.name} has no energy figures")
     wp = parse_precisions(weight_precisions, "weight")
     ap = parse_precisions(activation_precisions, "activation")
     sampler_obj = make_sampler(sampler, seed, n_trials)
+    if strategy not in STRATEGIES:
+        raise InvalidConfigError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    if resume and out_dir is None and storage is None:
+        raise InvalidConfigError("resume needs the output directory of the search to continue (or its storage)")
     task_obj = load_task(task) if isinstance(task, str) else task
     task_name = task if isinstance(task, str) else task_obj.name
 
@@ -134,88 +175,100 @@ def search(
         print(f"mpsearch: left at fp32, not searched: {names}{more}", file=sys.stderr)
     fp32_act = [f for f, h in analysis.handles.items() if h.input_module is None]
     try:
-        space = SearchSpace(analysis.layers, profile, wp, ap, fp32_activation_layers=fp32_act)
+        unreduced = SearchSpace(analysis.layers, profile, wp, ap, fp32_activation_layers=fp32_act)
+        pin_map = _pins(unreduced, pins, pin_first_last)
+        space = SearchSpace(analysis.layers, profile, wp, ap, fp32_activation_layers=fp32_act,
+                            ties=[*shared_weight_ties(analysis), *ties], pins=pin_map)
     except SpaceError as e:
         raise InvalidConfigError(str(e)) from None
+    check_strategy(strategy, space, exhaustive_limit)
     cost_model = CostModel(analysis.layers, profile, batch_size=batch_size)
     # the FP32 model's cost (None where the target cannot run fp32, e.g. an integer accelerator)
     fp32 = cost_model.price(Candidate.uniform(space.fqns, Precision.FP32, Precision.FP32))
-    cheapest = _cheapest_latency_ms(space, cost_model)
-    if latency_budget_ms is not None and latency_budget_ms < cheapest:
-        raise BudgetError(
-            f"latency budget {latency_budget_ms:g} ms is below the cheapest configuration in "
-            f"this space on {profile.name} ({cheapest:.4g} ms)"
-        )
+    cheapest = check_budgets(space, cost_model, budgets)
     out = prepare_out_dir(out_dir, task_name, profile.name)
+    storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    identity = {"task": task_name, "target": profile.name, "space": space_signature(space),
+                "objectives": list(objectives), "budgets": budgets.to_dict()}
 
     evaluator = Evaluator(
         task_obj, analysis, quant, cache_dir=cache_dir("evaluator") if evaluator_cache else None
     )
-    if evaluator.settings.weight_rounding == "adaround":  # the costly weights up front, with a bar
-        low = {c.weight for f in space.fqns for c in space.layer_choices(f)
-               if c.weight.is_int and c.weight.bits <= ADAROUND_MAX_BITS}
-        if evaluator.precompute_weights(sorted(low, key=lambda p: p.bits), progress=progress):
-            evaluator.save_cache()
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    study_name = f"{_slug(task_name)}-{profile.name}-{stamp}"
-    db_path = (out / "study.db").resolve()
-    storage = f"sqlite:///{db_path}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=sqlite_storage(db_path),
-        sampler=sampler_obj,
-        directions=["maximize", "minimize"],
-    )
-    settings = {
-        "n_trials": n_trials,
-        "sampler": sampler if isinstance(sampler, str) else type(sampler).__name__,
-        "seed": seed,
-        "latency_budget_ms": latency_budget_ms,
-        "batch_size": batch_size,
-        "quant": evaluator.settings.to_dict(),
-        "early_stop": early_stop,
-        "objectives": ["metric:max", "latency_ms:min"],
-        "storage": storage,
-        "study_name": study_name,
-        "out_dir": str(out),
-    }
-    result = SearchResult(
-        task=task_name,
-        target=profile.name,
-        reference={
-            "metric_name": task_obj.metric_name,
-            "fp32_metric": task_obj.fp32_metric,
-            "fp32_latency_ms": fp32.latency_ms if fp32.feasible else None,
-            "fp32_weight_bytes": fp32.weight_bytes,
-        },
-        trials=[],
-        settings=settings,
-        space={
-            **space.describe(),
-            "min_latency_ms": cheapest,
-            "unsupported": [u.to_dict() for u in analysis.unsupported],
-        },
-    )
-    tracker = None
-    if track:
-        tracker = Tracker(mlflow_uri, experiment)
-        run_id = tracker.start(
-            run_name=study_name,
-            params={k: v for k, v in settings.items() if k not in ("storage",)}
-            | {"task": task_name, "target": profile.name, "space_size": space.size},
-            tags={"mpsearch.task": task_name, "mpsearch.target": profile.name},
-        )
-        result.tracking = {"mlflow_uri": tracker.uri, "experiment": experiment, "run_id": run_id}
     try:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study, study_name, previous = open_study(storage_url, study_name, resume, sampler_obj, identity,
+                                                 objectives, default_name=f"{_slug(task_name)}-{profile.name}")
+        if evaluator.settings.weight_rounding == "adaround":  # the costly weights up front, with a bar
+            low = {c.weight for f in space.fqns for c in space.layer_choices(f)
+                   if c.weight.is_int and c.weight.bits <= ADAROUND_MAX_BITS}
+            if evaluator.precompute_weights(sorted(low, key=lambda p: p.bits), progress=progress):
+                evaluator.save_cache()
+        remaining = (space.size if strategy == "exhaustive" else n_trials) - len(previous)
+        plan = make_plan(strategy, space, cost_model, evaluator, budgets=budgets, objectives=objectives,
+                         n_trials=max(remaining, 0), n_seeds=n_seeds, tried=[t.config for t in previous],
+                         cache_dir=cache_dir("sensitivity") if evaluator_cache else None, progress=progress)
+        settings = {
+            "n_trials": n_trials,
+            "strategy": strategy,
+            "sampler": sampler if isinstance(sampler, str) else type(sampler).__name__,
+            "seed": seed,
+            "latency_budget_ms": latency_budget_ms,
+            "size_budget_mb": size_budget_mb,
+            "memory_budget_mb": memory_budget_mb,
+            "batch_size": batch_size,
+            "quant": evaluator.settings.to_dict(),
+            "early_stop": early_stop,
+            "objectives": list(objectives),
+            "hv_reference": reference_point(objectives, task_obj.fp32_metric, cost_upper_bounds(space, cost_model)),
+            "storage": _redact(storage_url),
+            "study_name": study_name,
+            "out_dir": str(out),
+            "resumed_trials": len(previous),
+            "setup_s": plan.setup_s,
+            **plan.info,
+        }
+        result = SearchResult(
+            task=task_name,
+            target=profile.name,
+            reference={
+                "metric_name": task_obj.metric_name,
+                "fp32_metric": task_obj.fp32_metric,
+                "fp32_latency_ms": fp32.latency_ms if fp32.feasible else None,
+                "fp32_weight_bytes": fp32.weight_bytes,
+            },
+            trials=list(previous),
+            settings=settings,
+            space={
+                **space.describe(),
+                "min_latency_ms": cheapest,
+                "unsupported": [u.to_dict() for u in analysis.unsupported],
+            },
+        )
+        if progress:
+            print(f"mpsearch: space of 10^{space.log10_size:.2f} candidates (10^{space.unreduced_log10_size:.2f} "
+                  f"before ties and pins); strategy {strategy}"
+                  + (f"; resuming after {len(previous)} trials" if resume else ""), file=sys.stderr)
+        tracker = None
+        if track:
+            tracker = Tracker(mlflow_uri, experiment)
+            run_id = tracker.start(
+                run_name=study_name,
+                params={k: v for k, v in settings.items() if k not in ("storage", "setup_s", "hv_reference")}
+                | {"task": task_name, "target": profile.name, "space_size": space.size},
+                tags={"mpsearch.task": task_name, "mpsearch.target": profile.name},
+            )
+            result.tracking = {"mlflow_uri": tracker.uri, "experiment": experiment, "run_id": run_id}
         return run_search(
             result=result,
             space=space,
             cost_model=cost_model,
             evaluator=evaluator,
             study=study,
-            n_trials=n_trials,
-            latency_budget_ms=latency_budget_ms,
+            n_trials=max(remaining, 0),
+            budgets=budgets,
+            objectives=objectives,
+            seeds=plan.seeds,
+            seeds_only=plan.seeds_only,
             out_dir=out,
             tracker=tracker,
             progress=progress,
@@ -224,6 +277,157 @@ def search(
     finally:
         evaluator.save_cache()
         evaluator.close()
+
+
+def _pins(space: SearchSpace, pins: Mapping[str, str | LayerChoice] | None, first_last: bool) -> dict:
+    out = {}
+    if first_last:
+        for fqn in (space.fqns[0], space.fqns[-1]):
+            pairs = space.layer_choices(fqn)
+            want = LayerChoice(Precision.INT8, Precision.INT8)
+            out[fqn] = want if want in pairs else max(pairs, key=lambda c: (c.weight.bits, c.activation.bits))
+    for fqn, choice in (pins or {}).items():
+        if isinstance(choice, str):
+            w, _, a = choice.partition("/")
+            choice = LayerChoice(parse_precisions([w], "pin")[0], parse_precisions([a or w], "pin")[0])
+        out[fqn] = choice
+    return out
+
+
+def shared_weight_ties(analysis) -> list[list[str]]:
+    """Layers that use one weight tensor (tied embeddings, a module called twice by two names)."""
+    by_tensor: dict[int, list[str]] = {}
+    for fqn, h in analysis.handles.items():
+        by_tensor.setdefault(id(getattr(h.module, h.param)), []).append(fqn)
+    return [g for g in by_tensor.values() if len(g) > 1]
+
+
+def space_signature(space: SearchSpace) -> str:
+    """A short hash of the space's layers and their precision pairs (resume refuses another)."""
+    d = space.describe()
+    blob = json.dumps({"layers": d["layers"], "ties": d["ties"], "pins": d["pins"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16] + f" (10^{space.log10_size:.2f} candidates, " \
+        f"weights {','.join(d['weight_precisions'])}, activations {','.join(d['activation_precisions'])})"
+
+
+def open_study(storage_url: str, study_name: str | None, resume: bool, sampler, identity: dict,
+               objectives: Sequence[str], default_name: str):
+    """(study, name, previous TrialRecords): a new study, or on resume the stored one after
+    checking it searches the same task, target, space and objectives."""
+    directions = [OBJECTIVES[o].direction for o in objectives]
+    try:
+        if resume:
+            for prefix in ("sqlite:///", "journal:///"):
+                if storage_url.startswith(prefix) and not Path(storage_url.removeprefix(prefix)).exists():
+                    raise InvalidConfigError(f"nothing to resume: {storage_url.removeprefix(prefix)} does not exist")
+        store = make_storage(storage_url)
+        if resume:
+            names = optuna.study.get_all_study_names(store)
+            if study_name is None:
+                if len(names) != 1:
+                    raise InvalidConfigError(
+                        "nothing to resume: the storage holds no study" if not names else
+                        f"the storage holds {len(names)} studies; pick one with --study-name: {', '.join(names)}")
+                study_name = names[0]
+            elif study_name not in names:
+                raise InvalidConfigError(f"no study named {study_name!r} in the storage"
+                                         + (f" (it has: {', '.join(names)})" if names else ""))
+            study = optuna.load_study(study_name=study_name, storage=store, sampler=sampler)
+            stored = study.user_attrs.get("mpsearch") or {}
+            differs = [f"{k}: stored {stored.get(k)!r}, this run {v!r}" for k, v in identity.items()
+                       if stored.get(k) != v]
+            if differs:
+                raise InvalidConfigError(f"cannot resume study {study_name!r}, it differs in " + "; ".join(differs))
+            previous = [TrialRecord.from_dict(t.user_attrs[RECORD_ATTR]) for t in
+                        sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+                        if RECORD_ATTR in t.user_attrs and t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+            return study, study_name, previous
+        if study_name is None:
+            study_name = f"{default_name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        try:
+            study = optuna.create_study(study_name=study_name, storage=store, sampler=sampler,
+                                        directions=directions)
+        except optuna.exceptions.DuplicatedStudyError:
+            raise InvalidConfigError(f"a study named {study_name!r} already exists in the storage: "
+                                     "continue it with --resume or pick another --study-name") from None
+        study.set_user_attr("mpsearch", identity)
+        return study, study_name, []
+    except (ImportError, ValueError, sqlalchemy_errors()) as e:
+        raise InvalidConfigError(f"cannot open the study storage {_redact(storage_url)}: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def make_storage(url: str):
+    """An Optuna storage from a URL: sqlite:///PATH (WAL mode, see sqlite_storage), any other
+    SQLAlchemy URL, or journal:///PATH for Optuna's journal file (no database server; safe for
+    several processes on one file system)."""
+    if url.startswith("sqlite:///"):
+        return sqlite_storage(Path(url.removeprefix("sqlite:///")))
+    if url.startswith("journal:///"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:///")))
+    return url
+
+
+def sqlalchemy_errors() -> type[Exception]:
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:  # pragma: no cover - optuna's RDB storage depends on sqlalchemy
+        return OSError
+    return SQLAlchemyError
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password."""
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+
+
+def check_budgets(space: SearchSpace, cost_model: CostModel, budgets: Budgets) -> float:
+    """Refuse budgets no configuration meets, alone or together; returns the cheapest latency (ms).
+
+    Each budget is checked against its cost's lower bound over the space (every layer at its
+    cheapest choice), and latency with size together by an integer program over the per-layer
+    costs (transitions only add latency, so what it finds infeasible is)."""
+    cheapest = _cheapest_latency_ms(space, cost_model)
+    if budgets.latency_ms is not None and budgets.latency_ms < cheapest:
+        raise BudgetError(
+            f"latency budget {budgets.latency_ms:g} ms is below the cheapest configuration in "
+            f"this space on {space.profile.name} ({cheapest:.4g} ms)"
+        )
+    costs = cost_table(cost_model, {o.fqn: o.pairs for o in space.options})
+    min_w = sum(min(c["weight_bytes"] for c in per.values()) for per in costs.values())
+    min_act = max(min(c["act_bytes"] for c in per.values()) for per in costs.values())
+    if budgets.size_bytes is not None and budgets.size_bytes < min_w:
+        raise BudgetError(f"size budget {budgets.size_bytes / MB:g} MB is below the smallest weights in this "
+                          f"space ({min_w / MB:.4g} MB)")
+    if budgets.memory_bytes is not None and budgets.memory_bytes < min_w + min_act:
+        raise BudgetError(f"memory budget {budgets.memory_bytes / MB:g} MB is below the smallest weights plus "
+                          f"activations in this space ({(min_w + min_act) / MB:.4g} MB)")
+    limits = {}
+    if budgets.latency_ms is not None:
+        limits["latency_s"] = budgets.latency_ms / 1e3
+    weight_cap = min((b for b in (budgets.size_bytes, budgets.memory_bytes) if b is not None), default=None)
+    if weight_cap is not None:
+        limits["weight_bytes"] = weight_cap
+    if len(limits) == 2:
+        options = {o.fqn: list(o.pairs) for o in space.options}
+        zero = {f: dict.fromkeys(pairs, 0.0) for f, pairs in options.items()}
+        if solve_allocation(options, zero, costs, limits, ties=space.ties) is None:
+            raise BudgetError(
+                f"no configuration meets the latency budget of {budgets.latency_ms:g} ms and keeps weights "
+                f"within {weight_cap / MB:g} MB together: raise one of them"
+            )
+    return cheapest
+
+
+def cost_upper_bounds(space: SearchSpace, cost_model: CostModel) -> dict[str, float]:
+    """Per cost objective, an upper bound over the space (the hypervolume's reference point; see
+    CostModel.upper_bounds; activation memory: the peak with every layer at its widest pair)."""
+    ub = cost_model.upper_bounds({o.fqn: o.pairs for o in space.options})
+    widest = Candidate((o.fqn, max(o.pairs, key=lambda c: (c.activation.bits, c.weight.bits))) for o in space.options)
+    return {"latency": ub["latency_s"] * 1e3, "weight_memory": ub["weight_bytes"], "bops": ub["bops"],
+            "energy": ub["energy_j"] * 1e3, "activation_memory": float(cost_model.price(widest).peak_act_bytes)}
 
 
 def profile_config(

@@ -72,12 +72,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", required=True, help="built-in name, package.module:function or file.py:function")
     s.add_argument("--target", default="x86-vnni",
                    help="hardware target (see `mpsearch targets`) or a profile file (.toml)")
-    s.add_argument("--trials", type=_positive_int, default=50, help="number of trials (default 50)")
-    s.add_argument("--sampler", default="tpe", help="tpe (default), nsga2 or random")
+    s.add_argument("--trials", type=_positive_int, default=50,
+                   help="number of trials (default 50; with --resume, in all)")
+    s.add_argument("--strategy", default="hybrid",
+                   help="hybrid (default: ILP over layer sensitivities first, then the sampler), optuna, ilp, "
+                        "or exhaustive")
+    s.add_argument("--sampler", default="tpe", help="tpe (default), nsga2, nsga3, random, qmc or gp")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--objectives", default="metric,latency", metavar="LIST",
+                   help="metric and any of latency, weight_memory, activation_memory, bops, energy "
+                        "(default metric,latency)")
     s.add_argument("--latency-budget", type=_positive_float, metavar="MS", help="latency budget in ms")
+    s.add_argument("--size-budget", type=_positive_float, metavar="MB", help="weight memory budget in MB")
+    s.add_argument("--memory-budget", type=_positive_float, metavar="MB",
+                   help="weights plus peak activations budget in MB")
     s.add_argument("--weight-precisions", metavar="LIST", help="e.g. int4,int8,fp32 (default int2..int8,fp32)")
     s.add_argument("--activation-precisions", metavar="LIST", help="e.g. int8,fp32 (default)")
+    s.add_argument("--tie", action="append", default=[], metavar="L1,L2,...",
+                   help="layers that must share a precision (repeatable)")
+    s.add_argument("--pin", action="append", default=[], metavar="LAYER=W/A",
+                   help="fix a layer's precision, e.g. conv1=int8/int8 (repeatable)")
+    s.add_argument("--pin-first-last", action="store_true", help="first and last layers at int8/int8")
+    s.add_argument("--ilp-seeds", type=_positive_int, metavar="N",
+                   help="ILP solutions a hybrid search starts from (default a tenth of the trials, at least 2)")
+    s.add_argument("--exhaustive-limit", type=_positive_int, default=100_000, metavar="N",
+                   help="largest space --strategy exhaustive enumerates (default 100000)")
+    r = s.add_argument_group("study storage and resume")
+    r.add_argument("--storage", metavar="URL",
+                   help="Optuna storage: sqlite:///file.db, another database URL, or journal:///file.log "
+                        "(default sqlite in the output directory)")
+    r.add_argument("--study-name", metavar="NAME", help="study name (default <task>-<target>-<time>)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the study in --out / --storage up to --trials trials in all")
     s.add_argument("--batch-size", type=_positive_int, default=1, help="batch size for pricing (default 1)")
     q = s.add_argument_group("quantizer (how candidates are scored)")
     q.add_argument("--weight-granularity", default="per_channel", choices=["per_channel", "per_tensor"])
@@ -188,6 +214,12 @@ def _cmd_search(args) -> int:
         bias_correction=args.bias_correction,
         weight_rounding=args.weight_rounding,
     )
+    pins = {}
+    for item in args.pin:
+        layer, eq, pair = item.partition("=")
+        if not eq or not layer or not pair:
+            raise InvalidConfigError(f"--pin expects LAYER=WEIGHT/ACTIVATION, got {item!r}")
+        pins[layer] = pair
     result = search(
         args.task,
         target=args.target,
@@ -206,10 +238,29 @@ def _cmd_search(args) -> int:
         quant=quant,
         evaluator_cache=not args.no_evaluator_cache,
         early_stop=args.early_stop,
+        strategy=args.strategy,
+        objectives=args.objectives,
+        size_budget_mb=args.size_budget,
+        memory_budget_mb=args.memory_budget,
+        ties=[[x.strip() for x in t.split(",") if x.strip()] for t in args.tie],
+        pins=pins,
+        pin_first_last=args.pin_first_last,
+        storage=args.storage,
+        study_name=args.study_name,
+        resume=args.resume,
+        n_seeds=args.ilp_seeds,
+        exhaustive_limit=args.exhaustive_limit,
     )
     print(pareto_table(result))
     out = Path(result.settings["out_dir"])
-    print(f"\nresults: {out / 'result.json'} (Optuna study: {out / 'study.db'})")
+    hv, timing = result.hypervolume, result.timing
+    if hv is not None:
+        print(f"hypervolume {hv['value']:.6g} (reference point in result.json); time in sampler "
+              f"{timing['sampler_s']:.1f} s, pricing {timing['pricing_s']:.2f} s, scoring {timing['scoring_s']:.1f} s"
+              + "".join(f", {k.removesuffix('_s')} {v:.1f} s" for k, v in timing.items()
+                        if k not in ("sampler_s", "pricing_s", "scoring_s")))
+    print(f"\nresults: {out / 'result.json'} (Optuna study {result.settings['study_name']!r} in "
+          f"{result.settings['storage']})")
     if result.tracking.get("run_id"):
         print(f"MLflow: {result.tracking['mlflow_uri']} experiment {result.tracking['experiment']!r}, "
               f"run {result.tracking['run_id']}")

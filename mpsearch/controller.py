@@ -1,34 +1,76 @@
 """The search loop: Optuna proposes (ask), the cost model prices, the evaluator scores, Optuna
-learns (tell). Pricing is cheap and scoring is expensive: a candidate that breaks the latency
-budget, or that the target cannot run, is told to the study as infeasible without scoring.
+learns (tell). Pricing is cheap and scoring is expensive: a candidate that breaks a budget, or
+that the target cannot run, is told to the study as infeasible without scoring.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from hw_models import Candidate, CostModel
+from hw_models import Candidate, Cost, CostModel
 from mpsearch.errors import EvaluationError, InvalidConfigError, SearchInterrupted
 from mpsearch.evaluator import Evaluator
+from mpsearch.objectives import DEFAULT_OBJECTIVES
+from mpsearch.objectives import value as objective_value
 from mpsearch.result import SearchResult, TrialRecord
 from mpsearch.tracking import Tracker
 from search_spaces import SearchSpace
 
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "nsga3", "random", "qmc", "gp")
 # Constraint values told to the study with every trial (> 0 means violated); Optuna's
-# constraint-aware samplers (TPE, NSGA-II) rank infeasible trials below feasible ones.
+# constraint-aware samplers (TPE, NSGA-II/III, GP) rank infeasible trials below feasible ones.
 UNSUPPORTED = "unsupported_precision"  # 1.0 when the target cannot run a layer's precisions
-OVER_BUDGET = "latency_over_budget_ms"  # latency minus budget, in ms
+RECORD_ATTR = "mpsearch.record"  # each finished trial's TrialRecord, as a user attribute (resume)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Cost constraints: latency (ms), size (weight bytes) and memory (weight bytes plus peak
+    activation bytes); None: no budget."""
+
+    latency_ms: float | None = None
+    size_bytes: float | None = None
+    memory_bytes: float | None = None
+
+    def overruns(self, cost: Cost) -> dict[str, float]:
+        """Constraint name -> how far over budget (<= 0: within), for the budgets set."""
+        out = {}
+        if self.latency_ms is not None:
+            out["latency_over_budget_ms"] = cost.latency_ms - self.latency_ms
+        if self.size_bytes is not None:
+            out["size_over_budget_mb"] = (cost.weight_bytes - self.size_bytes) / 1e6
+        if self.memory_bytes is not None:
+            out["memory_over_budget_mb"] = (cost.weight_bytes + cost.peak_act_bytes - self.memory_bytes) / 1e6
+        return out
+
+    def reason(self, cost: Cost) -> str:
+        over = []
+        if self.latency_ms is not None and cost.latency_ms > self.latency_ms:
+            over.append(f"latency {cost.latency_ms:.4g} ms is over the budget of {self.latency_ms:g} ms")
+        if self.size_bytes is not None and cost.weight_bytes > self.size_bytes:
+            over.append(f"weights {cost.weight_bytes / 1e6:.4g} MB are over the size budget of "
+                        f"{self.size_bytes / 1e6:g} MB")
+        if self.memory_bytes is not None and cost.weight_bytes + cost.peak_act_bytes > self.memory_bytes:
+            over.append(f"weights + peak activations {(cost.weight_bytes + cost.peak_act_bytes) / 1e6:.4g} MB "
+                        f"are over the memory budget of {self.memory_bytes / 1e6:g} MB")
+        return "; ".join(over)
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"latency_ms": self.latency_ms, "size_mb": None if self.size_bytes is None else self.size_bytes / 1e6,
+                "memory_mb": None if self.memory_bytes is None else self.memory_bytes / 1e6}
 
 
 class _DeferredInterrupt:
@@ -70,26 +112,45 @@ class _DeferredInterrupt:
                 raise KeyboardInterrupt
 
 
-def _dominating_metric(trials: list[TrialRecord], latency_ms: float) -> float | None:
-    """The best metric of the complete, feasible trials no slower than latency_ms (None: none)."""
+def _dominating_metric(trials: list[TrialRecord], record: TrialRecord, costs: Sequence[str]) -> float | None:
+    """The best metric of the complete, feasible trials no costlier than `record` in every cost
+    objective (None: none): a candidate that cannot beat it would be dominated."""
     best = None
+    mine = [objective_value(record, c) for c in costs]
     for t in trials:
-        if t.state == "complete" and t.feasible and t.latency_ms <= latency_ms and (best is None or t.metric > best):
+        if t.state != "complete" or not t.feasible or (best is not None and t.metric <= best):
+            continue
+        if all(objective_value(t, c) <= m for c, m in zip(costs, mine, strict=True)):
             best = t.metric
     return best
 
 
 def make_sampler(name: str | optuna.samplers.BaseSampler, seed: int | None, n_trials: int):
-    """An Optuna sampler by name (tpe, nsga2, random), or the sampler object given."""
+    """An Optuna sampler by name (see SAMPLERS), or the sampler object given.
+
+    tpe: multivariate TPE; nsga2 / nsga3: genetic, population n_trials / 4 within [10, 50];
+    random; qmc: scrambled Sobol (on categorical parameters Optuna samples independently, so it
+    behaves like random there); gp: Gaussian-process Bayesian optimization. Every one of them
+    reads the constraints told with each trial.
+    """
     if isinstance(name, optuna.samplers.BaseSampler):
         return name
+    population = max(10, min(50, n_trials // 4))
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if name == "nsga2":
-        population = max(10, min(50, n_trials // 4))
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():  # "experimental" since Optuna 3; the user asked for it by name
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "nsga3":
+            return optuna.samplers.NSGAIIISampler(seed=seed, population_size=population)
+        if name == "qmc":
+            return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False,
+                                              warn_asynchronous_seeding=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
     raise InvalidConfigError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
 
 
@@ -101,28 +162,44 @@ def run_search(
     evaluator: Evaluator,
     study: optuna.Study,
     n_trials: int,
-    latency_budget_ms: float | None,
     out_dir: Path,
     tracker: Tracker | None,
+    budgets: Budgets = Budgets(),
+    objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+    seeds: Iterable[Candidate] = (),
+    seeds_only: bool = False,
     progress: bool = True,
     on_trial: Callable[[TrialRecord], None] | None = None,
     early_stop: bool = False,
 ) -> SearchResult:
-    """Run n_trials trials, appending to result.trials; result.json is rewritten after each.
+    """Run up to n_trials more trials, appending to result.trials; result.json is rewritten after
+    each, and each finished trial's record is kept in the study (user attribute RECORD_ATTR).
+
+    Each trial: the study proposes a candidate (the next of `seeds` while there are any: they are
+    enqueued one at a time, so an exhaustive enumeration costs no storage up front; then the
+    sampler), the cost model prices it, and only a candidate the target runs within every budget
+    is scored. The study is told [metric, *costs] in `objectives` order and one constraint per
+    budget (plus UNSUPPORTED); an infeasible candidate is told a metric below any real one.
+    seeds_only: stop when the seeds run out (the ilp and exhaustive strategies).
 
     early_stop: multi-fidelity scoring. A candidate is scored on part of the evaluation batches
     first and stopped ("pruned", its metric the estimate on those batches) when its metric
-    cannot, with high confidence, reach the best metric of a complete trial at least as fast:
-    it would be dominated (see Evaluator.score). The study is told the estimate.
+    cannot, with high confidence, reach the best metric of a complete trial no costlier in any
+    cost objective: it would be dominated (see Evaluator.score). The study is told the estimate.
 
     On Ctrl-C the trial in flight is told to the study as failed, every finished trial stays in
     result.json and in the study's storage, and KeyboardInterrupt propagates.
     """
     dists = space.distributions()
+    costs = [o for o in objectives if o != "metric"]
     # What the study should be told in place of a metric for an infeasible trial: worse than
     # anything a scored trial reports. Samplers that know constraints rank by those instead.
     floor = -abs(result.reference["fp32_metric"]) * 10 - 1.0
     first_trial_of: dict[Candidate, int] = {}
+    for t in result.trials:
+        if t.state in ("complete", "pruned"):
+            first_trial_of.setdefault(t.config, t.number)
+    seeds = iter(seeds)
     result_path = out_dir / "result.json"
     bar = tqdm(total=n_trials, desc="search", unit="trial", file=sys.stderr, disable=not progress)
     trial = None
@@ -131,9 +208,15 @@ def run_search(
         interrupts.install()
         for _ in range(n_trials):
             t0 = time.perf_counter()
+            seed = next(seeds, None)
+            if seed is None and seeds_only:
+                break
             with interrupts.critical():  # a trial created in the storage is always one we hold
+                if seed is not None:
+                    study.enqueue_trial(space.params(seed), skip_if_exists=False)
                 trial = study.ask(dists)
             candidate = space.candidate(trial.params)
+            t1 = time.perf_counter()
             cost = cost_model.price(candidate)
             record = TrialRecord(
                 number=trial.number,
@@ -145,16 +228,18 @@ def run_search(
                 bops=cost.bops,
                 feasible=cost.feasible,
                 peak_act_bytes=cost.peak_act_bytes,
+                energy_mj=None if cost.energy_j is None else cost.energy_j * 1e3,
             )
-            over_budget = 0.0 if latency_budget_ms is None else cost.latency_ms - latency_budget_ms
+            overruns = budgets.overruns(cost)
             if not cost.feasible:
                 record.state, record.reason = "infeasible", cost.reason
-            elif over_budget > 0:
+            elif any(v > 0 for v in overruns.values()):
                 record.state, record.feasible = "infeasible", False
-                record.reason = f"latency {cost.latency_ms:.4g} ms is over the budget of {latency_budget_ms:g} ms"
-            else:
+                record.reason = budgets.reason(cost)
+            t2 = time.perf_counter()
+            if record.state == "complete":
                 record.duplicate_of = first_trial_of.get(candidate)
-                threshold = _dominating_metric(result.trials, cost.latency_ms) if early_stop else None
+                threshold = _dominating_metric(result.trials, record, costs) if early_stop else None
                 try:
                     score = evaluator.score(candidate, stop_below=threshold)
                     record.metric, record.proxies = score.metric, dict(score.proxies)
@@ -163,21 +248,30 @@ def run_search(
                         record.reason = (
                             f"stopped after {score.fidelity:.0%} of the evaluation batches: "
                             f"{score.metric:.4g} there, at most {score.metric_upper:.4g} expected in "
-                            f"full, below {threshold:.4g} of a trial at least as fast"
+                            f"full, below {threshold:.4g} of a trial no costlier"
                         )
                 except EvaluationError as e:
                     record.state, record.reason = "fail", str(e)
                 first_trial_of.setdefault(candidate, trial.number)
-            record.seconds = time.perf_counter() - t0
+            t3 = time.perf_counter()
+            record.pricing_s, record.scoring_s = t2 - t1, t3 - t2
             with interrupts.critical():  # the study and result.json learn of the trial together
                 trial.set_constraint(UNSUPPORTED, 0.0 if cost.feasible else 1.0)
-                trial.set_constraint(OVER_BUDGET, over_budget if cost.feasible else 0.0)
+                for key, over in overruns.items():
+                    trial.set_constraint(key, over if cost.feasible else 0.0)
+                record.sampler_s = t1 - t0
+                record.seconds = time.perf_counter() - t0
+                trial.set_user_attr(RECORD_ATTR, record.to_dict())  # what a resumed search reads back
                 if record.state == "fail":
                     study.tell(trial, state=TrialState.FAIL)
                 else:
                     metric = record.metric if record.state in ("complete", "pruned") else floor
-                    study.tell(trial, [metric, record.latency_ms])
+                    study.tell(trial, [metric, *(_told(record, c) for c in costs)])
                 trial = None
+                # the sampler's share: asking, and telling (constraints, record, tell: storage and
+                # the sampler's own bookkeeping); the stored record has the asking part only
+                record.sampler_s = (t1 - t0) + (time.perf_counter() - t3)
+                record.seconds = time.perf_counter() - t0
                 result.trials.append(record)
                 result.write(result_path)
             if tracker is not None:
@@ -207,7 +301,14 @@ def run_search(
     finally:
         interrupts.restore()
         bar.close()
+    result.interrupted = False
     result.write(result_path)
     if tracker is not None:
         tracker.finish(result)
     return result
+
+
+def _told(record: TrialRecord, objective: str) -> float:
+    """A cost objective's value as told to the study (finite: an unpriceable cost is huge)."""
+    v = objective_value(record, objective)
+    return v if v is not None and math.isfinite(v) else 1e30

@@ -5,21 +5,29 @@ from __future__ import annotations
 from mpsearch.result import SearchResult, TrialRecord
 
 
-def _row(t: TrialRecord, fp32_latency_ms: float | None, marker: str) -> list[str]:
+def _row(t: TrialRecord, fp32_latency_ms: float | None, marker: str, extra: list[str]) -> list[str]:
     if fp32_latency_ms is None:  # the target cannot run FP32
         speedup = "-"
     else:
         speedup = f"{fp32_latency_ms / t.latency_ms:.2f}x" if t.latency_ms > 0 else "inf"
+    cells = {
+        "activation_memory": f"{t.peak_act_bytes / 1024:.1f}",
+        "energy": "-" if t.energy_mj is None else f"{t.energy_mj:.4g}",
+    }
     return [
         f"{t.number}{marker}",
         f"{t.metric:.4f}",
         f"{t.latency_ms:.5g}",
         speedup,
         f"{t.weight_bytes / 1024:.1f}",
+        *(cells[e] for e in extra),
         f"{t.bops / 1e6:.4g}",
         f"{t.mean_weight_bits:.2f}",
         f"{t.mean_activation_bits:.1f}",
     ]
+
+
+_EXTRA_HEADER = {"activation_memory": "peak_act_KiB", "energy": "energy_mJ"}
 
 
 def _ms(v: float | None) -> str:
@@ -29,9 +37,11 @@ def _ms(v: float | None) -> str:
 def pareto_table(result: SearchResult) -> str:
     """The Pareto front as an aligned table, fastest first; '*' marks the best trial."""
     ref = result.reference
-    header = ["trial", ref["metric_name"], "latency_ms", "speedup", "weights_KiB", "MBOPs", "w_bits", "a_bits"]
+    extra = [o for o in result.objectives if o in _EXTRA_HEADER]
+    header = ["trial", ref["metric_name"], "latency_ms", "speedup", "weights_KiB",
+              *(_EXTRA_HEADER[e] for e in extra), "MBOPs", "w_bits", "a_bits"]
     best = result.best
-    rows = [_row(result.trial(n), ref["fp32_latency_ms"], "*" if n == best else "") for n in result.pareto]
+    rows = [_row(result.trial(n), ref["fp32_latency_ms"], "*" if n == best else "", extra) for n in result.pareto]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = [
         (f"Pareto front: {result.task} on {result.target} "
@@ -43,10 +53,12 @@ def pareto_table(result: SearchResult) -> str:
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     if not rows:
         lines.append("(no feasible trial completed)")
-    budget = result.settings.get("latency_budget_ms")
+    st = result.settings
+    budgets = [f"{st[k]:g} {unit}" for k, unit in (("latency_budget_ms", "ms"), ("size_budget_mb", "MB of weights"),
+                                                   ("memory_budget_mb", "MB of memory")) if st.get(k) is not None]
     if best is not None:
         b = result.trial(best)
-        under = f" under {budget:g} ms" if budget is not None else ""
+        under = f" under {', '.join(budgets)}" if budgets else ""
         lines.append(f"best{under}: trial {best}, {ref['metric_name']} {b.metric:.4f}, {b.latency_ms:.4g} ms")
     counts = {}
     for t in result.trials:

@@ -10,6 +10,8 @@ from typing import Any
 
 from hw_models import Candidate
 from mpsearch.cache import atomic_write_bytes
+from mpsearch.objectives import DEFAULT_OBJECTIVES, front_hypervolume
+from mpsearch.objectives import pareto_front as objectives_front
 
 SCHEMA = "mpsearch.result/1"
 
@@ -35,6 +37,10 @@ class TrialRecord:
     duplicate_of: int | None = None
     seconds: float = 0.0
     fidelity: float = 1.0
+    energy_mj: float | None = None
+    sampler_s: float = 0.0  # asking the study for the candidate and telling it the result
+    pricing_s: float = 0.0
+    scoring_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -56,23 +62,11 @@ class TrialRecord:
         return sum(c.activation.bits for c in self.config.values()) / len(self.config)
 
 
-def pareto_front(trials: Sequence[TrialRecord]) -> list[int]:
-    """Trial numbers of the non-dominated complete, feasible trials (metric max, latency min).
-
-    A configuration repeated in several trials appears once, under its first trial.
-    """
-    pool = [t for t in trials if t.state == "complete" and t.feasible and t.duplicate_of is None]
-    front = []
-    for t in pool:
-        dominated = any(
-            (o.metric >= t.metric and o.latency_ms <= t.latency_ms)
-            and (o.metric > t.metric or o.latency_ms < t.latency_ms)
-            for o in pool
-        )
-        if not dominated:
-            front.append(t)
-    front.sort(key=lambda t: (t.latency_ms, -t.metric, t.number))
-    return [t.number for t in front]
+def pareto_front(trials: Sequence[TrialRecord], objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> list[int]:
+    """Trial numbers of the non-dominated complete, feasible trials (metric max, costs min),
+    ordered by the first cost. A configuration repeated in several trials appears once, under
+    its first trial."""
+    return objectives_front(trials, objectives)
 
 
 def best_trial(trials: Sequence[TrialRecord]) -> int | None:
@@ -95,8 +89,32 @@ class SearchResult:
     interrupted: bool = False
 
     @property
+    def objectives(self) -> tuple[str, ...]:
+        return tuple(self.settings.get("objectives") or DEFAULT_OBJECTIVES)
+
+    @property
     def pareto(self) -> list[int]:
-        return pareto_front(self.trials)
+        return pareto_front(self.trials, self.objectives)
+
+    @property
+    def hypervolume(self) -> dict[str, Any] | None:
+        """The front's hypervolume and its reference point (settings["hv_reference"]), or None."""
+        ref = self.settings.get("hv_reference")
+        if not ref:
+            return None
+        return {"value": front_hypervolume(self.trials, self.objectives, ref), "reference": ref,
+                "objectives": list(self.objectives),
+                "note": "metric maximized, costs minimized; reference: metric at fp32 - |fp32|, "
+                        "each cost at an upper bound over the space (every layer's most expensive choice)"}
+
+    @property
+    def timing(self) -> dict[str, float]:
+        """Seconds spent in the sampler, in pricing and in scoring over all trials, plus the
+        one-time work recorded in settings["setup_s"] (sensitivity, ILP)."""
+        out = {"sampler_s": sum(t.sampler_s for t in self.trials), "pricing_s": sum(t.pricing_s for t in self.trials),
+               "scoring_s": sum(t.scoring_s for t in self.trials)}
+        out.update(self.settings.get("setup_s", {}))
+        return out
 
     @property
     def best(self) -> int | None:
@@ -121,6 +139,8 @@ class SearchResult:
             "trials": [t.to_dict() for t in self.trials],
             "pareto": self.pareto,
             "best": self.best,
+            "hypervolume": self.hypervolume,
+            "timing": self.timing,
         }
 
     def write(self, path: str | Path) -> None:

@@ -104,6 +104,10 @@ class Tracker:
     def _finish(self, result: SearchResult, status: str) -> None:
         best = result.best
         metrics = {"n_trials": len(result.trials), "pareto_size": len(result.pareto)}
+        hv = result.hypervolume
+        if hv is not None and hv["value"] == hv["value"]:  # not NaN
+            metrics["hypervolume"] = hv["value"]
+        metrics.update({f"time_{k}": v for k, v in result.timing.items()})
         if best is not None:
             b = result.trial(best)
             metrics.update(best_metric=b.metric, best_latency_ms=b.latency_ms, best_weight_bytes=b.weight_bytes)

@@ -1,0 +1,111 @@
+"""Search strategies: which candidates a search tries before (or instead of) its sampler.
+
+  optuna      the sampler alone
+  ilp         per-layer sensitivities (mpsearch.sensitivity), then the budgeted allocation solved
+              exactly as an integer linear program over a sweep of budgets (mpsearch.ilp): each
+              solution is one trial, and the search ends when they run out
+  hybrid      (default) those ILP solutions first, enqueued as the study's first trials, then the
+              sampler refines from them instead of starting blind
+  exhaustive  every candidate of the space, refused above `exhaustive_limit` candidates
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hw_models import Candidate, CostModel
+from mpsearch.controller import Budgets
+from mpsearch.errors import InvalidConfigError
+from mpsearch.evaluator import Evaluator
+from search_spaces import SearchSpace
+
+STRATEGIES = ("hybrid", "optuna", "ilp", "exhaustive")
+EXHAUSTIVE_LIMIT = 100_000
+# additive per-layer cost the ILP sweeps, per cost objective (activation memory is a peak, not a sum)
+SWEEP_KEY = {"latency": "latency_s", "weight_memory": "weight_bytes", "bops": "bops", "energy": "energy_j"}
+
+
+@dataclass
+class Plan:
+    """The candidates a strategy proposes first, and what finding them cost."""
+
+    seeds: Iterable[Candidate]
+    n_seeds: int
+    seeds_only: bool  # the search ends when the seeds run out
+    setup_s: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def check_strategy(strategy: str, space: SearchSpace, exhaustive_limit: int) -> None:
+    if strategy not in STRATEGIES:
+        raise InvalidConfigError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    if strategy == "exhaustive" and space.size > exhaustive_limit:
+        raise InvalidConfigError(
+            f"the space has {space.size:.4g} candidates (10^{space.log10_size:.1f}), over the exhaustive "
+            f"limit of {exhaustive_limit}: restrict precisions, tie or pin layers, or use another strategy"
+        )
+
+
+def default_seed_count(n_trials: int) -> int:
+    """ILP solutions a hybrid search starts from: a tenth of the trials, at least 2 (on the
+    search-quality benchmark a third left the sampler too few trials; a tenth matched TPE's
+    front at 100 trials and beat it at 50)."""
+    return max(2, n_trials // 10)
+
+
+def plan(
+    strategy: str,
+    space: SearchSpace,
+    cost_model: CostModel,
+    evaluator: Evaluator,
+    *,
+    budgets: Budgets,
+    objectives: Sequence[str],
+    n_trials: int,
+    n_seeds: int | None = None,
+    tried: Iterable[Candidate] = (),
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> Plan:
+    """The seeds of `strategy` (see the module doc), leaving out candidates already `tried`."""
+    tried = set(tried)
+    if strategy == "optuna":
+        return Plan((), 0, False)
+    if strategy == "exhaustive":
+        return Plan((c for c in space.enumerate() if c not in tried), space.size - len(tried), True,
+                    info={"space_size": space.size})
+    from mpsearch.ilp import cost_table, sweep
+    from mpsearch.sensitivity import measure_sensitivity
+
+    options = {o.fqn: list(o.pairs) for o in space.options}
+    t0 = time.perf_counter()
+    sens = measure_sensitivity(evaluator, options, cache_dir=cache_dir, progress=progress)
+    t1 = time.perf_counter()
+    key = next((SWEEP_KEY[o] for o in objectives if o in SWEEP_KEY), "latency_s")
+    limits = {}
+    if budgets.latency_ms is not None:
+        limits["latency_s"] = budgets.latency_ms / 1e3
+    if budgets.size_bytes is not None:
+        limits["weight_bytes"] = budgets.size_bytes
+    if budgets.memory_bytes is not None:  # weights alone must fit; activations are checked on pricing
+        limits["weight_bytes"] = min(limits.get("weight_bytes", budgets.memory_bytes), budgets.memory_bytes)
+    costs = cost_table(cost_model, options)
+    want = n_trials if strategy == "ilp" else (n_seeds or default_seed_count(n_trials))
+    allocations = sweep(options, sens.values, costs, key, want, budgets=limits, ties=space.ties)
+    t2 = time.perf_counter()
+    seeds = []
+    for a in allocations:
+        c = Candidate((f, a.choices[f]) for f in space.fqns)
+        if c not in tried and c not in seeds:
+            seeds.append(c)
+    if progress:
+        print(f"mpsearch: {strategy}: sensitivity of {sum(len(v) for v in sens.values.values())} layer choices "
+              f"({sens.from_cache} from the cache) in {t1 - t0:.1f} s, {len(seeds)} ILP solutions over the "
+              f"{key} sweep in {t2 - t1:.2f} s", file=sys.stderr)
+    return Plan(seeds, len(seeds), strategy == "ilp",
+                setup_s={"sensitivity_s": t1 - t0, "ilp_s": t2 - t1},
+                info={"sensitivity_measure": sens.measure, "ilp_solutions": len(seeds), "sweep": key})

@@ -1,0 +1,222 @@
+"""The search controller on digits: strategies, objectives, budgets, space reduction, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+import mpsearch
+from hw_models import ExecRule, LayerChoice, Precision, get_profile, weight_bytes
+from mpsearch.analysis import analyze
+from mpsearch.cli import main
+from mpsearch.errors import BudgetError, InvalidConfigError
+from mpsearch.objectives import hypervolume, pareto_front
+from mpsearch.tasks import load_task
+
+P = Precision
+W8A8 = LayerChoice(P.INT8, P.INT8)
+LAYERS = ("features.0", "features.2", "features.4", "features.6", "features.8", "features.10",
+          "classifier.1", "classifier.3")
+# a space of 2^3 = 8: int4 or int8 weights for three layers, the other five pinned at int8/int8
+SMALL = {"weight_precisions": "int4,int8", "activation_precisions": "int8",
+         "pins": dict.fromkeys(LAYERS[:5], "int8/int8")}
+
+
+def run(tmp_path, name, **kw):
+    kw = {"track": False, "progress": False, "out_dir": tmp_path / name, **kw}
+    return mpsearch.search("digits", **kw)
+
+
+def test_exhaustive_scores_every_candidate_once_and_bounds_every_other_front(tmp_path):
+    ex = run(tmp_path, "ex", strategy="exhaustive", n_trials=1, **SMALL)
+    assert ex.space["size"] == 8 and round(ex.space["log10_size_unreduced"], 3) == round(8 * 0.30103, 3)
+    assert len(ex.trials) == 8 and len({t.config for t in ex.trials}) == 8
+    assert all(t.state == "complete" for t in ex.trials)
+    for t in ex.trials:
+        assert all(t.config[f] == W8A8 for f in LAYERS[:5])
+    # the exact front: brute force over the 8 scored trials
+    pts = {t.number: (-t.metric, t.latency_ms) for t in ex.trials}
+    brute = {n for n, p in pts.items()
+             if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in pts.values())}
+    assert set(ex.pareto) <= brute and {pts[n] for n in ex.pareto} == {pts[n] for n in brute}
+    hv = ex.hypervolume
+    assert hv["value"] > 0 and hv["reference"]["metric"] == 0.0
+    assert hv["reference"]["latency"] >= max(t.latency_ms for t in ex.trials)
+    # any other search of the same space reaches at most the exact hypervolume
+    rnd = run(tmp_path, "rnd", strategy="optuna", sampler="random", n_trials=5, seed=1, **SMALL)
+    assert rnd.hypervolume["reference"] == hv["reference"]
+    assert rnd.hypervolume["value"] <= hv["value"] + 1e-12
+
+    with pytest.raises(InvalidConfigError, match=r"space has 256 candidates .* exhaustive limit of 100"):
+        run(tmp_path, "big", strategy="exhaustive", weight_precisions="int4,int8", activation_precisions="int8",
+            exhaustive_limit=100)
+
+
+def test_hybrid_starts_from_ilp_solutions_then_samples(tmp_path):
+    r = run(tmp_path, "hy", strategy="hybrid", n_trials=12, n_seeds=4, seed=0,
+            weight_precisions="int2,int4,int8", activation_precisions="int8")
+    n = r.settings["ilp_solutions"]
+    assert 2 <= n <= 4 and len(r.trials) == 12
+    t = r.timing
+    assert t["sensitivity_s"] >= 0 and t["ilp_s"] >= 0 and t["scoring_s"] > 0 and t["sampler_s"] > 0
+    # the ILP solutions sweep latency: the seeds are ordered by their additive latency
+    seeds = [x.config for x in r.trials[:n]]
+    assert len(set(seeds)) == n
+    assert all(x.state in ("complete", "infeasible") for x in r.trials[:n])
+    ilp = run(tmp_path, "ilp", strategy="ilp", n_trials=4, seed=0,
+              weight_precisions="int2,int4,int8", activation_precisions="int8")
+    assert [x.config for x in ilp.trials] == seeds  # same sweep, same order: the ilp strategy alone
+    assert ilp.settings["sensitivity_measure"]
+
+
+def test_objectives_budgets_and_constraints(tmp_path):
+    r = run(tmp_path, "mo", strategy="optuna", sampler="nsga2", n_trials=10, seed=2,
+            objectives="metric,weight_memory,bops", size_budget_mb=0.05)
+    study = optuna.load_study(study_name=r.settings["study_name"], storage=r.settings["storage"])
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
+    for t, ft in zip(r.trials, study.trials, strict=True):
+        over = ft.constraints["size_over_budget_mb"]
+        assert over == pytest.approx((t.weight_bytes - 50_000) / 1e6)
+        if t.weight_bytes > 50_000:
+            assert t.state == "infeasible" and t.metric is None and "size budget" in t.reason
+            assert ft.values[0] < -1  # told below any real accuracy
+        else:
+            assert t.state == "complete" and ft.values == [t.metric, t.weight_bytes, t.bops]
+    front = pareto_front(r.trials, ("metric", "weight_memory", "bops"))
+    assert r.pareto == front and front
+    # 3-D hypervolume, computed by hand from the front and the stored reference point
+    ref = r.hypervolume["reference"]
+    pts = [(-r.trial(n).metric, r.trial(n).weight_bytes, r.trial(n).bops) for n in front]
+    assert r.hypervolume["value"] == pytest.approx(
+        hypervolume(pts, (-ref["metric"], ref["weight_memory"], ref["bops"])))
+
+    # a target that runs int4 weights unpacked to fp32 (slow, small) and int8 natively (fast, larger):
+    # the fastest configuration (all int8) and the smallest (all int4) differ, so the two
+    # budgets below can each be met but not together
+    x86 = get_profile("x86-vnni")
+    odd = dataclasses.replace(x86, name="odd", rules=(ExecRule(P.INT8, P.INT8, "int8", True),
+                                                      ExecRule(P.INT4, P.INT8, "fp32", False)))
+    space = {"weight_precisions": "int4,int8", "activation_precisions": "int8"}
+    fast = run(tmp_path, "fast", target=odd, strategy="optuna", n_trials=1, **space)
+    small = sum(weight_bytes(x, P.INT4) for x in analyze(load_task("digits").model,
+                                                         load_task("digits").example_input).layers)
+    kw = {"target": odd, "strategy": "optuna", "n_trials": 1, **space}
+    run(tmp_path, "lat", latency_budget_ms=fast.space["min_latency_ms"] * 1.001, **kw)  # alone: fine
+    run(tmp_path, "size", size_budget_mb=small * 1.001 / 1e6, **kw)
+    with pytest.raises(BudgetError, match="together"):
+        run(tmp_path, "both", latency_budget_ms=fast.space["min_latency_ms"] * 1.001,
+            size_budget_mb=small * 1.001 / 1e6, **kw)
+    with pytest.raises(BudgetError, match="below the smallest weights"):
+        run(tmp_path, "tiny", size_budget_mb=small * 0.9 / 1e6, **kw)
+
+
+def test_hypervolume_by_hand():
+    # 2-D staircase: strips 1x1 + 1x2 + 1x3
+    assert hypervolume([(1, 3), (2, 2), (3, 1), (3.5, 3.5)], (4, 4)) == 6.0
+    # 3-D: two boxes [1,4]x[1,4]x[2,4] (18) and [2,4]x[2,4]x[1,4] (12) overlapping in [2,4]^2x[2,4] (8)
+    assert hypervolume([(1, 1, 2), (2, 2, 1)], (4, 4, 4)) == pytest.approx(18 + 12 - 8)
+    assert hypervolume([(5, 1)], (4, 4)) == 0.0
+
+
+@pytest.mark.parametrize("sampler", ["nsga3", "qmc", "gp"])
+def test_other_samplers_run(tmp_path, sampler):
+    r = run(tmp_path, sampler, strategy="optuna", sampler=sampler, n_trials=4, seed=0,
+            weight_precisions="int4,int8", activation_precisions="int8")
+    assert len(r.trials) == 4 and all(t.state == "complete" for t in r.trials)
+
+
+def test_ties_and_pins_reach_the_trials(tmp_path):
+    r = run(tmp_path, "tie", strategy="optuna", sampler="random", n_trials=6, seed=4,
+            ties=[["features.0", "classifier.3"]], pin_first_last=False, pins={"features.4": "int8/fp32"})
+    assert r.space["ties"] == [["features.0", "classifier.3"]] and r.space["pins"] == {"features.4": "int8/fp32"}
+    for t in r.trials:
+        assert t.config["features.0"] == t.config["classifier.3"]
+        assert t.config["features.4"] == LayerChoice(P.INT8, P.FP32)
+    f = run(tmp_path, "fl", strategy="optuna", n_trials=2, pin_first_last=True)
+    for t in f.trials:
+        assert t.config[LAYERS[0]] == W8A8 and t.config[LAYERS[-1]] == W8A8
+    with pytest.raises(InvalidConfigError, match="no such quantizable layer"):
+        run(tmp_path, "bad", strategy="optuna", n_trials=1, pins={"nope": "int8"})
+
+
+def test_resume_continues_the_study_and_refuses_another_search(tmp_path):
+    a = run(tmp_path, "r", strategy="optuna", n_trials=4, seed=5)
+    first = [(t.config, t.metric) for t in a.trials]
+    b = run(tmp_path, "r", strategy="optuna", n_trials=7, seed=5, resume=True)
+    assert len(b.trials) == 7 and [(t.config, t.metric) for t in b.trials[:4]] == first
+    assert [t.number for t in b.trials] == list(range(7))
+    assert b.settings["resumed_trials"] == 4
+    stored = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert len(stored["trials"]) == 7
+    with pytest.raises(InvalidConfigError, match=r"differs in target"):
+        run(tmp_path, "r", strategy="optuna", n_trials=8, target="arm-a76", resume=True)
+    with pytest.raises(InvalidConfigError, match=r"differs in space"):
+        run(tmp_path, "r", strategy="optuna", n_trials=8, weight_precisions="int8", resume=True)
+    with pytest.raises(InvalidConfigError, match="nothing to resume"):
+        run(tmp_path, "empty", strategy="optuna", n_trials=2, resume=True)
+    with pytest.raises(InvalidConfigError, match="already exists"):
+        run(tmp_path, "r2", strategy="optuna", n_trials=1, storage=f"sqlite:///{tmp_path / 'r' / 'study.db'}",
+            study_name=a.settings["study_name"])
+
+
+def test_killed_search_resumes_losing_at_most_the_trial_in_flight(tmp_path):
+    out = tmp_path / "k"
+    args = [sys.executable, "-m", "mpsearch.cli", "search", "--task", "digits", "--strategy", "optuna",
+            "--seed", "1", "--out", str(out), "--no-mlflow", "--no-progress"]
+    proc = subprocess.Popen([*args, "--trials", "500"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 300
+    done = 0
+    while time.time() < deadline:
+        try:
+            done = len(json.loads((out / "result.json").read_text())["trials"])
+        except (OSError, ValueError):
+            done = 0
+        if done >= 5:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert done >= 5, proc.stderr.read()
+    kept = json.loads((out / "result.json").read_text())["trials"]
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.load_study(study_name=optuna.study.get_all_study_names(storage)[0], storage=storage)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) - len(kept) in (0, 1)  # result.json lags the study by at most the trial being written
+    p = subprocess.run([*args, "--trials", str(len(finished) + 3), "--resume"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr
+    final = json.loads((out / "result.json").read_text())["trials"]
+    assert len(final) == len(finished) + 3
+    assert [t["config"] for t in final[: len(kept)]] == [t["config"] for t in kept]
+
+
+def test_cli_bad_search_options_are_one_line_and_status_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv, msg in (
+        (["--strategy", "greedy"], "unknown strategy 'greedy'"),
+        (["--objectives", "metric,speed"], "unknown objective 'speed'"),
+        (["--objectives", "latency"], "must include metric"),
+        (["--sampler", "cmaes"], "unknown sampler 'cmaes'"),
+        (["--pin", "features.0"], "--pin expects LAYER=WEIGHT/ACTIVATION"),
+        (["--resume"], "resume needs the output directory"),
+        (["--strategy", "exhaustive", "--exhaustive-limit", "10"], "over the exhaustive limit of 10"),
+        (["--latency-budget", "0.00001"], "latency budget"),
+    ):
+        try:
+            rc = main(["search", "--task", "digits", "--no-mlflow", "--no-progress", "--trials", "2", *argv])
+        except SystemExit as e:  # argparse
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2, (argv, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], (argv, err)
+
