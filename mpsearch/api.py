@@ -156,11 +156,11 @@ def search(
                       None if memory_budget_mb is None else memory_budget_mb * MB)
     objectives = parse_objectives(objectives)
     profile = resolve_target(target)
+    sampler_obj = make_sampler(sampler, seed, n_trials)
     if "energy" in objectives and not profile.energy_pj_per_mac:
         raise InvalidConfigError(f"objective energy: target {profile.name} has no energy figures")
     wp = parse_precisions(weight_precisions, "weight")
     ap = parse_precisions(activation_precisions, "activation")
-    sampler_obj = make_sampler(sampler, seed, n_trials)
     if strategy not in STRATEGIES:
         raise InvalidConfigError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
     if resume and out_dir is None and storage is None:
@@ -198,6 +198,9 @@ def search(
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study, study_name, previous = open_study(storage_url, study_name, resume, sampler_obj, identity,
                                                  objectives, default_name=f"{_slug(task_name)}-{profile.name}")
+        if previous and isinstance(sampler, str) and seed is not None:
+            # a sampler reseeded as at the start would propose what the first run already tried
+            study.sampler = make_sampler(sampler, seed + len(previous), n_trials)
         if evaluator.settings.weight_rounding == "adaround":  # the costly weights up front, with a bar
             low = {c.weight for f in space.fqns for c in space.layer_choices(f)
                    if c.weight.is_int and c.weight.bits <= ADAROUND_MAX_BITS}

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from hw_models import Candidate, Cost, CostModel
 from mpsearch.errors import EvaluationError, InvalidConfigError, SearchInterrupted
-from mpsearch.evaluator import Evaluator
+from mpsearch.evaluator import Evaluator, Score
 from mpsearch.objectives import DEFAULT_OBJECTIVES
 from mpsearch.objectives import value as objective_value
 from mpsearch.result import SearchResult, TrialRecord
@@ -196,9 +196,12 @@ def run_search(
     # anything a scored trial reports. Samplers that know constraints rank by those instead.
     floor = -abs(result.reference["fp32_metric"]) * 10 - 1.0
     first_trial_of: dict[Candidate, int] = {}
+    scored: dict[Candidate, TrialRecord] = {}  # complete trials (of a resumed search too): not scored again
     for t in result.trials:
         if t.state in ("complete", "pruned"):
             first_trial_of.setdefault(t.config, t.number)
+        if t.state == "complete":
+            scored.setdefault(t.config, t)
     seeds = iter(seeds)
     result_path = out_dir / "result.json"
     bar = tqdm(total=n_trials, desc="search", unit="trial", file=sys.stderr, disable=not progress)
@@ -241,7 +244,9 @@ def run_search(
                 record.duplicate_of = first_trial_of.get(candidate)
                 threshold = _dominating_metric(result.trials, record, costs) if early_stop else None
                 try:
-                    score = evaluator.score(candidate, stop_below=threshold)
+                    earlier = scored.get(candidate)
+                    score = evaluator.score(candidate, stop_below=threshold) if earlier is None else \
+                        Score(earlier.metric, dict(earlier.proxies))
                     record.metric, record.proxies = score.metric, dict(score.proxies)
                     if score.fidelity < 1:
                         record.state, record.fidelity = "pruned", score.fidelity
@@ -253,6 +258,8 @@ def run_search(
                 except EvaluationError as e:
                     record.state, record.reason = "fail", str(e)
                 first_trial_of.setdefault(candidate, trial.number)
+                if record.state == "complete":
+                    scored.setdefault(candidate, record)
             t3 = time.perf_counter()
             record.pricing_s, record.scoring_s = t2 - t1, t3 - t2
             with interrupts.critical():  # the study and result.json learn of the trial together
