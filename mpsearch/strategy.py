@@ -95,13 +95,24 @@ def plan(
         limits["weight_bytes"] = min(limits.get("weight_bytes", budgets.memory_bytes), budgets.memory_bytes)
     costs = cost_table(cost_model, options)
     want = n_trials if strategy == "ilp" else (n_seeds or default_seed_count(n_trials))
-    allocations = sweep(options, sens.values, costs, key, want, budgets=limits, ties=space.ties)
-    t2 = time.perf_counter()
+    # The ILP sums per-layer costs and cannot see the conversions a change of compute kind
+    # between adjacent layers costs (on CPUs often more than the layers it speeds up). So the
+    # sweep runs over the whole space and over each single-compute-kind subspace (every layer
+    # on int8 kernels, say, with its weight precision free), which has no conversions at all.
+    groups = [options, *_single_kind_options(options, cost_model)]
+    allocations = []
+    for i, opts in enumerate(groups):
+        # at least the two ends of each sweep: the cheapest allocation and the least sensitive one
+        share = max(2, want // len(groups) + (1 if i < want % len(groups) else 0))
+        allocations += sweep(opts, sens.values, costs, key, share, budgets=limits, ties=space.ties)
     seeds = []
     for a in allocations:
         c = Candidate((f, a.choices[f]) for f in space.fqns)
-        if c not in tried and c not in seeds:
+        if budgets.latency_ms is not None:
+            c = _within_latency(c, a, budgets.latency_ms, cost_model, options, sens.values, costs, limits, space)
+        if c is not None and c not in tried and c not in seeds:
             seeds.append(c)
+    t2 = time.perf_counter()
     if progress:
         print(f"mpsearch: {strategy}: sensitivity of {sum(len(v) for v in sens.values.values())} layer choices "
               f"({sens.from_cache} from the cache) in {t1 - t0:.1f} s, {len(seeds)} ILP solutions over the "
@@ -109,3 +120,33 @@ def plan(
     return Plan(seeds, len(seeds), strategy == "ilp",
                 setup_s={"sensitivity_s": t1 - t0, "ilp_s": t2 - t1},
                 info={"sensitivity_measure": sens.measure, "ilp_solutions": len(seeds), "sweep": key})
+
+
+def _within_latency(cand, alloc, budget_ms, cost_model, options, sensitivity, costs, limits, space, tries=4):
+    """The ILP sums per-layer latencies; the cost model adds the conversions between compute
+    kinds. A solution over the latency budget once priced is solved again with the ILP's latency
+    limit lowered by the excess (a few times); None if it never fits."""
+    from mpsearch.ilp import solve_allocation
+
+    limit = limits.get("latency_s", alloc.costs.get("latency_s", 0.0))
+    for _ in range(tries):
+        over = cost_model.price(cand).latency_ms - budget_ms
+        if over <= 0:
+            return cand
+        limit -= over / 1e3
+        alloc = solve_allocation(options, sensitivity, costs, {**limits, "latency_s": limit}, ties=space.ties)
+        if alloc is None:
+            return None
+        cand = Candidate((f, alloc.choices[f]) for f in space.fqns)
+    return cand if cost_model.price(cand).latency_ms <= budget_ms else None
+
+
+def _single_kind_options(options, cost_model) -> list[dict]:
+    """Per compute kind every layer can use, the options restricted to pairs computed that way."""
+    kinds: dict[str, dict] = {}
+    for fqn, pairs in options.items():
+        for c in pairs:
+            k = cost_model.layer_cost(fqn, c).compute
+            if k is not None:
+                kinds.setdefault(k, {}).setdefault(fqn, []).append(c)
+    return [per for per in kinds.values() if len(per) == len(options)]
