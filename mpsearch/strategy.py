@@ -97,9 +97,11 @@ def plan(
     want = n_trials if strategy == "ilp" else (n_seeds or default_seed_count(n_trials))
     # The ILP sums per-layer costs and cannot see the conversions a change of compute kind
     # between adjacent layers costs (on CPUs often more than the layers it speeds up). So the
-    # sweep runs over the whole space and over each single-compute-kind subspace (every layer
-    # on int8 kernels, say, with its weight precision free), which has no conversions at all.
-    groups = [options, *_single_kind_options(options, cost_model)]
+    # sweep runs over the whole space and, when latency is swept or budgeted, over each
+    # single-compute-kind subspace (every layer on int8 kernels, say, with its weight precision
+    # free), which has no conversions at all.
+    latency_matters = key == "latency_s" or budgets.latency_ms is not None
+    groups = [options, *(_single_kind_options(options, cost_model) if latency_matters else [])]
     allocations = []
     for i, opts in enumerate(groups):
         # at least the two ends of each sweep: the cheapest allocation and the least sensitive one
