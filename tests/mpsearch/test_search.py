@@ -220,3 +220,14 @@ def test_cli_bad_search_options_are_one_line_and_status_2(tmp_path, capsys, monk
         lines = err.strip().splitlines()
         assert len(lines) == 1 and msg in lines[0], (argv, err)
 
+
+
+def test_ilp_solutions_fit_a_latency_budget_once_conversions_are_priced(tmp_path):
+    # the ILP sums per-layer latencies; the cost model adds int8 <-> fp32 conversions, so an
+    # unchecked solution can land over the budget. Every ILP trial must be within it.
+    probe = run(tmp_path, "p", strategy="optuna", n_trials=1)
+    budget = (probe.space["min_latency_ms"] + probe.reference["fp32_latency_ms"]) / 2
+    r = run(tmp_path, "b", strategy="ilp", n_trials=8, latency_budget_ms=budget)
+    assert r.trials and r.settings["ilp_solutions"] == len(r.trials)
+    for t in r.trials:
+        assert t.latency_ms <= budget and t.state == "complete", (t.latency_ms, budget, t.reason)
