@@ -80,22 +80,19 @@ def minimized(record, objectives: Sequence[str]) -> tuple[float, ...]:
 def pareto_front(trials, objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> list[int]:
     """Trial numbers of the non-dominated complete, feasible trials over `objectives`, ordered
     by the first cost objective. A configuration repeated in several trials appears once, under
-    its first trial."""
+    its first trial, and so do trials with equal objective values.
+
+    O(n x front size): in lexicographic order of the (minimized) objective vectors, any trial
+    that dominates another comes before it, and if it is itself dominated, a trial already on
+    the front dominates both; so each trial is checked against the front so far only.
+    """
     pool = [t for t in trials if t.state == "complete" and t.feasible and t.duplicate_of is None]
-    vals = {t.number: minimized(t, objectives) for t in pool}
-    front = []
-    for t in pool:
-        v = vals[t.number]
-        if not any(all(a <= b for a, b in zip(vals[o.number], v, strict=True)) and vals[o.number] != v
-                   for o in pool):
-            front.append(t)
-    # equal objective vectors: keep the first
-    seen, out = set(), []
-    for t in sorted(front, key=lambda t: (vals[t.number][1:], vals[t.number][0], t.number)):
-        if vals[t.number] not in seen:
-            seen.add(vals[t.number])
-            out.append(t.number)
-    return out
+    front: list[tuple[tuple[float, ...], int]] = []
+    for vec, number in sorted((minimized(t, objectives), t.number) for t in pool):
+        if any(all(a <= b for a, b in zip(f, vec, strict=True)) for f, _ in front):
+            continue  # dominated, or equal to a trial already on the front
+        front.append((vec, number))
+    return [n for v, n in sorted(front, key=lambda fn: (fn[0][1:], fn[0][0], fn[1]))]
 
 
 def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
