@@ -21,8 +21,9 @@ so in this weights-only space latency differs between them only by the time to r
 (nanoseconds here): the latency front is six points within 2% of each other in latency, and
 its hypervolume mostly measures whether a search hit the few most accurate configurations.
 Weight memory is the cost these precisions trade against (19 front points). Measured here
-(full run): weight memory - hybrid 0.986 at 100 trials (p 9e-5), tpe 0.977, ilp 0.990, random
-0.885; latency - hybrid 0.955, tpe 0.964, ilp 0.956, random 0.796.
+(full run, HV ratio medians at 100 trials): weight memory - hybrid 0.986 (p 9e-5 against
+random), tpe 0.977, ilp 0.990, nsga2 0.890, random 0.885; latency - hybrid 0.975 (p 9e-5),
+tpe 0.964, ilp 0.966, nsga2 0.927, random 0.796.
 
 JSON keys:
   space_size, pinned       candidates in the space; layers pinned at int8/int8
