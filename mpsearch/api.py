@@ -407,19 +407,14 @@ def check_budgets(space: SearchSpace, cost_model: CostModel, budgets: Budgets) -
     if budgets.memory_bytes is not None and budgets.memory_bytes < min_w + min_act:
         raise BudgetError(f"memory budget {budgets.memory_bytes / MB:g} MB is below the smallest weights plus "
                           f"activations in this space ({(min_w + min_act) / MB:.4g} MB)")
-    limits = {}
-    if budgets.latency_ms is not None:
-        limits["latency_s"] = budgets.latency_ms / 1e3
-    weight_cap = min((b for b in (budgets.size_bytes, budgets.memory_bytes) if b is not None), default=None)
-    if weight_cap is not None:
-        limits["weight_bytes"] = weight_cap
+    limits = budgets.ilp_limits()
     if len(limits) == 2:
         options = {o.fqn: list(o.pairs) for o in space.options}
         zero = {f: dict.fromkeys(pairs, 0.0) for f, pairs in options.items()}
         if solve_allocation(options, zero, costs, limits, ties=space.ties) is None:
             raise BudgetError(
                 f"no configuration meets the latency budget of {budgets.latency_ms:g} ms and keeps weights "
-                f"within {weight_cap / MB:g} MB together: raise one of them"
+                f"within {limits['weight_bytes'] / MB:g} MB together: raise one of them"
             )
     return cheapest
 

@@ -68,6 +68,18 @@ class Budgets:
                         f"are over the memory budget of {self.memory_bytes / 1e6:g} MB")
         return "; ".join(over)
 
+    def ilp_limits(self) -> dict[str, float]:
+        """The budgets as limits on the ILP's additive per-layer costs (mpsearch.ilp): latency in
+        seconds (conversions left out), and weight bytes under the size budget and under the
+        memory budget (weights alone must fit it; activations are checked when pricing)."""
+        limits = {}
+        if self.latency_ms is not None:
+            limits["latency_s"] = self.latency_ms / 1e3
+        caps = [b for b in (self.size_bytes, self.memory_bytes) if b is not None]
+        if caps:
+            limits["weight_bytes"] = min(caps)
+        return limits
+
     def to_dict(self) -> dict[str, float | None]:
         return {"latency_ms": self.latency_ms, "size_mb": None if self.size_bytes is None else self.size_bytes / 1e6,
                 "memory_mb": None if self.memory_bytes is None else self.memory_bytes / 1e6}

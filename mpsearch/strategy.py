@@ -86,13 +86,7 @@ def plan(
     sens = measure_sensitivity(evaluator, options, cache_dir=cache_dir, progress=progress)
     t1 = time.perf_counter()
     key = next((SWEEP_KEY[o] for o in objectives if o in SWEEP_KEY), "latency_s")
-    limits = {}
-    if budgets.latency_ms is not None:
-        limits["latency_s"] = budgets.latency_ms / 1e3
-    if budgets.size_bytes is not None:
-        limits["weight_bytes"] = budgets.size_bytes
-    if budgets.memory_bytes is not None:  # weights alone must fit; activations are checked on pricing
-        limits["weight_bytes"] = min(limits.get("weight_bytes", budgets.memory_bytes), budgets.memory_bytes)
+    limits = budgets.ilp_limits()
     costs = cost_table(cost_model, options)
     want = n_trials if strategy == "ilp" else (n_seeds or default_seed_count(n_trials))
     # The ILP sums per-layer costs and cannot see the conversions a change of compute kind
