@@ -9,10 +9,12 @@ import os
 import re
 import sqlite3
 import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from hw_models import (
@@ -40,6 +42,9 @@ from mpsearch.tracking import DEFAULT_EXPERIMENT, Tracker
 from search_spaces import SearchSpace, SpaceError
 
 DEFAULT_TARGET = "x86-vnni"
+LAUNCH_ATTR = "mpsearch.launch"  # a study's search options, for the workers that join it
+HEARTBEAT_S = 5  # shared RDB storages: a running trial's heartbeat interval
+HEARTBEAT_GRACE_S = 20  # and how long without one before the trial counts as dead
 
 
 def resolve_target(target: str | HardwareProfile) -> HardwareProfile:
@@ -120,6 +125,12 @@ def search(
     resume: bool = False,
     n_seeds: int | None = None,
     exhaustive_limit: int = EXHAUSTIVE_LIMIT,
+    backend: str = "local",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    worker_threads: int = 1,
+    retries: int = 1,
+    join: bool = False,
 ) -> SearchResult:
     """Search per-layer precisions for `task` on `target`; returns the SearchResult.
 
@@ -136,10 +147,18 @@ def search(
     are tied automatically); pins: {layer: "weight/activation"}; pin_first_last: the first and
     last layers at int8/int8 (their widest pair where the target has no int8).
     Writes OUT/result.json after every trial; the Optuna study lives in `storage` (any Optuna
-    storage URL; default SQLite OUT/study.db) under `study_name`. resume=True continues that
+    storage URL; default the journal file OUT/study.log) under `study_name`. resume=True continues that
     study (the only one in the storage when study_name is None) up to n_trials trials in all,
-    refusing one whose task, target, space or objectives differ. Tracks to MLflow unless
-    track=False.
+    refusing one whose task, target, space or objectives differ. A `storage` given here may be
+    shared: other processes (`mpsearch worker`, join_study) run trials of the same study, the
+    search stops when the study holds n_trials, and result.json gathers every process's trials
+    (RDB storages keep heartbeats: a process that dies mid-trial has that trial failed and, up to
+    `retries` times, run again by another). join=True: this process is such a worker (see
+    join_study). Tracks to MLflow unless track=False.
+    backend: "local" (score in this process) or "ray": score on `workers` Ray actors of
+    `worker_threads` torch threads each (default: one per CPU of the cluster), on a local Ray
+    instance or the cluster at `ray_address` ("auto" or HOST:PORT); a trial whose worker dies is
+    run again up to `retries` times, then recorded as failed (mpsearch.executors.ray_executor).
     quant: how candidates are quantized for scoring (QuantSettings defaults when None).
     evaluator_cache: keep the evaluator's candidate-independent work (activation ranges,
     quantized weights, FP32 reference outputs) and the layer sensitivities in the user cache.
@@ -163,6 +182,7 @@ def search(
     ap = parse_precisions(activation_precisions, "activation")
     if strategy not in STRATEGIES:
         raise InvalidConfigError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    check_backend(backend, ray_address, workers, worker_threads, retries)
     if resume and out_dir is None and storage is None:
         raise InvalidConfigError("resume needs the output directory of the search to continue (or its storage)")
     task_obj = load_task(task) if isinstance(task, str) else task
@@ -187,7 +207,8 @@ def search(
     fp32 = cost_model.price(Candidate.uniform(space.fqns, Precision.FP32, Precision.FP32))
     cheapest = check_budgets(space, cost_model, budgets)
     out = prepare_out_dir(out_dir, task_name, profile.name)
-    storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    storage_url = storage or default_storage(out)
+    shared = storage is not None and strategy in ("hybrid", "optuna")
     identity = {"task": task_name, "target": profile.name, "space": space_signature(space),
                 "objectives": list(objectives), "budgets": budgets.to_dict()}
 
@@ -196,8 +217,12 @@ def search(
     )
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study, study_name, previous = open_study(storage_url, study_name, resume, sampler_obj, identity,
-                                                 objectives, default_name=f"{_slug(task_name)}-{profile.name}")
+        study, study_name, previous = open_study(
+            storage_url, study_name, resume, sampler_obj, identity, objectives,
+            default_name=f"{_slug(task_name)}-{profile.name}", retries=retries if shared else None,
+            launch=None if join else _launch(task, target, profile, n_trials, sampler, wp, ap, ties, pins,
+                                             pin_first_last, batch_size, evaluator, early_stop, objectives,
+                                             latency_budget_ms, size_budget_mb, memory_budget_mb, evaluator_cache))
         if previous and isinstance(sampler, str) and seed is not None:
             # a sampler reseeded as at the start would propose what the first run already tried
             study.sampler = make_sampler(sampler, seed + len(previous), n_trials)
@@ -206,7 +231,7 @@ def search(
                    if c.weight.is_int and c.weight.bits <= ADAROUND_MAX_BITS}
             if evaluator.precompute_weights(sorted(low, key=lambda p: p.bits), progress=progress):
                 evaluator.save_cache()
-        remaining = (space.size if strategy == "exhaustive" else n_trials) - len(previous)
+        remaining = n_trials if join else (space.size if strategy == "exhaustive" else n_trials) - len(previous)
         plan = make_plan(strategy, space, cost_model, evaluator, budgets=budgets, objectives=objectives,
                          n_trials=max(remaining, 0), n_seeds=n_seeds, tried=[t.config for t in previous],
                          cache_dir=cache_dir("sensitivity") if evaluator_cache else None, progress=progress)
@@ -229,7 +254,17 @@ def search(
             "resumed_trials": len(previous),
             "setup_s": plan.setup_s,
             **plan.info,
+            "backend": backend,
         }
+        executor = None
+        if backend == "ray":
+            from mpsearch.executors.ray_executor import RayExecutor
+
+            evaluator.save_cache()  # workers on this machine start from the driver's calibration
+            executor = RayExecutor(task, evaluator.settings, address=ray_address, workers=workers,
+                                   threads=worker_threads, retries=retries, cache=evaluator_cache, progress=progress)
+            settings.update(workers=executor.workers, worker_threads=worker_threads, retries=retries,
+                            ray_address=ray_address, worker_startup_s=executor.startup_s)
         result = SearchResult(
             task=task_name,
             target=profile.name,
@@ -256,30 +291,108 @@ def search(
             tracker = Tracker(mlflow_uri, experiment)
             run_id = tracker.start(
                 run_name=study_name,
-                params={k: v for k, v in settings.items() if k not in ("storage", "setup_s", "hv_reference")}
+                params={k: v for k, v in settings.items() if k not in ("storage", "setup_s", "hv_reference", "worker_startup_s")}
                 | {"task": task_name, "target": profile.name, "space_size": space.size},
                 tags={"mpsearch.task": task_name, "mpsearch.target": profile.name},
             )
             result.tracking = {"mlflow_uri": tracker.uri, "experiment": experiment, "run_id": run_id}
-        return run_search(
-            result=result,
-            space=space,
-            cost_model=cost_model,
-            evaluator=evaluator,
-            study=study,
-            n_trials=max(remaining, 0),
-            budgets=budgets,
-            objectives=objectives,
-            seeds=plan.seeds,
-            seeds_only=plan.seeds_only,
-            out_dir=out,
-            tracker=tracker,
-            progress=progress,
-            early_stop=early_stop,
-        )
+        try:
+            return run_search(result=result, space=space, cost_model=cost_model, evaluator=evaluator, study=study,
+                              n_trials=max(remaining, 0), budgets=budgets, objectives=objectives, seeds=plan.seeds,
+                              seeds_only=plan.seeds_only, out_dir=out, tracker=tracker, progress=progress,
+                              early_stop=early_stop, executor=executor,
+                              study_total=study.user_attrs[LAUNCH_ATTR]["n_trials"] if join else
+                              n_trials if shared else None,
+                              gather=shared)
+        finally:
+            if executor is not None:
+                executor.close()
     finally:
         evaluator.save_cache()
         evaluator.close()
+
+
+def _launch(task, target, profile, n_trials, sampler, wp, ap, ties, pins, pin_first_last, batch_size,
+            evaluator, early_stop, objectives, latency_ms, size_mb, memory_mb, evaluator_cache) -> dict:
+    """The search options a worker needs to join the study (JSON; paths made absolute)."""
+
+    def absolute(ref: str) -> str:
+        where, sep, fn = ref.rpartition(":")
+        return f"{Path(where).resolve()}:{fn}" if sep and where.endswith(".py") and Path(where).is_file() else ref
+
+    if isinstance(target, str) and target.endswith(".toml") and Path(target).is_file():
+        target = str(Path(target).resolve())
+    return {
+        "task": absolute(task) if isinstance(task, str) else None,
+        "target": target if isinstance(target, str) else profile.name,
+        "n_trials": n_trials,
+        "sampler": sampler if isinstance(sampler, str) else "tpe",
+        "weight_precisions": None if wp is None else [p.value for p in wp],
+        "activation_precisions": None if ap is None else [p.value for p in ap],
+        "ties": [list(t) for t in ties],
+        "pins": {f: c if isinstance(c, str) else f"{c.weight.value}/{c.activation.value}" for f, c in (pins or {}).items()},
+        "pin_first_last": pin_first_last,
+        "batch_size": batch_size,
+        "quant": evaluator.settings.to_dict(),
+        "early_stop": early_stop,
+        "objectives": list(objectives),
+        "latency_budget_ms": latency_ms,
+        "size_budget_mb": size_mb,
+        "memory_budget_mb": memory_mb,
+        "evaluator_cache": evaluator_cache,
+    }
+
+
+def join_study(storage: str, study_name: str | None = None, *, out_dir: str | os.PathLike | None = None,
+               max_trials: int | None = None, progress: bool = True, retries: int = 1) -> SearchResult:
+    """Work on a study another process created with `search(..., storage=...)` (`mpsearch
+    worker`): the same task, target and space, read from the study; trials until the study holds
+    the search's n_trials (or this process ran max_trials). Each worker's sampler draws its own
+    random stream (seed None). Writes OUT/result.json with every trial of the study; no MLflow
+    (the search that created the study logs every trial)."""
+    if max_trials is not None and (isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1):
+        raise InvalidConfigError(f"the number of trials must be a positive integer, got {max_trials!r}")
+    try:
+        store = make_storage(storage)
+        names = optuna.study.get_all_study_names(store)
+    except (ImportError, ValueError, sqlalchemy_errors()) as e:
+        raise InvalidConfigError(f"cannot open the study storage {_redact(storage)}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if study_name is None:
+        if len(names) != 1:
+            raise InvalidConfigError("the storage holds no study yet: start one with mpsearch search ... --storage"
+                                     if not names else f"the storage holds {len(names)} studies; pick one with "
+                                     f"--study-name: {', '.join(names)}")
+        study_name = names[0]
+    elif study_name not in names:
+        raise InvalidConfigError(f"no study named {study_name!r} in the storage (start it with mpsearch search "
+                                 "... --storage URL --study-name NAME)")
+    launch = optuna.load_study(study_name=study_name, storage=store).user_attrs.get(LAUNCH_ATTR)
+    if not launch or not launch.get("task"):
+        raise InvalidConfigError(f"study {study_name!r} has no search options a worker can use (it was not created "
+                                 "by mpsearch search with a task name or reference)")
+    launch = dict(launch)
+    total = launch.pop("n_trials")  # search() reads it from the study again
+    quant = QuantSettings(**launch.pop("quant"))
+    return search(**launch, n_trials=max_trials or total, quant=quant, seed=None, storage=storage,
+                  study_name=study_name, resume=True, join=True, track=False, out_dir=out_dir, progress=progress,
+                  strategy="optuna", retries=retries)
+
+
+BACKENDS = ("local", "ray")
+
+
+def check_backend(backend: str, ray_address: str | None, workers: int | None, worker_threads: int,
+                  retries: int) -> None:
+    if backend not in BACKENDS:
+        raise InvalidConfigError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    if backend != "ray":
+        for name, v in (("ray_address", ray_address), ("workers", workers)):
+            if v is not None:
+                raise InvalidConfigError(f"{name.replace('_', '-')} needs the ray backend (--backend ray)")
+    for name, v, low in (("workers", workers, 1), ("worker threads", worker_threads, 1), ("retries", retries, 0)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise InvalidConfigError(f"{name}: expected an integer of at least {low}, got {v!r}")
 
 
 def _pins(space: SearchSpace, pins: Mapping[str, str | LayerChoice] | None, first_last: bool) -> dict:
@@ -314,16 +427,19 @@ def space_signature(space: SearchSpace) -> str:
 
 
 def open_study(storage_url: str, study_name: str | None, resume: bool, sampler, identity: dict,
-               objectives: Sequence[str], default_name: str):
+               objectives: Sequence[str], default_name: str, retries: int | None = None,
+               launch: dict | None = None):
     """(study, name, previous TrialRecords): a new study, or on resume the stored one after
-    checking it searches the same task, target, space and objectives."""
+    checking it searches the same task, target, space and objectives. retries: the storage is
+    shared by several processes (see make_storage); launch: what `mpsearch worker` needs to join a
+    new study (stored as the LAUNCH_ATTR user attribute)."""
     directions = [OBJECTIVES[o].direction for o in objectives]
     try:
         if resume:
             for prefix in ("sqlite:///", "journal:///"):
                 if storage_url.startswith(prefix) and not Path(storage_url.removeprefix(prefix)).exists():
                     raise InvalidConfigError(f"nothing to resume: {storage_url.removeprefix(prefix)} does not exist")
-        store = make_storage(storage_url)
+        store = make_storage(storage_url, retries)
         if resume:
             names = optuna.study.get_all_study_names(store)
             if study_name is None:
@@ -354,23 +470,45 @@ def open_study(storage_url: str, study_name: str | None, resume: bool, sampler, 
             raise InvalidConfigError(f"a study named {study_name!r} already exists in the storage: "
                                      "continue it with --resume or pick another --study-name") from None
         study.set_user_attr("mpsearch", identity)
+        if launch is not None:
+            study.set_user_attr(LAUNCH_ATTR, launch)
         return study, study_name, []
     except (ImportError, ValueError, sqlalchemy_errors()) as e:
         raise InvalidConfigError(f"cannot open the study storage {_redact(storage_url)}: "
                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def make_storage(url: str):
+def default_storage(out: Path) -> str:
+    """A search's own study: Optuna's journal file OUT/study.log (asking and telling cost about a
+    quarter of what SQLite costs per trial: ~15 ms against ~55 ms on digits here), or the SQLite
+    OUT/study.db of a search made before it became the default."""
+    old = out / "study.db"
+    return f"sqlite:///{old.resolve()}" if old.exists() else f"journal:///{(out / 'study.log').resolve()}"
+
+
+def make_storage(url: str, retries: int | None = None):
     """An Optuna storage from a URL: sqlite:///PATH (WAL mode, see sqlite_storage), any other
     SQLAlchemy URL, or journal:///PATH for Optuna's journal file (no database server; safe for
-    several processes on one file system)."""
-    if url.startswith("sqlite:///"):
-        return sqlite_storage(Path(url.removeprefix("sqlite:///")))
+    several processes on one file system).
+
+    retries not None: the storage is shared by several processes. RDB storages then keep a
+    heartbeat of every running trial (HEARTBEAT_S); a trial whose process stopped beating for
+    HEARTBEAT_GRACE_S is failed and enqueued again, up to `retries` times. Journal storages keep
+    no heartbeats: a trial whose process died stays "running" there."""
     if url.startswith("journal:///"):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:///")))
-    return url
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        heartbeat = {}
+        if retries is not None:
+            heartbeat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": HEARTBEAT_GRACE_S,
+                         "heartbeat_stale_trial_callback":
+                         RetryHeartbeatStaleTrialCallback(max_retry=retries) if retries else None}
+        if url.startswith("sqlite:///"):
+            return sqlite_storage(Path(url.removeprefix("sqlite:///")), **heartbeat)
+        return optuna.storages.RDBStorage(url, **heartbeat) if heartbeat else url
 
 
 def sqlalchemy_errors() -> type[Exception]:
@@ -484,7 +622,7 @@ def _load_config(config, fqns) -> Candidate:
     return Candidate((f, cand[f]) for f in fqns)
 
 
-def sqlite_storage(path: Path) -> optuna.storages.RDBStorage:
+def sqlite_storage(path: Path, **kwargs) -> optuna.storages.RDBStorage:
     """An Optuna SQLite storage in write-ahead-log mode with synchronous=NORMAL.
 
     Each commit then costs no fsync (about 5x faster per trial here), yet a killed process
@@ -497,7 +635,7 @@ def sqlite_storage(path: Path) -> optuna.storages.RDBStorage:
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
-    return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"creator": connect})
+    return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"creator": connect}, **kwargs)
 
 
 def _cheapest_latency_ms(space: SearchSpace, cost_model: CostModel) -> float:

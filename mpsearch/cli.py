@@ -30,6 +30,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _natural_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {v}")
+    return v
+
+
 def _positive_float(s: str) -> float:
     try:
         v = float(s)
@@ -104,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--study-name", metavar="NAME", help="study name (default <task>-<target>-<time>)")
     r.add_argument("--resume", action="store_true",
                    help="continue the study in --out / --storage up to --trials trials in all")
+    d = s.add_argument_group("distributed search (see also: mpsearch worker)")
+    d.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="local (default): score in this process; ray: on Ray workers")
+    d.add_argument("--ray-address", metavar="ADDR",
+                   help="join the Ray cluster at HOST:PORT or auto (default: start a local Ray instance)")
+    d.add_argument("--workers", type=_positive_int, metavar="N", help="Ray workers (default: one per CPU)")
+    d.add_argument("--worker-threads", type=_positive_int, default=1, metavar="N",
+                   help="torch threads (and Ray CPUs) per worker (default 1)")
+    d.add_argument("--retries", type=_natural_int, default=1, metavar="N",
+                   help="runs of a trial whose worker died before it is recorded as failed (default 1)")
     s.add_argument("--batch-size", type=_positive_int, default=1, help="batch size for pricing (default 1)")
     q = s.add_argument_group("quantizer (how candidates are scored)")
     q.add_argument("--weight-granularity", default="per_channel", choices=["per_channel", "per_tensor"])
@@ -125,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow")
     s.add_argument("--experiment", default="mpsearch", help="MLflow experiment name (default mpsearch)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    w = sub.add_parser("worker", help="run trials of a study another search started (shared --storage)")
+    w.add_argument("--storage", required=True, metavar="URL",
+                   help="the search's Optuna storage: a database URL or journal:///file.log on a shared disk")
+    w.add_argument("--study-name", metavar="NAME", help="the study (default: the only one in the storage)")
+    w.add_argument("--trials", type=_positive_int, metavar="N",
+                   help="at most N trials from this worker (default: until the study has the search's --trials)")
+    w.add_argument("--retries", type=_natural_int, default=1, metavar="N",
+                   help="runs of a trial whose process died (database storages) before it stays failed (default 1)")
+    w.add_argument("--out", metavar="DIR", help="where to write result.json (default mpsearch-out/<task>-<target>-<time>)")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -203,7 +234,6 @@ def _cmd_calibrate(args) -> int:
 def _cmd_search(args) -> int:
     from mpsearch.api import search
     from mpsearch.evaluator import QuantSettings
-    from mpsearch.report import pareto_table
 
     quant = QuantSettings(
         weight_granularity=args.weight_granularity,
@@ -250,7 +280,28 @@ def _cmd_search(args) -> int:
         resume=args.resume,
         n_seeds=args.ilp_seeds,
         exhaustive_limit=args.exhaustive_limit,
+        backend=args.backend,
+        ray_address=args.ray_address,
+        workers=args.workers,
+        worker_threads=args.worker_threads,
+        retries=args.retries,
     )
+    _summary(result)
+    return 0
+
+
+def _cmd_worker(args) -> int:
+    from mpsearch.api import join_study
+
+    result = join_study(args.storage, args.study_name, out_dir=args.out, max_trials=args.trials,
+                        progress=not args.no_progress, retries=args.retries)
+    _summary(result)
+    return 0
+
+
+def _summary(result) -> None:
+    from mpsearch.report import pareto_table
+
     print(pareto_table(result))
     out = Path(result.settings["out_dir"])
     hv, timing = result.hypervolume, result.timing
@@ -264,7 +315,6 @@ def _cmd_search(args) -> int:
     if result.tracking.get("run_id"):
         print(f"MLflow: {result.tracking['mlflow_uri']} experiment {result.tracking['experiment']!r}, "
               f"run {result.tracking['run_id']}")
-    return 0
 
 
 COMMANDS = {
@@ -272,6 +322,7 @@ COMMANDS = {
     "targets": _cmd_targets,
     "fetch-weights": _cmd_fetch_weights,
     "search": _cmd_search,
+    "worker": _cmd_worker,
     "profile": _cmd_profile,
     "calibrate": _cmd_calibrate,
 }

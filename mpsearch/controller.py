@@ -13,16 +13,18 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import TrialState
 from tqdm import tqdm
 
 from hw_models import Candidate, Cost, CostModel
-from mpsearch.errors import EvaluationError, InvalidConfigError, SearchInterrupted
+from mpsearch.errors import InvalidConfigError, SearchInterrupted
 from mpsearch.evaluator import Evaluator, Score
+from mpsearch.executors import Executor, LocalExecutor, Outcome
 from mpsearch.objectives import DEFAULT_OBJECTIVES
 from mpsearch.objectives import value as objective_value
 from mpsearch.result import SearchResult, TrialRecord
@@ -34,6 +36,7 @@ SAMPLERS = ("tpe", "nsga2", "nsga3", "random", "qmc", "gp")
 # constraint-aware samplers (TPE, NSGA-II/III, GP) rank infeasible trials below feasible ones.
 UNSUPPORTED = "unsupported_precision"  # 1.0 when the target cannot run a layer's precisions
 RECORD_ATTR = "mpsearch.record"  # each finished trial's TrialRecord, as a user attribute (resume)
+GATHER_TIMEOUT_S = 300.0  # how long a search waits for other processes' trials on a shared study
 
 
 @dataclass(frozen=True)
@@ -166,12 +169,30 @@ def make_sampler(name: str | optuna.samplers.BaseSampler, seed: int | None, n_tr
     raise InvalidConfigError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
 
 
+@dataclass
+class _Pending:
+    """A trial asked and priced, not yet told: its score is on the way (`ready` False), or it
+    needs none (priced only, or a repeat of a scored configuration), or it waits for the trial
+    in flight with the same configuration (`waits_for`)."""
+
+    trial: optuna.Trial
+    t0: float
+    t1: float = 0.0
+    record: TrialRecord | None = None
+    feasible: bool = True
+    overruns: dict[str, float] = field(default_factory=dict)
+    ready: bool = False
+    threshold: float | None = None
+    waits_for: int | None = None
+    heartbeat: object = None
+
+
 def run_search(
     *,
     result: SearchResult,
     space: SearchSpace,
     cost_model: CostModel,
-    evaluator: Evaluator,
+    evaluator: Evaluator | None,
     study: optuna.Study,
     n_trials: int,
     out_dir: Path,
@@ -183,6 +204,9 @@ def run_search(
     progress: bool = True,
     on_trial: Callable[[TrialRecord], None] | None = None,
     early_stop: bool = False,
+    executor: Executor | None = None,
+    study_total: int | None = None,
+    gather: bool = False,
 ) -> SearchResult:
     """Run up to n_trials more trials, appending to result.trials; result.json is rewritten after
     each, and each finished trial's record is kept in the study (user attribute RECORD_ATTR).
@@ -194,14 +218,27 @@ def run_search(
     budget (plus UNSUPPORTED); an infeasible candidate is told a metric below any real one.
     seeds_only: stop when the seeds run out (the ilp and exhaustive strategies).
 
+    executor: where candidates are scored (default: LocalExecutor(evaluator), one at a time).
+    With `executor.slots` = W scorings in flight, trials are told in the order they were asked and
+    trial k is asked right after trial k - W is told, so the study has seen exactly the same
+    trials at every ask whatever order the scorings finish in: with a seeded sampler the
+    configurations proposed do not depend on timing. A configuration already in flight is not
+    scored twice: its repeat waits for it.
+    study_total: stop once the study holds this many trials (several processes sharing one
+    study; see mpsearch.api.join_study), whoever ran them. gather: at the end, wait for the trials
+    other processes are running and make result.trials every trial of the study (the tracker logs
+    the others' trials then).
+
     early_stop: multi-fidelity scoring. A candidate is scored on part of the evaluation batches
     first and stopped ("pruned", its metric the estimate on those batches) when its metric
     cannot, with high confidence, reach the best metric of a complete trial no costlier in any
     cost objective: it would be dominated (see Evaluator.score). The study is told the estimate.
 
-    On Ctrl-C the trial in flight is told to the study as failed, every finished trial stays in
-    result.json and in the study's storage, and KeyboardInterrupt propagates.
+    On Ctrl-C the trials in flight are told to the study as failed (those already scored are
+    told their scores), every finished trial stays in result.json and in the study's storage,
+    and KeyboardInterrupt propagates.
     """
+    executor = executor or LocalExecutor(evaluator)
     dists = space.distributions()
     costs = [o for o in objectives if o != "metric"]
     # What the study should be told in place of a metric for an infeasible trial: worse than
@@ -217,97 +254,139 @@ def run_search(
     seeds = iter(seeds)
     result_path = out_dir / "result.json"
     bar = tqdm(total=n_trials, desc="search", unit="trial", file=sys.stderr, disable=not progress)
-    trial = None
+    pending: dict[int, _Pending] = {}  # by trial number, in the order asked
+    in_flight: dict[Candidate, int] = {}  # configuration -> the trial scoring it
     interrupts = _DeferredInterrupt()
+    asked = 0
+
+    def ask() -> bool:
+        """Ask, price and dispatch one more trial; False when there are no more to run."""
+        nonlocal asked
+        if asked >= n_trials:
+            return False
+        if study_total is not None:
+            fail_stale_trials(study)
+            if counted_trials(study) >= study_total:
+                return False
+        t0 = time.perf_counter()
+        seed = next(seeds, None)
+        if seed is None and seeds_only:
+            return False
+        with interrupts.critical():  # a trial created in the storage is always one we hold
+            if seed is not None:
+                study.enqueue_trial(space.params(seed), skip_if_exists=False)
+            with warnings.catch_warnings():  # heartbeats kept by hand (_heartbeat), not by Study.optimize
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed", category=UserWarning)
+                trial = study.ask(dists)
+            p = pending[trial.number] = _Pending(trial, t0, heartbeat=_heartbeat(study, trial))
+        asked += 1
+        candidate = space.candidate(trial.params)
+        t1 = time.perf_counter()
+        cost = cost_model.price(candidate)
+        record = TrialRecord(
+            number=trial.number,
+            state="complete",
+            config=candidate,
+            metric=None,
+            latency_ms=cost.latency_ms,
+            weight_bytes=cost.weight_bytes,
+            bops=cost.bops,
+            feasible=cost.feasible,
+            peak_act_bytes=cost.peak_act_bytes,
+            energy_mj=None if cost.energy_j is None else cost.energy_j * 1e3,
+        )
+        p.t1, p.record, p.feasible, p.overruns = t1, record, cost.feasible, budgets.overruns(cost)
+        if not cost.feasible:
+            record.state, record.reason = "infeasible", cost.reason
+        elif any(v > 0 for v in p.overruns.values()):
+            record.state, record.feasible = "infeasible", False
+            record.reason = budgets.reason(cost)
+        record.pricing_s = time.perf_counter() - t1
+        if record.state != "complete":
+            p.ready = True
+            return True
+        record.duplicate_of = first_trial_of.setdefault(candidate, trial.number)
+        if record.duplicate_of == trial.number:
+            record.duplicate_of = None
+        earlier = scored.get(candidate)
+        if earlier is not None:
+            _apply(record, Score(earlier.metric, dict(earlier.proxies)), None, 0.0, None)
+            p.ready = True
+        elif candidate in in_flight:
+            p.waits_for = in_flight[candidate]
+        else:
+            p.threshold = _dominating_metric(result.trials, record, costs) if early_stop else None
+            in_flight[candidate] = trial.number
+            executor.submit(trial.number, candidate, p.threshold)
+        return True
+
+    def finish(outcome: Outcome) -> None:
+        """A scoring came back: its trial, and any repeat waiting for it, are ready."""
+        p = pending[outcome.key]
+        in_flight.pop(p.record.config, None)
+        for q in (p, *(q for q in pending.values() if q.waits_for == outcome.key)):
+            _apply(q.record, outcome.score, outcome.error, outcome.seconds if q is p else 0.0, p.threshold)
+            q.ready = True
+
+    def tell(p: _Pending) -> None:
+        """Tell the study, and result.json, of a ready trial (in the order asked)."""
+        record, trial = p.record, p.trial
+        t3 = time.perf_counter()
+        with interrupts.critical():  # the study and result.json learn of the trial together
+            trial.set_constraint(UNSUPPORTED, 0.0 if p.feasible else 1.0)
+            for key, over in p.overruns.items():
+                trial.set_constraint(key, over if p.feasible else 0.0)
+            record.sampler_s = p.t1 - p.t0
+            record.seconds = time.perf_counter() - p.t0
+            trial.set_user_attr(RECORD_ATTR, record.to_dict())  # what a resumed search reads back
+            if record.state == "fail":
+                study.tell(trial, state=TrialState.FAIL)
+            else:
+                metric = record.metric if record.state in ("complete", "pruned") else floor
+                study.tell(trial, [metric, *(_told(record, c) for c in costs)])
+            del pending[record.number]
+            _stop_heartbeat(p)
+            # the sampler's share: asking, and telling (constraints, record, tell: storage and
+            # the sampler's own bookkeeping); the stored record has the asking part only
+            record.sampler_s = (p.t1 - p.t0) + (time.perf_counter() - t3)
+            record.seconds = time.perf_counter() - p.t0
+            result.trials.append(record)
+            result.write(result_path)
+        if record.state == "complete":
+            scored.setdefault(record.config, record)
+        if tracker is not None:
+            tracker.log_trial(record)
+        if on_trial is not None:
+            on_trial(record)
+        best = result.best
+        if best is not None:
+            b = result.trial(best)
+            bar.set_postfix(best=f"{b.metric:.4f}", latency_ms=f"{b.latency_ms:.4g}", refresh=False)
+        bar.update(1)
+
     try:
         interrupts.install()
-        for _ in range(n_trials):
-            t0 = time.perf_counter()
-            seed = next(seeds, None)
-            if seed is None and seeds_only:
-                break
-            with interrupts.critical():  # a trial created in the storage is always one we hold
-                if seed is not None:
-                    study.enqueue_trial(space.params(seed), skip_if_exists=False)
-                trial = study.ask(dists)
-            candidate = space.candidate(trial.params)
-            t1 = time.perf_counter()
-            cost = cost_model.price(candidate)
-            record = TrialRecord(
-                number=trial.number,
-                state="complete",
-                config=candidate,
-                metric=None,
-                latency_ms=cost.latency_ms,
-                weight_bytes=cost.weight_bytes,
-                bops=cost.bops,
-                feasible=cost.feasible,
-                peak_act_bytes=cost.peak_act_bytes,
-                energy_mj=None if cost.energy_j is None else cost.energy_j * 1e3,
-            )
-            overruns = budgets.overruns(cost)
-            if not cost.feasible:
-                record.state, record.reason = "infeasible", cost.reason
-            elif any(v > 0 for v in overruns.values()):
-                record.state, record.feasible = "infeasible", False
-                record.reason = budgets.reason(cost)
-            t2 = time.perf_counter()
-            if record.state == "complete":
-                record.duplicate_of = first_trial_of.get(candidate)
-                threshold = _dominating_metric(result.trials, record, costs) if early_stop else None
-                try:
-                    earlier = scored.get(candidate)
-                    score = evaluator.score(candidate, stop_below=threshold) if earlier is None else \
-                        Score(earlier.metric, dict(earlier.proxies))
-                    record.metric, record.proxies = score.metric, dict(score.proxies)
-                    if score.fidelity < 1:
-                        record.state, record.fidelity = "pruned", score.fidelity
-                        record.reason = (
-                            f"stopped after {score.fidelity:.0%} of the evaluation batches: "
-                            f"{score.metric:.4g} there, at most {score.metric_upper:.4g} expected in "
-                            f"full, below {threshold:.4g} of a trial no costlier"
-                        )
-                except EvaluationError as e:
-                    record.state, record.reason = "fail", str(e)
-                first_trial_of.setdefault(candidate, trial.number)
-                if record.state == "complete":
-                    scored.setdefault(candidate, record)
-            t3 = time.perf_counter()
-            record.pricing_s, record.scoring_s = t2 - t1, t3 - t2
-            with interrupts.critical():  # the study and result.json learn of the trial together
-                trial.set_constraint(UNSUPPORTED, 0.0 if cost.feasible else 1.0)
-                for key, over in overruns.items():
-                    trial.set_constraint(key, over if cost.feasible else 0.0)
-                record.sampler_s = t1 - t0
-                record.seconds = time.perf_counter() - t0
-                trial.set_user_attr(RECORD_ATTR, record.to_dict())  # what a resumed search reads back
-                if record.state == "fail":
-                    study.tell(trial, state=TrialState.FAIL)
-                else:
-                    metric = record.metric if record.state in ("complete", "pruned") else floor
-                    study.tell(trial, [metric, *(_told(record, c) for c in costs)])
-                trial = None
-                # the sampler's share: asking, and telling (constraints, record, tell: storage and
-                # the sampler's own bookkeeping); the stored record has the asking part only
-                record.sampler_s = (t1 - t0) + (time.perf_counter() - t3)
-                record.seconds = time.perf_counter() - t0
-                result.trials.append(record)
-                result.write(result_path)
-            if tracker is not None:
-                tracker.log_trial(record)
-            if on_trial is not None:
-                on_trial(record)
-            best = result.best
-            if best is not None:
-                b = result.trial(best)
-                bar.set_postfix(best=f"{b.metric:.4f}", latency_ms=f"{b.latency_ms:.4g}", refresh=False)
-            bar.update(1)
+        while len(pending) < executor.slots and ask():
+            pass
+        while pending:
+            head = next(iter(pending.values()))
+            if not head.ready:
+                for outcome in executor.wait():
+                    finish(outcome)
+                continue
+            tell(head)
+            ask()  # trial k is asked right after trial k - slots is told
     except KeyboardInterrupt:
-        if trial is not None:
+        for p in list(pending.values()):
             try:
-                study.tell(trial, state=TrialState.FAIL)
+                if p.ready:
+                    tell(p)
+                else:
+                    study.tell(p.trial, state=TrialState.FAIL)
+                    _stop_heartbeat(p)
             except Exception:  # noqa: BLE001, S110 - storage may be mid-write; finished trials are safe
                 pass
+        executor.close()
         result.interrupted = True
         result.write(result_path)
         if tracker is not None:
@@ -320,11 +399,90 @@ def run_search(
     finally:
         interrupts.restore()
         bar.close()
+        for p in pending.values():
+            _stop_heartbeat(p)
+    if gather:
+        _gather(result, study, tracker, progress)
     result.interrupted = False
     result.write(result_path)
     if tracker is not None:
         tracker.finish(result)
     return result
+
+
+def _gather(result: SearchResult, study: optuna.Study, tracker: Tracker | None, progress: bool) -> None:
+    """Wait (up to GATHER_TIMEOUT_S) for the trials other processes are running on a shared study,
+    then take every trial of the study into the result, logging the others' to the tracker."""
+    deadline = time.monotonic() + GATHER_TIMEOUT_S
+    said = False
+    while True:
+        fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running or time.monotonic() > deadline:
+            break
+        if progress and not said:
+            print(f"mpsearch: waiting for {len(running)} trial{'s' if len(running) > 1 else ''} other processes are "
+                  "running", file=sys.stderr)
+            said = True
+        time.sleep(0.5)
+    if running:
+        print(f"mpsearch: {len(running)} trial{'s' if len(running) > 1 else ''} still running elsewhere after "
+              f"{GATHER_TIMEOUT_S:.0f} s, left out of result.json (their process may have died)", file=sys.stderr)
+    mine = {t.number for t in result.trials}
+    records = [TrialRecord.from_dict(t.user_attrs[RECORD_ATTR])
+               for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number) if RECORD_ATTR in t.user_attrs]
+    for r in records:
+        if r.number not in mine and tracker is not None:
+            tracker.log_trial(r)
+    result.trials = records
+
+
+def _apply(record: TrialRecord, score: Score | None, error: str | None, seconds: float,
+           threshold: float | None) -> None:
+    """A scoring's outcome into the trial's record."""
+    record.scoring_s = seconds
+    if score is None:
+        record.state, record.reason = "fail", error or "no score"
+        return
+    record.metric, record.proxies = score.metric, dict(score.proxies)
+    if score.fidelity < 1:
+        record.state, record.fidelity = "pruned", score.fidelity
+        record.reason = (
+            f"stopped after {score.fidelity:.0%} of the evaluation batches: "
+            f"{score.metric:.4g} there, at most {score.metric_upper:.4g} expected in "
+            f"full, below {threshold:.4g} of a trial no costlier"
+        )
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """The trials that count towards a shared study's total: every one asked, except those failed
+    because their process died (no record: a retry of it, if any, is counted instead)."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state != TrialState.WAITING and (t.state != TrialState.FAIL or RECORD_ATTR in t.user_attrs))
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the trials of processes that stopped sending heartbeats (RDB storages with a heartbeat
+    interval; their retry callback enqueues them again)."""
+    if is_heartbeat_enabled(study._storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+
+
+def _heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """A thread recording the trial's heartbeat while it runs (None: the storage keeps none)."""
+    if not is_heartbeat_enabled(study._storage):
+        return None
+    thread = get_heartbeat_thread(trial._trial_id, study._storage)
+    thread.start()
+    return thread
+
+
+def _stop_heartbeat(p: _Pending) -> None:
+    if p.heartbeat is not None:
+        p.heartbeat.join()
+        p.heartbeat = None
 
 
 def _told(record: TrialRecord, objective: str) -> float:

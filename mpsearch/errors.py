@@ -45,3 +45,7 @@ class SearchInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, result_path: str):
         super().__init__(message)
         self.result_path = result_path
+
+
+class ClusterError(MpsearchError):
+    """The Ray cluster cannot be reached, joined or used (no CPUs, workers that cannot start)."""

@@ -14,6 +14,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from mpsearch.api import make_storage
 from mpsearch.cli import main
 from mpsearch.result import SearchResult, best_trial, pareto_front
 
@@ -61,7 +62,7 @@ def test_search_end_to_end_with_mlflow(tmp_path):
     result = SearchResult.read(out / "result.json")
     assert d["pareto"] == pareto_front(result.trials) and d["pareto"]
     assert d["best"] == best_trial(result.trials)
-    assert (out / "study.db").exists()
+    assert (out / "study.log").exists()
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("e2e")
@@ -228,8 +229,8 @@ def test_ctrl_c_keeps_finished_trials(tmp_path):
     assert "Traceback" not in err and "kept in" in err
     d = json.loads(result.read_text())
     assert d["interrupted"] is True and len(d["trials"]) >= n
-    study = optuna.load_study(study_name=d["settings"]["study_name"], storage=d["settings"]["storage"])
+    study = optuna.load_study(study_name=d["settings"]["study_name"], storage=make_storage(d["settings"]["storage"]))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == len(d["trials"])
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)
-    assert os.path.exists(out / "study.db")
+    assert os.path.exists(out / "study.log")

@@ -16,6 +16,7 @@ import pytest
 import mpsearch
 from hw_models import ExecRule, LayerChoice, Precision, get_profile, weight_bytes
 from mpsearch.analysis import analyze
+from mpsearch.api import make_storage
 from mpsearch.cli import main
 from mpsearch.errors import BudgetError, InvalidConfigError
 from mpsearch.objectives import hypervolume, pareto_front
@@ -80,7 +81,7 @@ def test_hybrid_starts_from_ilp_solutions_then_samples(tmp_path):
 def test_objectives_budgets_and_constraints(tmp_path):
     r = run(tmp_path, "mo", strategy="optuna", sampler="nsga2", n_trials=10, seed=2,
             objectives="metric,weight_memory,bops", size_budget_mb=0.05)
-    study = optuna.load_study(study_name=r.settings["study_name"], storage=r.settings["storage"])
+    study = optuna.load_study(study_name=r.settings["study_name"], storage=make_storage(r.settings["storage"]))
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
     for t, ft in zip(r.trials, study.trials, strict=True):
         over = ft.constraints["size_over_budget_mb"]
@@ -163,7 +164,7 @@ def test_resume_continues_the_study_and_refuses_another_search(tmp_path):
     with pytest.raises(InvalidConfigError, match="nothing to resume"):
         run(tmp_path, "empty", strategy="optuna", n_trials=2, resume=True)
     with pytest.raises(InvalidConfigError, match="already exists"):
-        run(tmp_path, "r2", strategy="optuna", n_trials=1, storage=f"sqlite:///{tmp_path / 'r' / 'study.db'}",
+        run(tmp_path, "r2", strategy="optuna", n_trials=1, storage=f"journal:///{tmp_path / 'r' / 'study.log'}",
             study_name=a.settings["study_name"])
 
 
@@ -187,7 +188,7 @@ def test_killed_search_resumes_losing_at_most_the_trial_in_flight(tmp_path):
     proc.wait(timeout=30)
     assert done >= 5, proc.stderr.read()
     kept = json.loads((out / "result.json").read_text())["trials"]
-    storage = f"sqlite:///{out / 'study.db'}"
+    storage = make_storage(f"journal:///{out / 'study.log'}")
     study = optuna.load_study(study_name=optuna.study.get_all_study_names(storage)[0], storage=storage)
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) - len(kept) in (0, 1)  # result.json lags the study by at most the trial being written
