@@ -183,6 +183,10 @@ def search(
     if strategy not in STRATEGIES:
         raise InvalidConfigError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
     check_backend(backend, ray_address, workers, worker_threads, retries)
+    if backend == "ray":
+        from mpsearch.executors.ray_executor import preflight
+
+        preflight(ray_address)
     if resume and out_dir is None and storage is None:
         raise InvalidConfigError("resume needs the output directory of the search to continue (or its storage)")
     task_obj = load_task(task) if isinstance(task, str) else task

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from hw_models import Candidate, Cost, CostModel
 from mpsearch.errors import InvalidConfigError, SearchInterrupted
 from mpsearch.evaluator import Evaluator, Score
-from mpsearch.executors import Executor, LocalExecutor, Outcome
+from mpsearch.executors import THIS_PROCESS, Executor, LocalExecutor, Outcome
 from mpsearch.objectives import DEFAULT_OBJECTIVES
 from mpsearch.objectives import value as objective_value
 from mpsearch.result import SearchResult, TrialRecord
@@ -294,6 +294,7 @@ def run_search(
             feasible=cost.feasible,
             peak_act_bytes=cost.peak_act_bytes,
             energy_mj=None if cost.energy_j is None else cost.energy_j * 1e3,
+            worker=THIS_PROCESS,
         )
         p.t1, p.record, p.feasible, p.overruns = t1, record, cost.feasible, budgets.overruns(cost)
         if not cost.feasible:
@@ -326,6 +327,7 @@ def run_search(
         in_flight.pop(p.record.config, None)
         for q in (p, *(q for q in pending.values() if q.waits_for == outcome.key)):
             _apply(q.record, outcome.score, outcome.error, outcome.seconds if q is p else 0.0, p.threshold)
+            q.record.worker = outcome.worker or q.record.worker
             q.ready = True
 
     def tell(p: _Pending) -> None:

@@ -41,6 +41,7 @@ class TrialRecord:
     sampler_s: float = 0.0  # asking the study for the candidate and telling it the result
     pricing_s: float = 0.0
     scoring_s: float = 0.0
+    worker: str = ""  # host:pid of the process that scored it (or priced it, when not scored)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

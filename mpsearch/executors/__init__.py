@@ -9,6 +9,8 @@ An executor has `slots` (scorings in flight at once), `submit(key, candidate, st
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -18,16 +20,20 @@ from hw_models import Candidate
 from mpsearch.errors import EvaluationError
 from mpsearch.evaluator import Evaluator, Score
 
+THIS_PROCESS = f"{socket.gethostname()}:{os.getpid()}"
+
 
 @dataclass
 class Outcome:
     """A finished scoring: the Score, or why there is none (error: the evaluator's message, or
-    the worker's death after its retries); seconds: scoring time where it ran."""
+    the worker's death after its retries); seconds: scoring time where it ran; worker: host:pid
+    of the process that scored it."""
 
     key: int
     score: Score | None
     error: str | None = None
     seconds: float = 0.0
+    worker: str = ""
 
 
 class Executor(Protocol):
@@ -68,5 +74,5 @@ def score_outcome(evaluator: Evaluator, key: int, candidate: Candidate, stop_bel
     try:
         score = evaluator.score(candidate, stop_below=stop_below)
     except EvaluationError as e:
-        return Outcome(key, None, str(e), time.perf_counter() - t0)
-    return Outcome(key, score, None, time.perf_counter() - t0)
+        return Outcome(key, None, str(e), time.perf_counter() - t0, THIS_PROCESS)
+    return Outcome(key, score, None, time.perf_counter() - t0, THIS_PROCESS)

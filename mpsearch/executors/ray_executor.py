@@ -59,6 +59,21 @@ def token_available() -> bool:
     return Path(path).is_file()
 
 
+def _token_mode(address: str | None) -> None:
+    """Joining a cluster with RAY_AUTH_MODE unset and a token at hand: use token authentication
+    (a client in token mode also joins a cluster without authentication)."""
+    if address is None or "RAY_AUTH_MODE" in os.environ or not token_available():
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray" in sys.modules:  # Ray reads the mode when imported: refresh it, as Ray itself does
+        try:
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except Exception:  # noqa: BLE001, S110 - an older Ray without token authentication
+            pass
+
+
 def _check_reachable(address: str) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
@@ -70,6 +85,14 @@ def _check_reachable(address: str) -> None:
     except OSError as e:
         raise ClusterError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}): is `ray start --head` "
                            "running there, and is the port open?") from None
+
+
+def preflight(address: str | None) -> None:
+    """Fail fast, before any costly set-up: Ray is installed and the cluster's port answers."""
+    _token_mode(address)
+    _import_ray()
+    if address not in (None, "auto"):
+        _check_reachable(address)
 
 
 def connect(address: str | None, cpus: int | None) -> bool:
@@ -92,8 +115,7 @@ def connect(address: str | None, cpus: int | None) -> bool:
         return True
     if address != "auto":
         _check_reachable(address)
-    if "RAY_AUTH_MODE" not in os.environ and token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    _token_mode(address)
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ray.exceptions.AuthenticationError, RuntimeError) as e:
@@ -153,6 +175,7 @@ class RayExecutor:
                 raise ClusterError(f"{self.workers} workers of {threads} thread{'s' if threads > 1 else ''} need "
                                    f"{self.workers * threads} CPUs; the Ray cluster has {cpus}")
             self.retries = retries
+            ray.method(max_task_retries=-1)(_Scorer.ready)  # waits out a restart, however many
             self._scorer = ray.remote(_Scorer).options(num_cpus=threads, max_restarts=-1,
                                                        max_task_retries=retries)
             self._args = (task, quant, cache, threads)
@@ -172,6 +195,7 @@ class RayExecutor:
         self._running: dict = {}  # ObjectRef -> (key, actor)
         self._backlog: deque = deque()
         self._deaths: dict = {}  # actor -> calls died in a row
+        self._reviving: dict = {}  # ObjectRef of ready() -> an actor restarting after its death
 
     def _ready(self, actors: list) -> list[tuple[int, str]]:
         ray = self.ray
@@ -199,30 +223,44 @@ class RayExecutor:
             self._running[ref] = (key, actor)
 
     def wait(self) -> list[Outcome]:
+        """The next finished scorings ([] when only a restarted worker came back)."""
         ray = self.ray
-        if not self._running:
+        if not self._running and not self._reviving:
             raise ClusterError("every Ray worker died or was dropped; the finished trials are kept")
-        done, _ = ray.wait(list(self._running), num_returns=1)
+        done, _ = ray.wait([*self._running, *self._reviving], num_returns=1)
         outcomes = []
         for ref in done:
+            if ref in self._reviving:  # a worker restarted after dying: it takes work again
+                actor = self._reviving.pop(ref)
+                try:
+                    ray.get(ref)
+                    self._idle.append(actor)
+                except ray.exceptions.RayActorError as e:
+                    self._drop(actor, f"it cannot restart ({_first_line(e)})")
+                continue
             key, actor = self._running.pop(ref)
             try:
                 outcomes.append(ray.get(ref))
                 self._deaths.pop(actor, None)
+                self._idle.append(actor)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-                outcomes.append(Outcome(key, None, f"worker died ({_first_line(e)}); "
-                                                   f"{'retried ' + str(self.retries) + 'x, ' if self.retries else ''}"
-                                                   "recorded as failed"))
+                again = f"run {self.retries + 1} times, " if self.retries else ""
+                outcomes.append(Outcome(key, None, f"worker died ({_first_line(e)}); {again}recorded as failed"))
                 self._deaths[actor] = self._deaths.get(actor, 0) + 1
                 if self._deaths[actor] >= DEATHS_BEFORE_DROP:
-                    print(f"mpsearch: dropping a Ray worker that died {DEATHS_BEFORE_DROP} times in a row",
-                          file=sys.stderr)
-                    self.ray.kill(actor, no_restart=True)
-                    self.slots = max(1, self.slots - 1)
-                    continue
-            self._idle.append(actor)
+                    self._drop(actor, f"it died {DEATHS_BEFORE_DROP} times in a row")
+                else:  # no new work until it is back (a call to a restarting actor fails at once)
+                    self._reviving[actor.ready.remote()] = actor
         self._dispatch()
         return outcomes
+
+    def _drop(self, actor, why: str) -> None:
+        print(f"mpsearch: dropping a Ray worker: {why}", file=sys.stderr)
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001, S110 - already gone
+            pass
+        self.slots = max(1, self.slots - 1)
 
     def close(self) -> None:
         ray = self.ray

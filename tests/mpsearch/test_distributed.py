@@ -1,0 +1,187 @@
+"""Distributed search: a real Ray cluster (`ray start --head --block`, stopped by its PID), Ray
+workers killed mid-search, and `mpsearch worker` processes sharing one Optuna storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+SLOW_TASK = f"{Path(__file__).with_name('slow_digits.py')}:build"
+CLI = [sys.executable, "-m", "mpsearch.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-CPU Ray head with token authentication, its own token file and temp dir; yields
+    (address, the environment a driver needs to join it, the folder workers mark their pids in)."""
+    temp = tempfile.mkdtemp(prefix="mpsr", dir="/tmp")  # short: Ray's unix sockets live there
+    marks = tmp_path_factory.mktemp("pids")
+    token = Path(temp) / "token"
+    token.write_text("mpsearch-test-" + os.urandom(16).hex())
+    port = free_port()
+    head_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                "MPSEARCH_TEST_PIDS": str(marks)}
+    log = Path(temp) / "head.log"
+    with log.open("w") as out:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+             "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
+            stdout=out, stderr=subprocess.STDOUT, env=head_env)
+    try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        # the driver gets the token's path but not RAY_AUTH_MODE: mpsearch turns token mode on
+        driver_env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+        driver_env |= {"RAY_AUTH_TOKEN_PATH": str(token), "PYTHONUNBUFFERED": "1"}
+        yield f"127.0.0.1:{port}", driver_env, marks
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=30)
+        subprocess.run(["rm", "-rf", temp], check=False)
+
+
+def search(*args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "search", *args, "--no-mlflow", "--no-progress"], capture_output=True, text=True,
+                          env=env, timeout=timeout, check=False)
+
+
+def trials(out: Path) -> list[dict]:
+    return json.loads((out / "result.json").read_text())["trials"]
+
+
+def test_search_on_a_cluster_is_reproducible_and_shaped_like_a_local_one(cluster, tmp_path):
+    address, env, _ = cluster
+    common = ["--task", "digits", "--strategy", "optuna", "--trials", "10", "--seed", "0"]
+    runs = []
+    for name in ("a", "b"):
+        p = search(*common, "--backend", "ray", "--ray-address", address, "--workers", "2",
+                   "--out", str(tmp_path / name), env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs.append(trials(tmp_path / name))
+    assert [t["number"] for t in runs[0]] == list(range(10))
+    # the same seed proposes the same configurations, whatever order the two workers finish in
+    assert [t["config"] for t in runs[0]] == [t["config"] for t in runs[1]]
+    scored_by = {t["worker"] for t in runs[0] if t["state"] == "complete"}
+    assert len(scored_by) == 2  # both workers scored
+    p = search(*common, "--out", str(tmp_path / "local"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    ray_json = json.loads((tmp_path / "a" / "result.json").read_text())
+    local_json = json.loads((tmp_path / "local" / "result.json").read_text())
+    assert ray_json.keys() == local_json.keys()
+    assert ray_json["trials"][0].keys() == local_json["trials"][0].keys()
+    assert ray_json["settings"]["backend"] == "ray" and ray_json["settings"]["workers"] == 2
+    # scores do not depend on where they were computed
+    by_config = {json.dumps(t["config"], sort_keys=True): t["metric"] for t in local_json["trials"]}
+    for t in ray_json["trials"]:
+        key = json.dumps(t["config"], sort_keys=True)
+        if key in by_config and t["state"] == "complete":
+            assert t["metric"] == pytest.approx(by_config[key], abs=1e-9)
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_worker_killed_mid_trial_loses_nothing(cluster, tmp_path, retries):
+    address, env, marks = cluster
+    for f in marks.iterdir():
+        f.unlink()
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [*CLI, "search", "--task", SLOW_TASK, "--strategy", "optuna", "--trials", "14", "--seed", "0",
+         "--backend", "ray", "--ray-address", address, "--workers", "2", "--retries", str(retries),
+         "--out", str(out), "--no-mlflow", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 240
+        victim = None
+        while time.time() < deadline and proc.poll() is None and victim is None:
+            done = len(trials(out)) if (out / "result.json").exists() else 0
+            if done >= 3:
+                # a worker inside an evaluation forward pass right now (touched < 30 ms ago)
+                recent = [f for f in marks.iterdir() if time.time() - f.stat().st_mtime < 0.03]
+                if recent:
+                    victim = int(recent[0].name)
+                    os.kill(victim, signal.SIGKILL)
+            time.sleep(0.005)
+        assert victim is not None, "no worker was caught mid-trial"
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    got = trials(out)
+    assert [t["number"] for t in got] == list(range(14))  # no finished trial lost, the search went on
+    failed = [t for t in got if t["state"] == "fail"]
+    if retries:
+        assert not failed  # the trial in flight ran again on the restarted worker
+        assert len({t["worker"] for t in got if t["state"] == "complete"}) >= 3
+    else:
+        assert len(failed) == 1 and "worker died" in failed[0]["reason"]
+        assert sum(t["state"] == "complete" for t in got) == 13
+
+
+def test_storage_workers_share_one_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    creator = subprocess.Popen(
+        [*CLI, "search", "--task", SLOW_TASK, "--strategy", "optuna", "--trials", "24", "--storage", storage,
+         "--study-name", "shared", "--out", str(tmp_path / "a"), "--no-mlflow", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "a" / "result.json").exists():
+        assert creator.poll() is None and time.time() < deadline, creator.stderr.read()[-3000:]
+        time.sleep(0.1)
+    worker = subprocess.run([*CLI, "worker", "--storage", storage, "--study-name", "shared", "--out",
+                             str(tmp_path / "b"), "--no-progress"], capture_output=True, text=True, timeout=300,
+                            check=False)
+    _, err = creator.communicate(timeout=300)
+    assert creator.returncode == 0, err[-3000:]
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    a, b = trials(tmp_path / "a"), trials(tmp_path / "b")
+    assert [t["number"] for t in a] == list(range(24))  # every trial of the study, whoever ran it
+    assert [t["config"] for t in a] == [t["config"] for t in b]
+    assert len({t["worker"] for t in a}) == 2  # both processes ran trials
+
+
+def test_cluster_errors_are_one_line(tmp_path):
+    p = search("--task", "digits", "--backend", "ray", "--ray-address", f"127.0.0.1:{free_port()}",
+               "--out", str(tmp_path / "x"))
+    assert p.returncode == 2 and "cannot reach the Ray cluster" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    p = search("--task", "digits", "--workers", "2", "--out", str(tmp_path / "y"))
+    assert p.returncode == 2 and "needs the ray backend" in p.stderr
+    p = subprocess.run([*CLI, "worker", "--storage", f"sqlite:///{tmp_path / 'none.db'}"], capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert p.returncode == 2 and "no study yet" in p.stderr
+
+
+def test_local_ray_instance(tmp_path):
+    stale = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    existed = stale.exists()
+    p = search("--task", "digits", "--strategy", "optuna", "--trials", "6", "--backend", "ray", "--workers", "2",
+               "--out", str(tmp_path / "o"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(trials(tmp_path / "o")) == 6
+    assert "Token authentication" not in p.stderr  # Ray's notice about its own default is not shown
+    assert json.loads((tmp_path / "o" / "result.json").read_text())["settings"]["workers"] == 2
+    assert existed or not stale.exists()  # the local instance cleaned up after itself
