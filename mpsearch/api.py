@@ -289,7 +289,8 @@ def search(
         if progress:
             print(f"mpsearch: space of 10^{space.log10_size:.2f} candidates (10^{space.unreduced_log10_size:.2f} "
                   f"before ties and pins); strategy {strategy}"
-                  + (f"; resuming after {len(previous)} trials" if resume else ""), file=sys.stderr)
+                  + (f"; joining study {study_name!r} ({len(previous)} trials so far)" if join else
+                     f"; resuming after {len(previous)} trials" if resume else ""), file=sys.stderr)
         tracker = None
         if track:
             tracker = Tracker(mlflow_uri, experiment)

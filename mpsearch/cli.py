@@ -310,6 +310,11 @@ def _summary(result) -> None:
               f"{timing['sampler_s']:.1f} s, pricing {timing['pricing_s']:.2f} s, scoring {timing['scoring_s']:.1f} s"
               + "".join(f", {k.removesuffix('_s')} {v:.1f} s" for k, v in timing.items()
                         if k not in ("sampler_s", "pricing_s", "scoring_s")))
+    ran, loop = result.settings.get("resumed_trials", 0), result.settings.get("search_s")
+    if loop:
+        n = len(result.trials) - ran
+        print(f"{n} trial{'s' if n != 1 else ''} in {loop:.1f} s ({n / loop:.1f} a second"
+              + (f", {result.settings['workers']} Ray workers" if result.settings.get("backend") == "ray" else "") + ")")
     print(f"\nresults: {out / 'result.json'} (Optuna study {result.settings['study_name']!r} in "
           f"{result.settings['storage']})")
     if result.tracking.get("run_id"):

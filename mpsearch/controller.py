@@ -366,6 +366,7 @@ def run_search(
             bar.set_postfix(best=f"{b.metric:.4f}", latency_ms=f"{b.latency_ms:.4g}", refresh=False)
         bar.update(1)
 
+    loop_t0 = time.perf_counter()
     try:
         interrupts.install()
         while len(pending) < executor.slots and ask():
@@ -403,6 +404,7 @@ def run_search(
         bar.close()
         for p in pending.values():
             _stop_heartbeat(p)
+    result.settings["search_s"] = time.perf_counter() - loop_t0  # this run's trials, wall time
     if gather:
         _gather(result, study, tracker, progress)
     result.interrupted = False
