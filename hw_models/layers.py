@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
@@ -77,13 +78,14 @@ class Candidate(Mapping[str, LayerChoice]):
     candidate is scored once.
     """
 
-    __slots__ = ("_hash", "_index", "_items")
+    __slots__ = ("_hash", "_index", "_items", "_json")
 
     def __init__(self, choices: Mapping[str, LayerChoice] | Iterable[tuple[str, LayerChoice]]):
         items = tuple(choices.items() if isinstance(choices, Mapping) else choices)
         self._items = items
         self._index = dict(items)
         self._hash = hash(items)
+        self._json: str | None = None
 
     def __getitem__(self, fqn: str) -> LayerChoice:
         return self._index[fqn]
@@ -111,6 +113,12 @@ class Candidate(Mapping[str, LayerChoice]):
 
     def to_dict(self) -> dict[str, dict[str, str]]:
         return {k: c.to_dict() for k, c in self._items}
+
+    def to_json(self) -> str:
+        """to_dict() as compact JSON, computed once (a candidate is immutable)."""
+        if self._json is None:
+            self._json = json.dumps(self.to_dict())
+        return self._json
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Mapping[str, str]]) -> Candidate:

@@ -501,9 +501,7 @@ def make_storage(url: str, retries: int | None = None):
     HEARTBEAT_GRACE_S is failed and enqueued again, up to `retries` times. Journal storages keep
     no heartbeats: a trial whose process died stays "running" there."""
     if url.startswith("journal:///"):
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:///")))
+        return optuna.storages.JournalStorage(_journal_file(url.removeprefix("journal:///")))
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         heartbeat = {}
@@ -514,6 +512,26 @@ def make_storage(url: str, retries: int | None = None):
         if url.startswith("sqlite:///"):
             return sqlite_storage(Path(url.removeprefix("sqlite:///")), **heartbeat)
         return optuna.storages.RDBStorage(url, **heartbeat) if heartbeat else url
+
+
+def _journal_file(path: str):
+    """Optuna's journal file backend without an fsync per append.
+
+    Asking and telling a trial appends ~20 log lines here (one per parameter), each fsynced by
+    Optuna: ~7 ms a digits trial. Without it a killed process still loses nothing it appended
+    (the data is in the kernel's page cache; the file lock and the close() that publishes it to an
+    NFS server stay), only a power cut could lose the last lines, as with SQLite's
+    synchronous=NORMAL in sqlite_storage.
+    """
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal._file import get_lock_file
+
+    class Backend(JournalFileBackend):
+        def append_logs(self, logs) -> None:
+            with get_lock_file(self._lock), open(self._file_path, "ab") as f:
+                f.write(("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode())
+
+    return Backend(path)
 
 
 def sqlalchemy_errors() -> type[Exception]:

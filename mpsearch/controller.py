@@ -255,6 +255,7 @@ def run_search(
     result_path = out_dir / "result.json"
     bar = tqdm(total=n_trials, desc="search", unit="trial", file=sys.stderr, disable=not progress)
     pending: dict[int, _Pending] = {}  # by trial number, in the order asked
+    memo: dict[int, tuple[TrialRecord, str]] = {}  # result.json lines of told records
     in_flight: dict[Candidate, int] = {}  # configuration -> the trial scoring it
     interrupts = _DeferredInterrupt()
     asked = 0
@@ -330,11 +331,11 @@ def run_search(
             q.record.worker = outcome.worker or q.record.worker
             q.ready = True
 
-    def tell(p: _Pending) -> None:
-        """Tell the study, and result.json, of a ready trial (in the order asked)."""
+    def tell(p: _Pending) -> TrialRecord:
+        """Tell the study of a ready trial (in the order asked) and add it to the result."""
         record, trial = p.record, p.trial
         t3 = time.perf_counter()
-        with interrupts.critical():  # the study and result.json learn of the trial together
+        with interrupts.critical():  # the study and the result learn of the trial together
             trial.set_constraint(UNSUPPORTED, 0.0 if p.feasible else 1.0)
             for key, over in p.overruns.items():
                 trial.set_constraint(key, over if p.feasible else 0.0)
@@ -353,9 +354,14 @@ def run_search(
             record.sampler_s = (p.t1 - p.t0) + (time.perf_counter() - t3)
             record.seconds = time.perf_counter() - p.t0
             result.trials.append(record)
-            result.write(result_path)
         if record.state == "complete":
             scored.setdefault(record.config, record)
+        return record
+
+    def publish(record: TrialRecord, write: bool = True) -> None:
+        """result.json, MLflow, the callback and the progress bar learn of a told trial."""
+        if write:
+            result.write(result_path, memo)  # told records do not change: each is encoded once
         if tracker is not None:
             tracker.log_trial(record)
         if on_trial is not None:
@@ -377,13 +383,16 @@ def run_search(
                 for outcome in executor.wait():
                     finish(outcome)
                 continue
-            tell(head)
-            ask()  # trial k is asked right after trial k - slots is told
+            told = tell(head)
+            ask()  # trial k is asked right after trial k - slots is told, and sent to a worker at once
+            # result.json while the workers score; when the next trial is ready too, after it (the
+            # writes of trials told back to back are one, so a waiting worker is not kept waiting)
+            publish(told, write=not (pending and next(iter(pending.values())).ready))
     except KeyboardInterrupt:
         for p in list(pending.values()):
             try:
                 if p.ready:
-                    tell(p)
+                    publish(tell(p))
                 else:
                     study.tell(p.trial, state=TrialState.FAIL)
                     _stop_heartbeat(p)

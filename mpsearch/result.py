@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,17 @@ class TrialRecord:
     worker: str = ""  # host:pid of the process that scored it (or priced it, when not scored)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # not dataclasses.asdict: it deep-copies the Candidate, ~60x slower (result.json is
+        # rewritten after every trial)
+        d = {name: getattr(self, name) for name in _RECORD_FIELDS}
         d["config"] = self.config.to_dict()
+        d["proxies"] = dict(self.proxies)
         return d
+
+    def to_json(self) -> str:
+        """to_dict() as compact JSON (the configuration's JSON is computed once per Candidate)."""
+        d = {name: getattr(self, name) for name in _RECORD_FIELDS if name != "config"}
+        return json.dumps(d)[:-1] + ', "config": ' + self.config.to_json() + "}"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialRecord:
@@ -61,6 +69,9 @@ class TrialRecord:
     @property
     def mean_activation_bits(self) -> float:
         return sum(c.activation.bits for c in self.config.values()) / len(self.config)
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(TrialRecord))
 
 
 def pareto_front(trials: Sequence[TrialRecord], objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> list[int]:
@@ -127,8 +138,8 @@ class SearchResult:
                 return t
         raise KeyError(number)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, trials: bool = True) -> dict[str, Any]:
+        d = {
             "schema": SCHEMA,
             "task": self.task,
             "target": self.target,
@@ -137,16 +148,36 @@ class SearchResult:
             "space": self.space,
             "tracking": self.tracking,
             "interrupted": self.interrupted,
-            "trials": [t.to_dict() for t in self.trials],
             "pareto": self.pareto,
             "best": self.best,
             "hypervolume": self.hypervolume,
             "timing": self.timing,
         }
+        if trials:
+            d["trials"] = [t.to_dict() for t in self.trials]
+        return d
 
-    def write(self, path: str | Path) -> None:
-        """Write result.json atomically (readers never see a partial file)."""
-        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=1) + "\n").encode())
+    def write(self, path: str | Path, memo: dict[int, tuple[TrialRecord, str]] | None = None) -> None:
+        """Write result.json atomically (readers never see a partial file): indented, with one
+        trial a line (compact JSON per trial is what keeps rewriting it after every trial cheap:
+        json's C encoder does not indent). memo: the JSON of records that no longer change, by
+        id (the search loop rewrites the file after every trial; it encodes each record once)."""
+        d = self.to_dict(trials=False)
+        head = json.dumps(d, indent=1)
+        if memo is None:
+            body = ",\n  ".join(t.to_json() for t in self.trials)
+        else:
+            lines = []
+            for t in self.trials:
+                hit = memo.get(id(t))
+                if hit is None or hit[0] is not t:
+                    hit = memo[id(t)] = (t, t.to_json())
+                lines.append(hit[1])
+            body = ",\n  ".join(lines)
+        text = head[: head.rindex("}")].rstrip() + ',\n "trials": [' + (f"\n  {body}\n ]" if self.trials else "]") + "\n}\n"
+        # no fsync: a killed process loses nothing written, and the study (fsynced by its storage)
+        # is what a resume rebuilds result.json from
+        atomic_write_bytes(path, text.encode(), durable=False)
 
     @classmethod
     def read(cls, path: str | Path) -> SearchResult:
