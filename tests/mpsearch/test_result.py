@@ -46,3 +46,21 @@ def test_result_json_round_trip(tmp_path):
     back = SearchResult.read(path)
     assert back.trials[1].config == CFG and back.best == 1
     assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temp file
+
+
+def test_memoized_write_is_the_same_file_one_trial_a_line(tmp_path):
+    ref = {"metric_name": "accuracy", "fp32_metric": 1.0, "fp32_latency_ms": 2.0, "fp32_weight_bytes": 400}
+    trials = [rec(0, 0.9, 1.0), rec(1, 0.95, 2.0)]
+    trials[1].proxies = {"kl_to_fp32": 0.25}
+    r = SearchResult("digits", "x86-vnni", ref, trials)
+    memo: dict = {}
+    r.write(tmp_path / "a.json", memo)
+    r.trials.append(rec(2, 0.99, 3.0))  # a search appends; the first two come from the memo
+    r.write(tmp_path / "a.json", memo)
+    r.write(tmp_path / "b.json")
+    text = (tmp_path / "a.json").read_text()
+    assert text == (tmp_path / "b.json").read_text() and len(memo) == 3
+    lines = [json.loads(line.rstrip(",")) for line in text.splitlines() if line.startswith('  {"number"')]
+    assert [t["number"] for t in lines] == [0, 1, 2] and lines[1]["proxies"] == {"kl_to_fp32": 0.25}
+    assert json.loads(text)["trials"] == [t.to_dict() for t in r.trials]
+    assert json.loads(text)["pareto"] == [0, 1, 2]
