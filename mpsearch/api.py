@@ -359,19 +359,10 @@ def join_study(storage: str, study_name: str | None = None, *, out_dir: str | os
         raise InvalidConfigError(f"the number of trials must be a positive integer, got {max_trials!r}")
     try:
         store = make_storage(storage)
-        names = optuna.study.get_all_study_names(store)
+        study_name = pick_study(store, study_name, "no study yet: start one with mpsearch search ... --storage URL")
     except (ImportError, ValueError, sqlalchemy_errors()) as e:
         raise InvalidConfigError(f"cannot open the study storage {_redact(storage)}: {type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    if study_name is None:
-        if len(names) != 1:
-            raise InvalidConfigError("the storage holds no study yet: start one with mpsearch search ... --storage"
-                                     if not names else f"the storage holds {len(names)} studies; pick one with "
-                                     f"--study-name: {', '.join(names)}")
-        study_name = names[0]
-    elif study_name not in names:
-        raise InvalidConfigError(f"no study named {study_name!r} in the storage (start it with mpsearch search "
-                                 "... --storage URL --study-name NAME)")
     launch = optuna.load_study(study_name=study_name, storage=store).user_attrs.get(LAUNCH_ATTR)
     if not launch or not launch.get("task"):
         raise InvalidConfigError(f"study {study_name!r} has no search options a worker can use (it was not created "
@@ -446,16 +437,7 @@ def open_study(storage_url: str, study_name: str | None, resume: bool, sampler, 
                     raise InvalidConfigError(f"nothing to resume: {storage_url.removeprefix(prefix)} does not exist")
         store = make_storage(storage_url, retries)
         if resume:
-            names = optuna.study.get_all_study_names(store)
-            if study_name is None:
-                if len(names) != 1:
-                    raise InvalidConfigError(
-                        "nothing to resume: the storage holds no study" if not names else
-                        f"the storage holds {len(names)} studies; pick one with --study-name: {', '.join(names)}")
-                study_name = names[0]
-            elif study_name not in names:
-                raise InvalidConfigError(f"no study named {study_name!r} in the storage"
-                                         + (f" (it has: {', '.join(names)})" if names else ""))
+            study_name = pick_study(store, study_name, "nothing to resume: the storage holds no study")
             study = optuna.load_study(study_name=study_name, storage=store, sampler=sampler)
             stored = study.user_attrs.get("mpsearch") or {}
             differs = [f"{k}: stored {stored.get(k)!r}, this run {v!r}" for k, v in identity.items()
@@ -489,6 +471,21 @@ def default_storage(out: Path) -> str:
     OUT/study.db of a search made before it became the default."""
     old = out / "study.db"
     return f"sqlite:///{old.resolve()}" if old.exists() else f"journal:///{(out / 'study.log').resolve()}"
+
+
+def pick_study(store, study_name: str | None, when_empty: str) -> str:
+    """`study_name` if the storage holds it, else the only study it holds; InvalidConfigError
+    naming what it does hold otherwise (`when_empty` when it holds none)."""
+    names = optuna.study.get_all_study_names(store)
+    if study_name is None:
+        if len(names) != 1:
+            raise InvalidConfigError(when_empty if not names else f"the storage holds {len(names)} studies; pick one "
+                                     f"with --study-name: {', '.join(names)}")
+        return names[0]
+    if study_name not in names:
+        raise InvalidConfigError(f"no study named {study_name!r} in the storage"
+                                 + (f" (it has: {', '.join(names)})" if names else ""))
+    return study_name
 
 
 def make_storage(url: str, retries: int | None = None):
