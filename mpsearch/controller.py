@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from hw_models import Candidate, Cost, CostModel
-from mpsearch.errors import InvalidConfigError, SearchInterrupted
+from mpsearch.errors import InvalidConfigError, MpsearchError, SearchInterrupted
 from mpsearch.evaluator import Evaluator, Score
 from mpsearch.executors import THIS_PROCESS, Executor, LocalExecutor, Outcome
 from mpsearch.objectives import DEFAULT_OBJECTIVES
@@ -388,7 +388,8 @@ def run_search(
             # result.json while the workers score; when the next trial is ready too, after it (the
             # writes of trials told back to back are one, so a waiting worker is not kept waiting)
             publish(told, write=not (pending and next(iter(pending.values())).ready))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, MpsearchError) as stop:
+        # Ctrl-C, or the workers are gone: keep what is finished, fail what is in flight
         for p in list(pending.values()):
             try:
                 if p.ready:
@@ -402,12 +403,12 @@ def run_search(
         result.interrupted = True
         result.write(result_path)
         if tracker is not None:
-            tracker.finish(result, status="KILLED")
+            tracker.finish(result, status="KILLED" if isinstance(stop, KeyboardInterrupt) else "FAILED")
         done = len(result.trials)
-        raise SearchInterrupted(
-            f"{done} finished trial{'s' if done != 1 else ''} kept in {result_path} and in the study storage",
-            str(result_path),
-        ) from None
+        kept = f"{done} finished trial{'s' if done != 1 else ''} kept in {result_path} and in the study storage"
+        if isinstance(stop, MpsearchError):
+            raise type(stop)(f"{stop}; {kept}") from None
+        raise SearchInterrupted(kept, str(result_path)) from None
     finally:
         interrupts.restore()
         bar.close()

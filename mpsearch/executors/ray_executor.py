@@ -226,7 +226,7 @@ class RayExecutor:
         """The next finished scorings ([] when only a restarted worker came back)."""
         ray = self.ray
         if not self._running and not self._reviving:
-            raise ClusterError("every Ray worker died or was dropped; the finished trials are kept")
+            raise ClusterError("every Ray worker died or was dropped")
         done, _ = ray.wait([*self._running, *self._reviving], num_returns=1)
         outcomes = []
         for ref in done:
