@@ -665,3 +665,46 @@ def _cheapest_latency_ms(space: SearchSpace, cost_model: CostModel) -> float:
     for fqn in space.fqns:
         total += min(cost_model.layer_cost(fqn, c).latency_s for c in space.layer_choices(fqn))
     return total * 1e3
+
+
+def compare(
+    task: Task | str,
+    targets: str | Sequence[str | HardwareProfile],
+    n_trials: int = 50,
+    *,
+    objectives: str | Sequence[str] | None = "metric,bops",
+    latency_budget_ms: float | Sequence[float] | None = None,
+    batch_size: int = 1,
+    **search_options,
+):
+    """One search, priced on every target (mpsearch.compare): returns a Comparison and writes
+    OUT/compare.json beside OUT/result.json.
+
+    targets: names or profile files, comma-separated or a list (the first one's space is
+    searched: its precisions; a configuration another target cannot run is off that target's
+    front only). objectives: the search's (default metric,bops: no target's own latency).
+    latency_budget_ms: budgets in ms added to each target's table (not search constraints).
+    search_options: any other keyword of `search` (n_trials, sampler, seed, strategy, out_dir,
+    mlflow_uri, track, backend, ...).
+    """
+    from mpsearch.compare import price_on_targets
+
+    names = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
+    if not names:
+        raise InvalidConfigError("compare needs at least one target")
+    profiles = [resolve_target(t) for t in names]
+    seen = [p.name for p in profiles]
+    if len(set(seen)) != len(seen):
+        raise InvalidConfigError(f"a target is listed twice in {','.join(seen)}")
+    budgets = [] if latency_budget_ms is None else (
+        [latency_budget_ms] if isinstance(latency_budget_ms, int | float) else list(latency_budget_ms))
+    for b in budgets:
+        if isinstance(b, bool) or not isinstance(b, int | float) or not b > 0:
+            raise InvalidConfigError(f"latency budgets must be positive numbers of ms, got {b!r}")
+    task_obj = load_task(task) if isinstance(task, str) else task
+    result = search(task_obj if not isinstance(task, str) else task, names[0], n_trials, objectives=objectives,
+                    batch_size=batch_size, **search_options)
+    layers = analyze(task_obj.model, task_obj.example_input).layers
+    cmp = price_on_targets(result, layers, profiles, batch_size=batch_size, latency_budgets_ms=budgets)
+    cmp.write(Path(result.settings["out_dir"]) / "compare.json")
+    return cmp

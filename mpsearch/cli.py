@@ -77,10 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-progress", action="store_true")
 
-    s = sub.add_parser("search", help="search per-layer precisions for a task on a target")
+    _add_search_options(sub.add_parser("search", help="search per-layer precisions for a task on a target"))
+    _add_search_options(sub.add_parser("compare", help="one search, priced and compared on several targets"),
+                        compare=True)
+
+    w = sub.add_parser("worker", help="run trials of a study another search started (shared --storage)")
+    w.add_argument("--storage", required=True, metavar="URL",
+                   help="the search's Optuna storage: a database URL or journal:///file.log on a shared disk")
+    w.add_argument("--study-name", metavar="NAME", help="the study (default: the only one in the storage)")
+    w.add_argument("--trials", type=_positive_int, metavar="N",
+                   help="at most N trials from this worker (default: until the study has the search's --trials)")
+    w.add_argument("--retries", type=_natural_int, default=1, metavar="N",
+                   help="runs of a trial whose process died (database storages) before it stays failed (default 1)")
+    w.add_argument("--out", metavar="DIR", help="where to write result.json (default mpsearch-out/<task>-<target>-<time>)")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _add_search_options(s: argparse.ArgumentParser, compare: bool = False) -> None:
     s.add_argument("--task", required=True, help="built-in name, package.module:function or file.py:function")
-    s.add_argument("--target", default="x86-vnni",
-                   help="hardware target (see `mpsearch targets`) or a profile file (.toml)")
+    if compare:
+        s.add_argument("--targets", required=True, metavar="LIST",
+                       help="targets (names or .toml profile files), comma-separated; the first one's space is searched")
+    else:
+        s.add_argument("--target", default="x86-vnni",
+                       help="hardware target (see `mpsearch targets`) or a profile file (.toml)")
     s.add_argument("--trials", type=_positive_int, default=50,
                    help="number of trials (default 50; with --resume, in all)")
     s.add_argument("--strategy", default="hybrid",
@@ -88,10 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "or exhaustive")
     s.add_argument("--sampler", default="tpe", help="tpe (default), nsga2, nsga3, random, qmc or gp")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--objectives", default="metric,latency", metavar="LIST",
+    default_obj = "metric,bops" if compare else "metric,latency"
+    s.add_argument("--objectives", default=default_obj, metavar="LIST",
                    help="metric and any of latency, weight_memory, activation_memory, bops, energy "
-                        "(default metric,latency)")
-    s.add_argument("--latency-budget", type=_positive_float, metavar="MS", help="latency budget in ms")
+                        f"(default {default_obj})")
+    if compare:
+        s.add_argument("--latency-budget", type=_positive_float, action="append", default=[], metavar="MS",
+                       help="a latency budget (ms) for every target's table (repeatable)")
+    else:
+        s.add_argument("--latency-budget", type=_positive_float, metavar="MS", help="latency budget in ms")
     s.add_argument("--size-budget", type=_positive_float, metavar="MB", help="weight memory budget in MB")
     s.add_argument("--memory-budget", type=_positive_float, metavar="MB",
                    help="weights plus peak activations budget in MB")
@@ -144,18 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow")
     s.add_argument("--experiment", default="mpsearch", help="MLflow experiment name (default mpsearch)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    w = sub.add_parser("worker", help="run trials of a study another search started (shared --storage)")
-    w.add_argument("--storage", required=True, metavar="URL",
-                   help="the search's Optuna storage: a database URL or journal:///file.log on a shared disk")
-    w.add_argument("--study-name", metavar="NAME", help="the study (default: the only one in the storage)")
-    w.add_argument("--trials", type=_positive_int, metavar="N",
-                   help="at most N trials from this worker (default: until the study has the search's --trials)")
-    w.add_argument("--retries", type=_natural_int, default=1, metavar="N",
-                   help="runs of a trial whose process died (database storages) before it stays failed (default 1)")
-    w.add_argument("--out", metavar="DIR", help="where to write result.json (default mpsearch-out/<task>-<target>-<time>)")
-    w.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def _cmd_tasks(args) -> int:
@@ -230,8 +244,8 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
-def _cmd_search(args) -> int:
-    from mpsearch.api import search
+def _search_kwargs(args) -> dict:
+    """The search options the search and compare commands share, as API keywords."""
     from mpsearch.evaluator import QuantSettings
 
     quant = QuantSettings(
@@ -249,43 +263,58 @@ def _cmd_search(args) -> int:
         if not eq or not layer or not pair:
             raise InvalidConfigError(f"--pin expects LAYER=WEIGHT/ACTIVATION, got {item!r}")
         pins[layer] = pair
-    result = search(
-        args.task,
-        target=args.target,
-        n_trials=args.trials,
-        sampler=args.sampler,
-        seed=args.seed,
-        latency_budget_ms=args.latency_budget,
-        weight_precisions=args.weight_precisions,
-        activation_precisions=args.activation_precisions,
-        out_dir=args.out,
-        mlflow_uri=args.mlflow_uri,
-        track=not args.no_mlflow,
-        experiment=args.experiment,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        quant=quant,
-        evaluator_cache=not args.no_evaluator_cache,
-        early_stop=args.early_stop,
-        strategy=args.strategy,
-        objectives=args.objectives,
-        size_budget_mb=args.size_budget,
-        memory_budget_mb=args.memory_budget,
-        ties=[[x.strip() for x in t.split(",") if x.strip()] for t in args.tie],
-        pins=pins,
-        pin_first_last=args.pin_first_last,
-        storage=args.storage,
-        study_name=args.study_name,
-        resume=args.resume,
-        n_seeds=args.ilp_seeds,
-        exhaustive_limit=args.exhaustive_limit,
-        backend=args.backend,
-        ray_address=args.ray_address,
-        workers=args.workers,
-        worker_threads=args.worker_threads,
-        retries=args.retries,
-    )
+    return {
+        "n_trials": args.trials,
+        "sampler": args.sampler,
+        "seed": args.seed,
+        "weight_precisions": args.weight_precisions,
+        "activation_precisions": args.activation_precisions,
+        "out_dir": args.out,
+        "mlflow_uri": args.mlflow_uri,
+        "track": not args.no_mlflow,
+        "experiment": args.experiment,
+        "batch_size": args.batch_size,
+        "progress": not args.no_progress,
+        "quant": quant,
+        "evaluator_cache": not args.no_evaluator_cache,
+        "early_stop": args.early_stop,
+        "strategy": args.strategy,
+        "objectives": args.objectives,
+        "size_budget_mb": args.size_budget,
+        "memory_budget_mb": args.memory_budget,
+        "ties": [[x.strip() for x in t.split(",") if x.strip()] for t in args.tie],
+        "pins": pins,
+        "pin_first_last": args.pin_first_last,
+        "storage": args.storage,
+        "study_name": args.study_name,
+        "resume": args.resume,
+        "n_seeds": args.ilp_seeds,
+        "exhaustive_limit": args.exhaustive_limit,
+        "backend": args.backend,
+        "ray_address": args.ray_address,
+        "workers": args.workers,
+        "worker_threads": args.worker_threads,
+        "retries": args.retries,
+    }
+
+
+def _cmd_search(args) -> int:
+    from mpsearch.api import search
+
+    result = search(args.task, args.target, latency_budget_ms=args.latency_budget, **_search_kwargs(args))
     _summary(result)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from mpsearch.api import compare
+    from mpsearch.compare import compare_table
+
+    kw = _search_kwargs(args)
+    cmp = compare(args.task, args.targets, kw.pop("n_trials"), objectives=kw.pop("objectives"),
+                  batch_size=kw.pop("batch_size"), latency_budget_ms=args.latency_budget, **kw)
+    print(compare_table(cmp))
+    print(f"\nresults: {Path(cmp.result.settings['out_dir']) / 'compare.json'} (the search: result.json beside it)")
     return 0
 
 
@@ -326,6 +355,7 @@ COMMANDS = {
     "targets": _cmd_targets,
     "fetch-weights": _cmd_fetch_weights,
     "search": _cmd_search,
+    "compare": _cmd_compare,
     "worker": _cmd_worker,
     "profile": _cmd_profile,
     "calibrate": _cmd_calibrate,
