@@ -302,13 +302,15 @@ def search(
             )
             result.tracking = {"mlflow_uri": tracker.uri, "experiment": experiment, "run_id": run_id}
         try:
-            return run_search(result=result, space=space, cost_model=cost_model, evaluator=evaluator, study=study,
+            result = run_search(result=result, space=space, cost_model=cost_model, evaluator=evaluator, study=study,
                               n_trials=max(remaining, 0), budgets=budgets, objectives=objectives, seeds=plan.seeds,
                               seeds_only=plan.seeds_only, out_dir=out, tracker=tracker, progress=progress,
                               early_stop=early_stop, executor=executor,
                               study_total=study.user_attrs[LAUNCH_ATTR]["n_trials"] if join else
                               n_trials if shared else None,
                               gather=shared)
+            finish_report(result, out, cost_model, tracker)
+            return result
         finally:
             if executor is not None:
                 executor.close()
@@ -389,6 +391,20 @@ def check_backend(backend: str, ray_address: str | None, workers: int | None, wo
     for name, v, low in (("workers", workers, 1), ("worker threads", worker_threads, 1), ("retries", retries, 0)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             raise InvalidConfigError(f"{name}: expected an integer of at least {low}, got {v!r}")
+
+
+def finish_report(result: SearchResult, out: Path, cost_model: CostModel | None, tracker: Tracker | None,
+                  extra: Sequence[Path] = ()) -> None:
+    """The best trial's per-layer latencies into result.json, OUT/report.html, and both (with
+    `extra` files) as artifacts of the MLflow parent run."""
+    from mpsearch.report_html import layer_breakdown, write_report
+
+    if cost_model is not None and result.best is not None:
+        result.settings["breakdown"] = layer_breakdown(cost_model, result.trial(result.best))
+        result.write(out / "result.json")
+    files = write_report(out)
+    if tracker is not None:
+        tracker.log_files([out / "result.json", *files, *extra])
 
 
 def _pins(space: SearchSpace, pins: Mapping[str, str | LayerChoice] | None, first_last: bool) -> dict:
@@ -706,5 +722,18 @@ def compare(
                     batch_size=batch_size, **search_options)
     layers = analyze(task_obj.model, task_obj.example_input).layers
     cmp = price_on_targets(result, layers, profiles, batch_size=batch_size, latency_budgets_ms=budgets)
-    cmp.write(Path(result.settings["out_dir"]) / "compare.json")
+    out = Path(result.settings["out_dir"])
+    cmp.write(out / "compare.json")
+    tracker = Tracker.resume(result.tracking)
+    if tracker is not None:  # one child run per target under the search's run
+        for name in cmp.targets:
+            pt = cmp.per_target[name]
+            metrics = {"pareto_size": len(pt["pareto"]), "fp32_latency_ms": pt["reference"]["fp32_latency_ms"],
+                       "int8_latency_ms": pt["reference"]["int8_latency_ms"]}
+            for r in pt["table"]:
+                key = re.sub(r"[^A-Za-z0-9_]+", "_", r["budget"]).strip("_")
+                metrics |= {f"best_metric_{key}": r["metric"], f"latency_ms_{key}": r["latency_ms"],
+                            f"speedup_fp32_{key}": r["speedup_fp32"], f"speedup_int8_{key}": r["speedup_int8"]}
+            tracker.log_target(name, metrics, {"target": name, "task": result.task})
+    finish_report(result, out, None, tracker, extra=[out / "compare.json"])
     return cmp

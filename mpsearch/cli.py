@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_options(sub.add_parser("compare", help="one search, priced and compared on several targets"),
                         compare=True)
 
+    ex = sub.add_parser("export", help="a trial's per-layer precisions as a config file (or an ONNX QDQ model)")
+    ex.add_argument("dir", metavar="DIR", help="the output directory of a search (its result.json)")
+    ex.add_argument("--trial", type=_int_at_least(0), metavar="N", help="the trial (default: the best)")
+    ex.add_argument("--out", required=True, metavar="FILE", help="where to write (config.json, or model.onnx)")
+    ex.add_argument("--format", default="json", choices=["json", "onnx"],
+                    help="json: the config (schema mpsearch.config/1); onnx: the model with QDQ nodes")
+
+    rp = sub.add_parser("report", help="rebuild DIR/report.html (and PNG plots) from a search's result.json")
+    rp.add_argument("dir", metavar="DIR", help="the output directory of a search or compare")
+    rp.add_argument("--no-png", action="store_true", help="the HTML report only")
+
     w = sub.add_parser("worker", help="run trials of a study another search started (shared --storage)")
     w.add_argument("--storage", required=True, metavar="URL",
                    help="the search's Optuna storage: a database URL or journal:///file.log on a shared disk")
@@ -302,6 +313,7 @@ def _cmd_search(args) -> int:
     from mpsearch.api import search
 
     result = search(args.task, args.target, latency_budget_ms=args.latency_budget, **_search_kwargs(args))
+    _pngs(Path(result.settings["out_dir"]), result.tracking)
     _summary(result)
     return 0
 
@@ -314,7 +326,43 @@ def _cmd_compare(args) -> int:
     cmp = compare(args.task, args.targets, kw.pop("n_trials"), objectives=kw.pop("objectives"),
                   batch_size=kw.pop("batch_size"), latency_budget_ms=args.latency_budget, **kw)
     print(compare_table(cmp))
-    print(f"\nresults: {Path(cmp.result.settings['out_dir']) / 'compare.json'} (the search: result.json beside it)")
+    out = Path(cmp.result.settings["out_dir"])
+    _pngs(out, cmp.result.tracking)
+    print(f"\nresults: {out / 'compare.json'} (the search: result.json beside it); report: {out / 'report.html'}")
+    return 0
+
+
+def _pngs(out: Path, tracking: dict) -> None:
+    """The report's PNGs (matplotlib: the API writes report.html alone), also to MLflow."""
+    from mpsearch.report_html import write_report
+    from mpsearch.tracking import Tracker
+
+    files = write_report(out, png=True)
+    tracker = Tracker.resume(tracking)
+    if tracker is not None:
+        tracker.log_files(files)
+
+
+def _cmd_export(args) -> int:
+    from mpsearch.export import export_config, export_onnx, write_config
+
+    config = export_config(args.dir, args.trial)
+    if args.format == "onnx":
+        proto = export_onnx(config["task"], config, args.out)
+        dq = sum(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+        print(f"wrote {args.out}: trial {config['trial']} of {config['task']} as ONNX QDQ ({dq} DequantizeLinear)")
+    else:
+        write_config(config, args.out)
+        print(f"wrote {args.out}: trial {config['trial']}, {config['metric_name']} {config['metric']:.4f}, "
+              f"{len(config['layers'])} layers (schema {config['schema']})")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from mpsearch.report_html import write_report
+
+    for path in write_report(Path(args.dir), png=not args.no_png):
+        print(path)
     return 0
 
 
@@ -356,6 +404,8 @@ COMMANDS = {
     "fetch-weights": _cmd_fetch_weights,
     "search": _cmd_search,
     "compare": _cmd_compare,
+    "report": _cmd_report,
+    "export": _cmd_export,
     "worker": _cmd_worker,
     "profile": _cmd_profile,
     "calibrate": _cmd_calibrate,

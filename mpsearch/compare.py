@@ -20,7 +20,8 @@ Written to OUT/compare.json (schema COMPARE_SCHEMA) beside the search's result.j
                                                    "energy_mj", "feasible", "reason"}},
                          "pareto": [trial numbers, fastest first],
                          "table": [{"budget_ms", "budget", "trial", "metric", "latency_ms",
-                                    "weight_bytes", "speedup_fp32", "speedup_int8"}]}}}
+                                    "weight_bytes", "speedup_fp32", "speedup_int8"}],
+                         "breakdown": [per-layer latency of the target's best trial]}}}
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 from hw_models import Candidate, CostModel, HardwareProfile, Precision
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import InvalidConfigError
+from mpsearch.report_html import layer_breakdown
 from mpsearch.result import SearchResult, TrialRecord, pareto_front
 
 COMPARE_SCHEMA = "mpsearch.compare/1"
@@ -91,9 +93,9 @@ def price_on_targets(result: SearchResult, layers, profiles: Sequence[HardwarePr
                      latency_budgets_ms: Sequence[float] = ()) -> Comparison:
     """Price every trial of `result` on every profile; fronts and budget tables per target."""
     fqns = [x.fqn for x in layers]
-    per_target = {}
+    per_target, models = {}, {}
     for prof in profiles:
-        model = CostModel(layers, prof, batch_size=batch_size)
+        model = models[prof.name] = CostModel(layers, prof, batch_size=batch_size)
         priced = {}
         for t in result.trials:
             c = model.price(t.config)
@@ -114,6 +116,8 @@ def price_on_targets(result: SearchResult, layers, profiles: Sequence[HardwarePr
         view = cmp.view(name)
         pt["pareto"] = pareto_front(view.trials, FRONT_OBJECTIVES)
         pt["table"] = budget_table(view, pt["reference"], latency_budgets_ms)
+        best = view.best
+        pt["breakdown"] = [] if best is None else layer_breakdown(models[name], view.trial(best))
     return cmp
 
 

@@ -7,19 +7,42 @@ on: the tracker says so in one line on stderr and stops logging; result.json kee
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import time
+import urllib.parse
 from typing import Any
 
 from mpsearch.result import SearchResult, TrialRecord
 
 DEFAULT_EXPERIMENT = "mpsearch"
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+CONNECT_TIMEOUT_S = 3.0
+
+
+def _unreachable(uri: str) -> str | None:
+    """Why an http(s) tracking server cannot be reached (None: it can, or the URI is not http)."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return None
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S):
+            return None
+    except OSError as e:
+        return f"cannot connect: {e.strerror or e}"
 
 
 class Tracker:
     """Logs a search to MLflow. uri None: MLFLOW_TRACKING_URI, else MLflow's default store."""
 
     def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT):
+        # MLflow retries a failed HTTP request 7 times with exponential backoff (minutes per call
+        # against a server that is down); a search would rather go on without it (user settings win)
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -29,6 +52,9 @@ class Tracker:
         self.enabled = True
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
+        down = _unreachable(self.uri)
+        if down:
+            self._off("connecting", down)
 
     def _guard(self, what: str, fn, *args, **kwargs):
         if not self.enabled:
@@ -36,14 +62,13 @@ class Tracker:
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never lose a search
-            self.enabled = False
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(
-                f"mpsearch: MLflow tracking at {self.uri} failed while {what} ({first}); "
-                "continuing without it, results are kept in result.json",
-                file=sys.stderr,
-            )
+            self._off(what, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
             return None
+
+    def _off(self, what: str, why: str) -> None:
+        self.enabled = False
+        print(f"mpsearch: MLflow tracking at {self.uri} failed while {what} ({why}); continuing without it, "
+              "results are kept in result.json", file=sys.stderr)
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
         return self._guard("starting the search run", self._start, run_name, params, tags)
@@ -97,6 +122,37 @@ class Tracker:
         self._log(rid, params=params, metrics=metrics)
         self.client.log_dict(rid, t.config.to_dict(), "config.json")
         self.client.set_terminated(rid, "FAILED" if t.state == "fail" else "FINISHED")
+
+    def log_files(self, paths, run_id: str | None = None) -> None:
+        """Files as artifacts of the parent run (or of run_id)."""
+        self._guard("logging artifacts", self._log_files, paths, run_id or self.parent_run_id)
+
+    def _log_files(self, paths, run_id: str) -> None:
+        for path in paths:
+            self.client.log_artifact(run_id, str(path))
+
+    def log_target(self, target: str, metrics: dict, params: dict, files=()) -> str | None:
+        """A child run of the parent for one target of a compare."""
+        return self._guard(f"logging target {target}", self._log_target, target, metrics, params, files)
+
+    def _log_target(self, target, metrics, params, files) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=f"target-{target}",
+                                     tags={"mlflow.parentRunId": self.parent_run_id, "mpsearch.target": target})
+        self._log(run.info.run_id, params=params, metrics=metrics)
+        for path in files:
+            self.client.log_artifact(run.info.run_id, str(path))
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    @classmethod
+    def resume(cls, tracking: dict) -> Tracker | None:
+        """The tracker of a finished search (result.tracking), to log more to its parent run."""
+        if not tracking.get("run_id"):
+            return None
+        t = cls(tracking["mlflow_uri"], tracking["experiment"])
+        t.parent_run_id = tracking["run_id"]
+        t.experiment_id = t._guard("finding the search run", lambda: t.client.get_run(t.parent_run_id).info.experiment_id)
+        return t if t.enabled else None
 
     def finish(self, result: SearchResult, status: str = "FINISHED") -> None:
         self._guard("finishing the search run", self._finish, result, status)

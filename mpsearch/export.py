@@ -1,0 +1,463 @@
+"""Export a searched configuration, and apply it to a model (simulated or as ONNX QDQ).
+
+A configuration file (schema "mpsearch.config/1") is the per-layer precision map of one trial
+of a finished search, made by `export_config` from DIR/result.json:
+
+    {
+     "schema": "mpsearch.config/1",
+     "task": "digits",
+     "target": "x86-vnni",
+     "trial": 5,
+     "metric": 0.9861,
+     "metric_name": "accuracy",
+     "latency_ms": 0.042,
+     "weight_bytes": 9876,
+     "quant": {"weight_granularity": "per_channel", "weight_clipping": "auto", ...},
+     "layers": {
+      "features.0": {"weight": "fp32", "activation": "fp32"},
+      "features.2": {"weight": "int6", "activation": "int8"},
+      ...
+     }
+    }
+
+Keys:
+
+- schema: the string "mpsearch.config/1" (CONFIG_SCHEMA). Required. A reader refuses any other
+  value; a change to the meaning of a key gets a new version.
+- layers: required, non-empty. Layer name (the module's fully qualified name in the FP32
+  model, as `mpsearch.analysis.analyze` lists the quantizable layers) -> {"weight": precision,
+  "activation": precision}, in the model's execution order. Precisions are `hw_models.Precision`
+  names: int2, int3, int4, int6, int8, int16, fp8_e4m3, fp16, bf16, fp32. "weight" is the
+  layer's weight format (integers: symmetric, per output channel unless quant says otherwise),
+  "activation" the format of the layer's input (integers: per tensor, asymmetric unsigned).
+  Every quantizable layer of the model must be listed, and nothing else.
+- quant: the quantizer settings the search scored with (`mpsearch.evaluator.QuantSettings`
+  as a dict: weight_granularity, weight_clipping, group_size, act_range, act_percentile,
+  bias_correction, fold_batchnorm, weight_rounding), or null for the defaults. Applying the
+  configuration with the same settings and calibration data reproduces what the search scored.
+- task, target: the task reference and the hardware target name of the search.
+- trial: the trial number in result.json.
+- metric, metric_name: the task metric the search measured for this configuration (simulated
+  quantization, on the task's evaluation batches) and its name ("accuracy", ...).
+- latency_ms, weight_bytes: the target cost model's latency and weight memory of the
+  configuration, as recorded in the trial.
+
+Only "schema" and "layers" (and "quant" when present) are checked by `read_config`; the other
+keys describe where the configuration came from. Hand-written configurations need only
+"schema" and "layers".
+
+Functions:
+
+- `export_config(result, trial=None)`: the configuration of trial `trial` (default: the
+  search's best) of DIR/result.json, as a dict; `write_config(config, path)` writes it
+  atomically; `read_config(path_or_dict)` reads and validates one.
+- `apply(model, config, calib_batches=None, quant=None, example_input=None)`: a new,
+  simulated-quantized copy of the model (the evaluator's own fake quantization, hooks included),
+  computing what the search scored; `apply_task(task, config)` does it for a Task with the
+  task's calibration batches and the config's quant settings.
+- `export_onnx(task, config, path)`: the configuration as an ONNX model in QDQ format
+  (`mpsearch.onnx_export.export_qdq`), with the evaluator's integers and scales.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from hw_models import Candidate, LayerChoice, Precision
+from mpsearch.analysis import analyze
+from mpsearch.cache import atomic_write_bytes
+from mpsearch.errors import EvaluationError, InvalidConfigError
+from mpsearch.evaluator import Evaluator, QuantSettings, input_pre_hook
+from mpsearch.faithfulness import _fixed_sizes
+from mpsearch.onnx_export import LayerQDQ, _import_onnx, export_qdq
+from mpsearch.quant import int_range, resolve_clipping, weight_qparams
+from mpsearch.result import SearchResult
+from mpsearch.tasks import load_task
+from mpsearch.tasks.base import Batch, Task
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+__all__ = [
+    "CONFIG_SCHEMA",
+    "apply",
+    "apply_task",
+    "export_config",
+    "export_onnx",
+    "read_config",
+    "write_config",
+]
+
+CONFIG_SCHEMA = "mpsearch.config/1"
+_INLINE = "<config>"  # how errors name a configuration given as a dict
+
+
+# -- configuration files --------------------------------------------------------------------
+def export_config(result: str | Path, trial: int | None = None) -> dict[str, Any]:
+    """The configuration of trial `trial` of a finished search (module doc: the keys).
+
+    result: the search's output directory (its result.json is read) or the result.json path.
+    trial: a trial number; None: the search's best trial (highest metric among the complete,
+    feasible trials). Raises InvalidConfigError when result.json cannot be read, when there is
+    no such trial, or when the trial is not complete (its state and reason are named).
+    """
+    path = Path(result)
+    if path.is_dir():
+        path = path / "result.json"
+    try:
+        res = SearchResult.read(path)
+    except FileNotFoundError:
+        raise InvalidConfigError(f"{path}: no such file (the output directory of a search holds result.json)") \
+            from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidConfigError(f"{path}: not a readable search result ({type(e).__name__}: {e})") from None
+    if trial is None:
+        trial = res.best
+        if trial is None:
+            raise InvalidConfigError(f"{path}: the search has no complete, feasible trial to export")
+    try:
+        record = res.trial(trial)
+    except KeyError:
+        numbers = [t.number for t in res.trials]
+        known = f"trials {min(numbers)}..{max(numbers)}" if numbers else "no trials"
+        raise InvalidConfigError(f"{path}: there is no trial {trial} (the search has {known})") from None
+    if record.state != "complete":
+        why = f": {record.reason}" if record.reason else ""
+        raise InvalidConfigError(f"{path}: trial {trial} is {record.state}, not complete{why}")
+    return {
+        "schema": CONFIG_SCHEMA,
+        "task": res.task,
+        "target": res.target,
+        "trial": record.number,
+        "metric": record.metric,
+        "metric_name": res.reference.get("metric_name"),
+        "latency_ms": record.latency_ms,
+        "weight_bytes": record.weight_bytes,
+        "quant": res.settings.get("quant"),
+        "layers": record.config.to_dict(),
+    }
+
+
+def write_config(config: Mapping[str, Any], path: str | Path) -> None:
+    """Validate `config` (read_config) and write it to `path` as JSON, atomically."""
+    checked = read_config(config)
+    atomic_write_bytes(path, (json.dumps(checked, indent=1) + "\n").encode())
+
+
+def read_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A configuration (a JSON file or an already loaded dict), validated; returns a new dict
+    with the precision names normalized ("INT4" -> "int4").
+
+    Raises InvalidConfigError naming the file (or "<config>" for a dict) and what is wrong:
+    unreadable JSON, a missing or different schema, missing or empty "layers", the first layer
+    whose entry is not {"weight": precision, "activation": precision} or names an unknown
+    precision, a "quant" that is not null or valid QuantSettings fields.
+    """
+    if isinstance(source, Mapping):
+        name, data = _INLINE, source
+    else:
+        name = str(source)
+        try:
+            data = json.loads(Path(source).read_text())
+        except OSError as e:
+            raise InvalidConfigError(f"{name}: cannot read the configuration ({e.strerror or e})") from None
+        except json.JSONDecodeError as e:
+            raise InvalidConfigError(f"{name}: not JSON ({e})") from None
+    if not isinstance(data, Mapping):
+        raise InvalidConfigError(f"{name}: a configuration is a JSON object, found {type(data).__name__}")
+    schema = data.get("schema")
+    if schema != CONFIG_SCHEMA:
+        found = "no schema" if "schema" not in data else f"schema {schema!r}"
+        raise InvalidConfigError(f"{name}: expected schema {CONFIG_SCHEMA!r}, found {found}")
+    layers = data.get("layers")
+    if not isinstance(layers, Mapping) or not layers:
+        raise InvalidConfigError(f"{name}: \"layers\" must be a non-empty object of layer name -> "
+                                 "{\"weight\": precision, \"activation\": precision}")
+    out = dict(data)
+    out["layers"] = {fqn: _layer_entry(name, fqn, entry) for fqn, entry in layers.items()}
+    _quant_settings(name, out.get("quant"))  # checked here, built where used
+    return out
+
+
+def _layer_entry(name: str, fqn: str, entry: Any) -> dict[str, str]:
+    if not isinstance(entry, Mapping) or not {"weight", "activation"} <= set(entry):
+        raise InvalidConfigError(f"{name}: layer {fqn!r}: expected {{\"weight\": precision, "
+                                 f"\"activation\": precision}}, found {entry!r}")
+    out = {}
+    for key in ("weight", "activation"):
+        value = entry[key]
+        if not isinstance(value, str):
+            raise InvalidConfigError(f"{name}: layer {fqn!r}: {key}: a precision name is a string, found {value!r}")
+        try:
+            out[key] = Precision.parse(value).value
+        except ValueError as e:
+            raise InvalidConfigError(f"{name}: layer {fqn!r}: {key}: {e}") from None
+    return out
+
+
+def _quant_settings(name: str, quant: Any) -> QuantSettings:
+    if quant is None:
+        return QuantSettings()
+    if isinstance(quant, QuantSettings):
+        return quant
+    if not isinstance(quant, Mapping):
+        raise InvalidConfigError(f"{name}: \"quant\" must be null or an object of QuantSettings fields, "
+                                 f"found {type(quant).__name__}")
+    try:
+        return QuantSettings(**quant)
+    except (TypeError, InvalidConfigError) as e:  # an unknown field, a value out of range
+        raise InvalidConfigError(f"{name}: \"quant\": {e}") from None
+
+
+def _source_name(config: str | Path | Mapping[str, Any]) -> str:
+    return _INLINE if isinstance(config, Mapping) else str(config)
+
+
+# -- the evaluator's quantization of a configuration -----------------------------------------
+class _Prepared:
+    """An Evaluator on a private copy of a model, with everything a configuration needs from it
+    computed (quantized weights, activation parameters, bias corrections), per layer."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: str | Path | Mapping[str, Any],
+        calib_batches: Sequence[Batch] | None,
+        quant: QuantSettings | Mapping[str, Any] | None,
+        example_input: Batch | None,
+    ):
+        self.name = name = _source_name(config)
+        self.config = cfg = read_config(config)
+        settings = _quant_settings(name, cfg.get("quant") if quant is None else quant)
+        calib = list(calib_batches) if calib_batches is not None else None
+        if calib is not None and not calib:
+            raise InvalidConfigError("calib_batches is empty (None quantizes the weights only)")
+        example = example_input if example_input is not None else (calib[0] if calib else None)
+        if example is None:
+            raise InvalidConfigError("apply needs calib_batches, or an example_input to find the layers by")
+        if calib is None and settings.weight_rounding == "adaround":
+            raise InvalidConfigError("weight_rounding 'adaround' needs calib_batches")
+        self.calibrated = calib is not None
+        private = copy.deepcopy(model).eval()  # the Evaluator may quantize (and reformat) the model itself
+        analysis = analyze(private, example)
+        self.candidate = _candidate(name, cfg["layers"], analysis.fqns)
+        task = Task(name="mpsearch.export", model=private, calib_batches=calib or [example],
+                    eval_batches=[(example, None)], metric_name="none", metric_fn=_no_metric,
+                    fp32_metric=0.0, kind="other")
+        self.evaluator = Evaluator(task, analysis, settings)
+        try:
+            self.parts = {fqn: self._part(name, fqn, c) for fqn, c in self.candidate.items()}
+        finally:
+            self.evaluator.close()  # FP32 weights back, its hooks removed: the model is ours
+        self.model = self.evaluator.model
+
+    def _part(self, name: str, fqn: str, choice: LayerChoice):
+        """(quantized weight, activation parameters or None, bias correction or None) of a layer."""
+        ev = self.evaluator
+        try:
+            weight = ev.weight(fqn, choice.weight)
+            if not self.calibrated:
+                return weight, None, None
+            return weight, ev.act_params(fqn, choice.activation), ev.bias_delta(fqn, choice.weight)
+        except (ValueError, EvaluationError) as e:
+            raise InvalidConfigError(f"{name}: layer {fqn!r} ({choice.weight}/{choice.activation}): {e}") \
+                from None
+
+
+def _no_metric(outputs: Sequence[torch.Tensor], targets: Sequence[Any]) -> float:
+    return 0.0
+
+
+def _candidate(name: str, layers: Mapping[str, Mapping[str, str]], fqns: Sequence[str]) -> Candidate:
+    """The configuration as a Candidate in the model's layer order; refuses the first layer of the
+    configuration the model does not have, then the first model layer the configuration lacks."""
+    known = set(fqns)
+    for fqn in layers:
+        if fqn not in known:
+            raise InvalidConfigError(f"{name}: layer {fqn!r} is not a quantizable layer of the model "
+                                     f"(its layers: {', '.join(fqns)})")
+    for fqn in fqns:
+        if fqn not in layers:
+            raise InvalidConfigError(f"{name}: the model's layer {fqn!r} is missing from the configuration")
+    return Candidate((fqn, LayerChoice(Precision(layers[fqn]["weight"]), Precision(layers[fqn]["activation"])))
+                     for fqn in fqns)
+
+
+# -- simulated quantization -------------------------------------------------------------------
+def apply(
+    model: nn.Module,
+    config: str | Path | Mapping[str, Any],
+    calib_batches: Sequence[Batch] | None = None,
+    quant: QuantSettings | Mapping[str, Any] | None = None,
+    *,
+    example_input: Batch | None = None,
+) -> nn.Module:
+    """A new copy of `model` quantized (simulated, in FP32) as `config` says; `model` is untouched.
+
+    The copy computes what the search scored: the weights are the evaluator's quantized ones
+    (`mpsearch.evaluator.Evaluator.weight`), each quantized layer's input goes through a
+    forward pre-hook fake-quantizing it with the evaluator's activation parameters, computed
+    from the ranges observed on `calib_batches` on the FP32 model, and a forward hook subtracts
+    the evaluator's bias correction where QuantSettings.bias_correction asks for one.
+
+    config: a configuration dict or file (read_config); its layers must be exactly the model's
+    quantizable layers (else InvalidConfigError naming the first mismatch).
+    calib_batches: model inputs to calibrate the activation quantizers and bias corrections on
+    (the task's calibration batches reproduce the search). None: only the weights are quantized;
+    every activation stays FP32 and no bias correction is applied (it needs the layers' mean
+    inputs); `example_input` is then required to find the layers.
+    quant: quantizer settings (QuantSettings or its dict); None: the config's "quant", else the
+    defaults.
+
+    The returned model is the evaluator's: with QuantSettings.fold_batchnorm (the default),
+    batch norms that follow a convolution are folded into it and replaced by nn.Identity, and a
+    model with 2-D convolutions is in channels-last memory format. It is in eval mode; the
+    quantization lives in its weights and hooks (copying it with copy.deepcopy keeps them).
+    """
+    prepared = _Prepared(model, config, calib_batches, quant, example_input)
+    out = prepared.model
+    for fqn, (weight, act, delta) in prepared.parts.items():
+        h = prepared.evaluator.handles[fqn]
+        getattr(h.module, h.param).data = weight
+        if act is not None:
+            input_pre_hook(h, act.fake_quant)
+        if delta is not None:
+            h.module.register_forward_hook(_subtract(delta))
+    return out
+
+
+def _subtract(delta: torch.Tensor):
+    """A forward hook subtracting the bias correction from a layer's output (as the evaluator)."""
+
+    def correct(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output - delta
+
+    return correct
+
+
+def apply_task(task: Task | str, config: str | Path | Mapping[str, Any]) -> nn.Module:
+    """`apply` to a task's model with its calibration batches and the config's quant settings:
+    `task.evaluate(apply_task(task, export_config(dir, n)))` is trial n's metric.
+    task: a Task or a task reference (`mpsearch.tasks.load_task`)."""
+    task = _load(task)
+    return apply(task.model, config, task.calib_batches)
+
+
+def _load(task: Task | str) -> Task:
+    return load_task(task) if isinstance(task, str) else task
+
+
+# -- ONNX -------------------------------------------------------------------------------------
+def export_onnx(
+    task: Task | str,
+    config: str | Path | Mapping[str, Any],
+    path: str | Path | None = None,
+    weight_dtype: str = "auto",
+    *,
+    exporter: str = "torchscript",
+) -> onnx.ModelProto:
+    """The configuration as an ONNX model in QDQ format; written to `path` when given.
+
+    The model exported is the one `apply_task(task, config)` returns, before its quantizers
+    (batch norms folded as the evaluator folds them), through
+    `mpsearch.onnx_export.export_qdq`: for each layer with an integer weight (int2..int8), its
+    integer values and per-output-channel scales, exactly the evaluator's quantized weight, go
+    into an integer initializer + a per-channel DequantizeLinear. Weights of fewer than 8 bits
+    are stored in 8-bit initializers (int8, or uint8 with zero point 128 per weight_dtype; see
+    export_qdq), holding values of their own grid (int4: -7..7); no INT4 tensors. A layer with an
+    int8 activation gets a uint8 QuantizeLinear -> DequantizeLinear on its input with the
+    evaluator's scale and zero point (and an int32 bias, as export_qdq makes it). fp16 / bf16 /
+    fp8_e4m3 weights are stored as float32 tensors holding the rounded values; fp32 layers stay
+    float. Bias corrections (QuantSettings.bias_correction) are added into the layers' biases.
+    The ONNX model's metadata "mpsearch.config" holds the configuration (JSON).
+
+    Refused with InvalidConfigError: an activation other than int8 or fp32, an int8 activation
+    on a layer whose weight is not an integer format, an int16 weight, group-wise weight scales
+    (QuantSettings.group_size) on a Linear layer, a layer export_qdq cannot find in the graph.
+    MissingDependencyError without onnx.
+    """
+    onnx, _ = _import_onnx()
+    task = _load(task)
+    prepared = _Prepared(task.model, config, task.calib_batches, None, None)
+    name = prepared.name
+    layers = {}
+    for fqn, choice in prepared.candidate.items():
+        q = _layer_qdq(prepared, fqn, choice)
+        if q is not None:
+            layers[fqn] = q
+    try:
+        proto = export_qdq(prepared.model, task.example_input, layers, weight_dtype=weight_dtype,
+                           exporter=exporter, dynamic_dims="batch" if _fixed_sizes(task) else "all")
+    except ValueError as e:
+        raise InvalidConfigError(f"{name}: cannot export to ONNX: {e}") from None
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "mpsearch.config", json.dumps(prepared.config)
+    if path is not None:
+        onnx.save(proto, str(path))
+    return proto
+
+
+def _layer_qdq(prepared: _Prepared, fqn: str, choice: LayerChoice) -> LayerQDQ | None:
+    """The LayerQDQ of an integer-weight layer; None for a float one, whose (rounded) weight is put
+    in the model. Either way, the layer's bias correction goes into its bias."""
+    weight, act, delta = prepared.parts[fqn]
+    h = prepared.evaluator.handles[fqn]
+    where = f"{prepared.name}: layer {fqn!r} ({choice.weight}/{choice.activation})"
+    if choice.activation not in (Precision.INT8, Precision.FP32):
+        raise InvalidConfigError(f"{where}: cannot export an {choice.activation} activation to ONNX "
+                                 "(int8 and fp32 only)")
+    if delta is not None:
+        _add_to_bias(h.module, -delta.reshape(-1))
+    if not choice.weight.is_int:
+        if choice.activation != Precision.FP32:
+            raise InvalidConfigError(f"{where}: an int8 activation needs an integer weight in ONNX QDQ")
+        getattr(h.module, h.param).data = weight
+        return None
+    ints, scale = _weight_ints(prepared.evaluator, where, fqn, choice.weight, weight)
+    act_scale = act_zp = None
+    if act is not None:
+        if (act.qmin, act.qmax) != (0, 255):
+            raise EvaluationError(f"{where}: int8 activation parameters are not on the uint8 grid: {act}")
+        act_scale, act_zp = float(act.scale), int(act.zero_point)
+    return LayerQDQ(ints, scale, act_scale, act_zp)
+
+
+def _weight_ints(
+    ev: Evaluator, where: str, fqn: str, precision: Precision, simulated: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integers (torch.int8) and per-output-channel scales [out] of the evaluator's quantized
+    weight: the scales of its quantizer (`weight_qparams` with the evaluator's settings), the
+    integers round(simulated / scale), checked to give the simulated weight back exactly."""
+    s = ev.settings
+    fp32 = ev.weight(fqn, Precision.FP32).to(torch.float32)
+    if not 2 <= precision.bits <= 8:
+        raise InvalidConfigError(f"{where}: only int2..int8 weights can be exported")
+    if s.group_size is not None and fp32.dim() == 2:
+        raise InvalidConfigError(f"{where}: group-wise weight scales (group_size {s.group_size}) "
+                                 "cannot be exported as per-channel QDQ")
+    scale = weight_qparams(fp32, precision.bits, granularity=s.weight_granularity,
+                           clipping=resolve_clipping(s.weight_clipping, precision.bits))
+    simulated = simulated.to(torch.float32).contiguous()
+    ints = torch.round(simulated / scale)
+    qmin, qmax = int_range(precision.bits, signed=True)
+    if not torch.equal(ints * scale, simulated) or float(ints.min()) < qmin or float(ints.max()) > qmax:
+        raise EvaluationError(f"{where}: the evaluator's weight is not on the {precision} grid of its scales; "
+                              "mpsearch.export must follow the evaluator's weight quantizer")
+    per_channel = scale.reshape(-1).expand(fp32.shape[0]) if scale.numel() == 1 else scale.reshape(-1)
+    return ints.to(torch.int8), per_channel.to(torch.float32).contiguous()
+
+
+def _add_to_bias(module: nn.Module, value: torch.Tensor) -> None:
+    """bias += value (a zero bias first when the layer has none)."""
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        module.bias = nn.Parameter(value.detach().clone(), requires_grad=False)
+    else:
+        bias.data = bias.data + value.to(bias.dtype)
