@@ -395,14 +395,20 @@ def check_backend(backend: str, ray_address: str | None, workers: int | None, wo
 
 def finish_report(result: SearchResult, out: Path, cost_model: CostModel | None, tracker: Tracker | None,
                   extra: Sequence[Path] = ()) -> None:
-    """The best trial's per-layer latencies into result.json, OUT/report.html, and both (with
-    `extra` files) as artifacts of the MLflow parent run."""
+    """The best trial's per-layer latencies into result.json, its configuration to
+    OUT/best_config.json (mpsearch.export), OUT/report.html, and all of them (with `extra` files)
+    as artifacts of the MLflow parent run."""
+    from mpsearch.export import export_config, write_config
     from mpsearch.report_html import layer_breakdown, write_report
 
-    if cost_model is not None and result.best is not None:
-        result.settings["breakdown"] = layer_breakdown(cost_model, result.trial(result.best))
-        result.write(out / "result.json")
-    files = write_report(out)
+    files = []
+    if result.best is not None:
+        if cost_model is not None:
+            result.settings["breakdown"] = layer_breakdown(cost_model, result.trial(result.best))
+            result.write(out / "result.json")
+        write_config(export_config(out), out / "best_config.json")
+        files.append(out / "best_config.json")
+    files += write_report(out)
     if tracker is not None:
         tracker.log_files([out / "result.json", *files, *extra])
 

@@ -74,7 +74,9 @@ def test_compare_logs_runs_metrics_and_artifacts_to_a_real_server(mlflow_server,
     assert h100.data.metrics["pareto_size"] == len(table["pareto"])
     assert h100.data.metrics["fp32_latency_ms"] == pytest.approx(table["reference"]["fp32_latency_ms"])
     names = {a.path for a in client.list_artifacts(parent_id)}
-    assert {"result.json", "report.html", "compare.json", "pareto.png", "history.png"} <= names
+    assert {"result.json", "report.html", "compare.json", "pareto.png", "history.png", "best_config.json"} <= names
+    local = client.download_artifacts(parent_id, "best_config.json", str(tmp_path))
+    assert json.loads(Path(local).read_text()) == json.loads((out / "best_config.json").read_text())
     parent = client.get_run(parent_id)
     assert parent.data.metrics["n_trials"] == 8
 
