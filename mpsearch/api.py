@@ -649,7 +649,11 @@ def _load_config(config, fqns) -> Candidate:
             except json.JSONDecodeError as e:
                 raise InvalidConfigError(f"config {config} is not valid JSON ({e})") from None
         if isinstance(data, dict) and isinstance(data.get("config"), dict):
-            data = data["config"]
+            data = data["config"]  # a trial of result.json
+        elif isinstance(data, dict) and "schema" in data:  # a file of `mpsearch export`
+            from mpsearch.export import read_config
+
+            data = read_config(data)["layers"]
         try:
             cand = Candidate.from_dict(data)
         except (KeyError, TypeError, AttributeError, ValueError) as e:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,14 +20,8 @@ SLOW_TASK = f"{Path(__file__).with_name('slow_digits.py')}:build"
 CLI = [sys.executable, "-m", "mpsearch.cli"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, free_port):
     """A 2-CPU Ray head with token authentication, its own token file and temp dir; yields
     (address, the environment a driver needs to join it, the folder workers mark their pids in)."""
     temp = tempfile.mkdtemp(prefix="mpsr", dir="/tmp")  # short: Ray's unix sockets live there
@@ -163,7 +156,7 @@ def test_storage_workers_share_one_study(tmp_path):
     assert len({t["worker"] for t in a}) == 2  # both processes ran trials
 
 
-def test_cluster_errors_are_one_line(tmp_path):
+def test_cluster_errors_are_one_line(tmp_path, free_port):
     p = search("--task", "digits", "--backend", "ray", "--ray-address", f"127.0.0.1:{free_port()}",
                "--out", str(tmp_path / "x"))
     assert p.returncode == 2 and "cannot reach the Ray cluster" in p.stderr

@@ -20,14 +20,8 @@ from mpsearch.result import SearchResult
 CLI = [sys.executable, "-m", "mpsearch.cli"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(tmp_path_factory, free_port):
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     log = (root / "server.log").open("w")
@@ -81,7 +75,7 @@ def test_compare_logs_runs_metrics_and_artifacts_to_a_real_server(mlflow_server,
     assert parent.data.metrics["n_trials"] == 8
 
 
-def test_unreachable_server_keeps_everything_locally_and_says_so_once(tmp_path):
+def test_unreachable_server_keeps_everything_locally_and_says_so_once(tmp_path, free_port):
     out = tmp_path / "out"
     t0 = time.time()
     p = subprocess.run([*CLI, "search", "--task", "digits", "--trials", "4", "--strategy", "optuna", "--out", str(out),
