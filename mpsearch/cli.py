@@ -392,7 +392,7 @@ def _summary(result) -> None:
         print(f"{n} trial{'s' if n != 1 else ''} in {loop:.1f} s ({n / loop:.1f} a second"
               + (f", {result.settings['workers']} Ray workers" if result.settings.get("backend") == "ray" else "") + ")")
     print(f"\nresults: {out / 'result.json'} (Optuna study {result.settings['study_name']!r} in "
-          f"{result.settings['storage']})")
+          f"{result.settings['storage']}); report: {out / 'report.html'}")
     if result.tracking.get("run_id"):
         print(f"MLflow: {result.tracking['mlflow_uri']} experiment {result.tracking['experiment']!r}, "
               f"run {result.tracking['run_id']}")
