@@ -372,9 +372,7 @@ def run_search(
             bar.set_postfix(best=f"{b.metric:.4f}", latency_ms=f"{b.latency_ms:.4g}", refresh=False)
         bar.update(1)
 
-    loop_t0 = time.perf_counter()
-    try:
-        interrupts.install()
+    def drive() -> None:
         while len(pending) < executor.slots and ask():
             pass
         while pending:
@@ -388,6 +386,15 @@ def run_search(
             # result.json while the workers score; when the next trial is ready too, after it (the
             # writes of trials told back to back are one, so a waiting worker is not kept waiting)
             publish(told, write=not (pending and next(iter(pending.values())).ready))
+
+    loop_t0 = time.perf_counter()
+    try:
+        interrupts.install()
+        drive()
+        # a shared study: while other processes finish their trials, one of them may die and its
+        # trial be enqueued again (heartbeats): run it here
+        while gather and study_total is not None and asked < n_trials and _slot_freed(study, study_total, progress):
+            drive()
     except (KeyboardInterrupt, MpsearchError) as stop:
         # Ctrl-C, or the workers are gone: keep what is finished, fail what is in flight
         for p in list(pending.values()):
@@ -424,24 +431,35 @@ def run_search(
     return result
 
 
-def _gather(result: SearchResult, study: optuna.Study, tracker: Tracker | None, progress: bool) -> None:
-    """Wait (up to GATHER_TIMEOUT_S) for the trials other processes are running on a shared study,
-    then take every trial of the study into the result, logging the others' to the tracker."""
+def _slot_freed(study: optuna.Study, total: float, progress: bool) -> bool:
+    """Wait (up to GATHER_TIMEOUT_S) while other processes run trials of a shared study; True as
+    soon as the study counts fewer than `total` trials again (a dead process's trial was failed
+    and enqueued again: heartbeats), False when nothing runs any more (or on the timeout, saying
+    so)."""
     deadline = time.monotonic() + GATHER_TIMEOUT_S
     said = False
     while True:
         fail_stale_trials(study)
+        if counted_trials(study) < total:
+            return True
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if not running or time.monotonic() > deadline:
-            break
+        if not running:
+            return False
+        if time.monotonic() > deadline:
+            print(f"mpsearch: {len(running)} trial{'s' if len(running) > 1 else ''} still running elsewhere after "
+                  f"{GATHER_TIMEOUT_S:.0f} s, left out of result.json (their process may have died)", file=sys.stderr)
+            return False
         if progress and not said:
             print(f"mpsearch: waiting for {len(running)} trial{'s' if len(running) > 1 else ''} other processes are "
                   "running", file=sys.stderr)
             said = True
         time.sleep(0.5)
-    if running:
-        print(f"mpsearch: {len(running)} trial{'s' if len(running) > 1 else ''} still running elsewhere after "
-              f"{GATHER_TIMEOUT_S:.0f} s, left out of result.json (their process may have died)", file=sys.stderr)
+
+
+def _gather(result: SearchResult, study: optuna.Study, tracker: Tracker | None, progress: bool) -> None:
+    """Wait for the trials other processes are running on a shared study (see _slot_freed), then
+    take every trial of the study into the result, logging the others' to the tracker."""
+    _slot_freed(study, -math.inf, progress)
     mine = {t.number for t in result.trials}
     records = [TrialRecord.from_dict(t.user_attrs[RECORD_ATTR])
                for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number) if RECORD_ATTR in t.user_attrs]
