@@ -279,6 +279,7 @@ def search(
                 "fp32_weight_bytes": fp32.weight_bytes,
             },
             trials=list(previous),
+            layers=tuple(analysis.layers),
             settings=settings,
             space={
                 **space.describe(),
@@ -727,11 +728,8 @@ def compare(
     for b in budgets:
         if isinstance(b, bool) or not isinstance(b, int | float) or not b > 0:
             raise InvalidConfigError(f"latency budgets must be positive numbers of ms, got {b!r}")
-    task_obj = load_task(task) if isinstance(task, str) else task
-    result = search(task_obj if not isinstance(task, str) else task, names[0], n_trials, objectives=objectives,
-                    batch_size=batch_size, **search_options)
-    layers = analyze(task_obj.model, task_obj.example_input).layers
-    cmp = price_on_targets(result, layers, profiles, batch_size=batch_size, latency_budgets_ms=budgets)
+    result = search(task, names[0], n_trials, objectives=objectives, batch_size=batch_size, **search_options)
+    cmp = price_on_targets(result, result.layers, profiles, batch_size=batch_size, latency_budgets_ms=budgets)
     out = Path(result.settings["out_dir"])
     cmp.write(out / "compare.json")
     tracker = Tracker.resume(result.tracking)

@@ -99,6 +99,9 @@ class SearchResult:
     space: dict[str, Any] = field(default_factory=dict)
     tracking: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    # the searched model's layers (hw_models.LayerSpec), for pricing its trials on other targets;
+    # set by mpsearch.search, not written to result.json
+    layers: tuple = field(default=(), repr=False, compare=False)
 
     @property
     def objectives(self) -> tuple[str, ...]:
