@@ -67,6 +67,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -362,6 +363,7 @@ def export_onnx(
     weight_dtype: str = "auto",
     *,
     exporter: str = "torchscript",
+    int4: bool = True,
 ) -> onnx.ModelProto:
     """The configuration as an ONNX model in QDQ format; written to `path` when given.
 
@@ -369,9 +371,12 @@ def export_onnx(
     (batch norms folded as the evaluator folds them), through
     `mpsearch.onnx_export.export_qdq`: for each layer with an integer weight (int2..int8), its
     integer values and per-output-channel scales, exactly the evaluator's quantized weight, go
-    into an integer initializer + a per-channel DequantizeLinear. Weights of fewer than 8 bits
-    are stored in 8-bit initializers (int8, or uint8 with zero point 128 per weight_dtype; see
-    export_qdq), holding values of their own grid (int4: -7..7); no INT4 tensors. A layer with an
+    into an integer initializer + a per-channel DequantizeLinear. int4: weights of 4 bits and
+    fewer are stored as INT4 tensors (the model converted to opset INT4_OPSET, the first whose
+    DequantizeLinear takes INT4), holding their own grid (int4: -7..7, int2: -1..1); int4=False,
+    or a model the opset converter cannot convert, stores them in 8-bit initializers like the
+    int6 and int8 ones (int8, or uint8 with zero point 128 per weight_dtype; see export_qdq). A
+    layer with an
     int8 activation gets a uint8 QuantizeLinear -> DequantizeLinear on its input with the
     evaluator's scale and zero point (and an int32 bias, as export_qdq makes it). fp16 / bf16 /
     fp8_e4m3 weights are stored as float32 tensors holding the rounded values; fp32 layers stay
@@ -397,11 +402,52 @@ def export_onnx(
                            exporter=exporter, dynamic_dims="batch" if _fixed_sizes(task) else "all")
     except ValueError as e:
         raise InvalidConfigError(f"{name}: cannot export to ONNX: {e}") from None
+    narrow = {f for f, c in prepared.candidate.items() if c.weight.is_int and c.weight.bits <= 4}
+    if int4 and narrow:
+        proto = _store_int4(proto, narrow, name)
     entry = proto.metadata_props.add()
     entry.key, entry.value = "mpsearch.config", json.dumps(prepared.config)
     if path is not None:
         onnx.save(proto, str(path))
     return proto
+
+
+INT4_OPSET = 21
+
+
+def _store_int4(proto: onnx.ModelProto, fqns: set[str], name: str) -> onnx.ModelProto:
+    """The model at opset INT4_OPSET with the weights of `fqns` (and their zero points) as INT4
+    tensors; the model unchanged where the converter cannot convert it (said in its metadata)."""
+    onnx, _ = _import_onnx()
+    from onnx import numpy_helper, version_converter
+
+    try:
+        out = version_converter.convert_version(proto, INT4_OPSET)
+        onnx.checker.check_model(out)
+    except Exception as e:  # noqa: BLE001 - the 8-bit storage holds the same values
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "mpsearch.int4", f"no: opset {INT4_OPSET} conversion failed ({type(e).__name__})"
+        return proto
+    inits = {t.name: t for t in out.graph.initializer}
+    replaced = {}
+    for node in out.graph.node:
+        fqn = node.input[0].removesuffix(".weight_quantized") if node.op_type == "DequantizeLinear" else None
+        if fqn not in fqns or node.input[0] in replaced:
+            continue
+        w, z = inits[node.input[0]], inits[node.input[2]]
+        zero = numpy_helper.to_array(z).astype(np.int16)
+        ints = numpy_helper.to_array(w).astype(np.int16) - zero.flat[0]  # one zero point: 0 or 128
+        if ints.min() < -8 or ints.max() > 7:
+            raise InvalidConfigError(f"{name}: layer {fqn!r}: weight integers {ints.min()}..{ints.max()} do not fit int4")
+        replaced[w.name] = onnx.helper.make_tensor(w.name, onnx.TensorProto.INT4, ints.shape, ints.flatten().tolist())
+        replaced[z.name] = onnx.helper.make_tensor(z.name, onnx.TensorProto.INT4, zero.shape, [0] * zero.size)
+    kept = [t for t in out.graph.initializer if t.name not in replaced]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend([*kept, *replaced.values()])
+    onnx.checker.check_model(out)
+    entry = out.metadata_props.add()
+    entry.key, entry.value = "mpsearch.int4", f"yes: {len(replaced) // 2} layers, opset {INT4_OPSET}"
+    return out
 
 
 def _layer_qdq(prepared: _Prepared, fqn: str, choice: LayerChoice) -> LayerQDQ | None:

@@ -194,8 +194,13 @@ def test_export_onnx_runs_in_ort_as_the_simulated_model(task, tmp_path, layers):
                  if n.op_type == "DequantizeLinear" and n.input[0].endswith(".weight_quantized")}
     int_layers = {f: c.split("/")[0] for f, c in layers.items() if c.startswith("int")}
     assert set(weight_dq) == set(int_layers)
+    types = {t.name: t.data_type for t in proto.graph.initializer}
     for fqn, w in int_layers.items():
         dq = weight_dq[fqn]
+        narrow = int(w.removeprefix("int")) <= 4  # stored as INT4 (opset 21), the rest on 8 bits
+        assert (types[dq.input[0]] == onnx.TensorProto.INT4) == narrow, fqn
+        assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [
+            21 if any(int(v.removeprefix("int")) <= 4 for v in int_layers.values()) else 17]
         zero = inits[dq.input[2]].astype(int)
         assert len(set(zero.tolist())) == 1  # 0 (int8 storage) or 128 (uint8)
         ints = inits[dq.input[0]].astype(int) - int(zero[0])
