@@ -134,16 +134,22 @@ def test_a_worker_killed_mid_trial_loses_nothing(cluster, tmp_path, retries):
         assert sum(t["state"] == "complete" for t in got) == 13
 
 
-def test_storage_workers_share_one_study(tmp_path):
-    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+def start_shared_search(storage: str, name: str, n: int, out: Path) -> subprocess.Popen:
+    """A search of the slow task in a shared storage, returned once it has created the study."""
     creator = subprocess.Popen(
-        [*CLI, "search", "--task", SLOW_TASK, "--strategy", "optuna", "--trials", "40", "--storage", storage,
-         "--study-name", "shared", "--out", str(tmp_path / "a"), "--no-mlflow", "--no-progress"],
+        [*CLI, "search", "--task", SLOW_TASK, "--strategy", "optuna", "--trials", str(n), "--storage", storage,
+         "--study-name", name, "--out", str(out), "--no-mlflow", "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (tmp_path / "a" / "result.json").exists():
+    while not (out / "result.json").exists():
         assert creator.poll() is None and time.time() < deadline, creator.stderr.read()[-3000:]
         time.sleep(0.1)
+    return creator
+
+
+def test_storage_workers_share_one_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    creator = start_shared_search(storage, "shared", 40, tmp_path / "a")
     worker = subprocess.run([*CLI, "worker", "--storage", storage, "--study-name", "shared", "--out",
                              str(tmp_path / "b"), "--no-progress"], capture_output=True, text=True, timeout=300,
                             check=False)
@@ -191,14 +197,8 @@ def test_a_storage_worker_killed_mid_trial_has_its_trial_run_again(tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     marks = tmp_path / "pids"
     marks.mkdir()
-    creator = subprocess.Popen(
-        [*CLI, "search", "--task", SLOW_TASK, "--strategy", "optuna", "--trials", "60", "--storage", storage,
-         "--study-name", "k", "--out", str(tmp_path / "a"), "--no-mlflow", "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    creator = start_shared_search(storage, "k", 60, tmp_path / "a")
     deadline = time.time() + 120
-    while not (tmp_path / "a" / "result.json").exists():
-        assert creator.poll() is None and time.time() < deadline, creator.stderr.read()[-3000:]
-        time.sleep(0.1)
     worker = subprocess.Popen([*CLI, "worker", "--storage", storage, "--study-name", "k", "--out",
                                str(tmp_path / "b"), "--no-progress"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "MPSEARCH_TEST_PIDS": str(marks)})
