@@ -185,7 +185,7 @@ class RayExecutor:
                       file=sys.stderr)
             t0 = time.perf_counter()
             self._actors = [self._scorer.remote(*self._args) for _ in range(self.workers)]
-            self.hosts = self._ready(self._actors)
+            self._ready(self._actors)
             self.startup_s = time.perf_counter() - t0
         except BaseException:
             self.close()
@@ -197,19 +197,15 @@ class RayExecutor:
         self._deaths: dict = {}  # actor -> calls died in a row
         self._reviving: dict = {}  # ObjectRef of ready() -> an actor restarting after its death
 
-    def _ready(self, actors: list) -> list[tuple[int, str]]:
+    def _ready(self, actors: list) -> None:
         ray = self.ray
         try:
-            return ray.get([a.ready.remote() for a in actors], timeout=READY_TIMEOUT_S)
+            ray.get([a.ready.remote() for a in actors], timeout=READY_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             raise ClusterError(f"the Ray workers were not ready within {READY_TIMEOUT_S:.0f} s (does the cluster "
                                "have free CPUs?)") from None
         except ray.exceptions.RayActorError as e:
             raise ClusterError(f"a Ray worker could not build the task: {_first_line(e)}") from None
-
-    @property
-    def pids(self) -> list[int]:
-        return [pid for pid, _ in self.hosts]
 
     def submit(self, key: int, candidate: Candidate, stop_below: float | None) -> None:
         self._backlog.append((key, candidate, stop_below))
