@@ -1,10 +1,38 @@
-"""mpsearch: mixed-precision quantization search under hardware budgets."""
+"""mpsearch: mixed-precision quantization search under hardware budgets.
 
-from mpsearch.api import compare, search
-from mpsearch.errors import MpsearchError
-from mpsearch.export import apply
-from mpsearch.result import SearchResult, TrialRecord
-from mpsearch.tasks.base import Task
+The public names are imported on first use, so that `import mpsearch.<module>` for a light
+module (the GPU calibration, the analysis) does not load Optuna, MLflow and the search stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+_PUBLIC = {
+    "MpsearchError": "mpsearch.errors",
+    "SearchResult": "mpsearch.result",
+    "Task": "mpsearch.tasks.base",
+    "TrialRecord": "mpsearch.result",
+    "apply": "mpsearch.export",
+    "compare": "mpsearch.api",
+    "search": "mpsearch.api",
+}
 __all__ = ["MpsearchError", "SearchResult", "Task", "TrialRecord", "__version__", "apply", "compare", "search"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mpsearch.api import compare, search
+    from mpsearch.errors import MpsearchError
+    from mpsearch.export import apply
+    from mpsearch.result import SearchResult, TrialRecord
+    from mpsearch.tasks.base import Task
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mpsearch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
