@@ -53,25 +53,13 @@ from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
 from mpsearch.calibrate import calibrate, first_samples, random_configs, timing_number
 from mpsearch.evaluator import Evaluator
+from mpsearch.fit import fidelity as scores
 from mpsearch.measure import build_session, config_candidate, time_interleaved
 from mpsearch.tasks import load_task
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def spearman(a, b) -> float:
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def scores(pred, meas) -> dict:
-    pred, meas = np.asarray(pred), np.asarray(meas)
-    err = np.abs(pred - meas) / meas
-    return {"predicted_s": pred.tolist(), "spearman": spearman(pred, meas), "mape": float(100 * err.mean()),
-            "within_10pct": float((err <= 0.10).mean())}
 
 
 def bench_task(name: str, n: int, rounds: int, threads: int, batch_size: int) -> dict:

@@ -156,12 +156,12 @@ class CostModel:
         b = bops(layer, choice)
         if rule is None:
             return LayerCost(layer.fqn, choice, False, None, math.inf, math.inf, math.inf, wb, act, b)
-        compute_s = self.batch_size * layer.macs / p.effective_macs_per_s(rule.compute)
+        compute_s = self.batch_size * layer.macs / p.rule_macs_per_s(rule)
         moved = wb + self.batch_size * act
         memory_s = moved / p.mem_bw_bytes_per_s
         latency = max(compute_s, memory_s) + p.layer_overhead_s
-        if self.measured and rule.compute in p.layer_table.layers[layer.fqn]:
-            latency = p.layer_table.layers[layer.fqn][rule.compute]
+        if self.measured and rule.efficiency_key in p.layer_table.layers[layer.fqn]:
+            latency = p.layer_table.layers[layer.fqn][rule.efficiency_key]
         energy = None
         if rule.compute in p.energy_pj_per_mac:
             energy = self.batch_size * layer.macs * p.energy_pj_per_mac[rule.compute] * 1e-12

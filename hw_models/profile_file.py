@@ -24,6 +24,7 @@ Layout (every number in SI units; see HardwareProfile for what each field means)
     activation = "int8"
     compute = "int8"
     native = true
+    kernel = "weight_only"               # optional: whose [efficiency] applies (default: compute's)
     [layer_table]                        # optional: measured per-layer latency (lookup mode)
     batch_size = 1
     other_s = 1.2e-4                     # the model's operations that are not layers
@@ -145,8 +146,11 @@ def profile_from_dict(data: dict[str, Any], where: str = "profile") -> HardwareP
         native = r.get("native", True)
         if not isinstance(native, bool):
             fail(f"{f}.native", f"expected true or false, got {native!r}")
+        kernel = r.get("kernel", "")
+        if not isinstance(kernel, str):
+            fail(f"{f}.kernel", f"expected a kernel name (a key of [efficiency]), got {kernel!r}")
         rules.append(ExecRule(precision(f"{f}.weight", r["weight"]), precision(f"{f}.activation", r["activation"]),
-                              compute, native))
+                              compute, native, kernel))
     kw["rules"] = tuple(rules)
     lt = table("layer_table", required=False)
     if lt:
@@ -194,6 +198,8 @@ def dump_profile(profile: HardwareProfile) -> str:
         line("activation", r.activation.value)
         line("compute", r.compute)
         line("native", r.native)
+        if r.kernel:
+            line("kernel", r.kernel)
     t = profile.layer_table
     if t is not None:
         out.append("\n[layer_table]")

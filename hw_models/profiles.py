@@ -23,20 +23,28 @@ class ExecRule:
     compute: the arithmetic the target actually uses ("int8", "fp32", ...), a key of the
     profile's `peak_macs_per_s`. native: False when the precision is mapped onto wider
     arithmetic (int4 weights unpacked to int8 compute: a memory saving only).
+    kernel: the kernel family whose efficiency applies, when it is not the compute kind's own
+    (a GPU's weight-only kernels dequantize in the inner loop and reach a share of the fp16
+    peak of their own: "weight_only"); a key of the profile's `efficiency`, or "" for compute.
     """
 
     weight: Precision
     activation: Precision
     compute: str
     native: bool
+    kernel: str = ""
+
+    @property
+    def efficiency_key(self) -> str:
+        return self.kernel or self.compute
 
 
 @dataclass(frozen=True)
 class LayerTable:
     """Measured per-layer latencies of one model on the target (lookup-table mode).
 
-    layers: fqn -> {"macs": the layer's MACs per sample (to recognise it), compute kind ->
-    seconds at batch_size, and optionally "<compute kind>@exit" -> seconds when the next layer
+    layers: fqn -> {"macs": the layer's MACs per sample (to recognise it), compute kind (or a
+    rule's kernel, e.g. "weight_only") -> seconds at batch_size, and optionally "<compute kind>@exit" -> seconds when the next layer
     uses another compute kind (a runtime may then run the layer differently)}. other_s: the model's operations that are not quantizable layers
     (pooling, additions, reshapes). A cost model uses the table when every one of its layers
     is in it with the same MACs and its batch size is batch_size; otherwise the roofline.
@@ -145,6 +153,12 @@ class HardwareProfile:
     def effective_macs_per_s(self, compute: str) -> float:
         return self.peak_macs_per_s[compute] * self.efficiency.get(compute, 1.0)
 
+    def rule_macs_per_s(self, rule: ExecRule) -> float:
+        """The rule's compute peak at its kernel's efficiency (the compute kind's when the
+        profile has none for the kernel)."""
+        eff = self.efficiency.get(rule.efficiency_key, self.efficiency.get(rule.compute, 1.0))
+        return self.peak_macs_per_s[rule.compute] * eff
+
 
 def _cpu_int8_rules() -> tuple[ExecRule, ...]:
     """A CPU with int8 dot-product instructions and fp32 FMA.
@@ -248,7 +262,8 @@ ARM_A76 = HardwareProfile(
 def _gpu_rules(fp8: bool) -> tuple[ExecRule, ...]:
     """A tensor-core GPU: int8 x int8 and (Hopper) fp8 natively, fp16 / bf16 natively, fp32 on
     CUDA cores; int4 (and narrower) weights are weight-only: dequantized to fp16 / bf16 in the
-    kernel (a memory saving, compute at fp16 / bf16 rate)."""
+    kernel (a memory saving, compute at the fp16 / bf16 peak at the weight-only kernels' own
+    efficiency, "weight_only")."""
     rules = [
         ExecRule(P.FP32, P.FP32, "fp32", True),
         ExecRule(P.FP16, P.FP16, "fp16", True),
@@ -259,7 +274,7 @@ def _gpu_rules(fp8: bool) -> tuple[ExecRule, ...]:
         rules.append(ExecRule(P.FP8_E4M3, P.FP8_E4M3, "fp8", True))
     for w in (P.INT2, P.INT3, P.INT4, P.INT8):
         for a in (P.FP16, P.BF16):
-            rules.append(ExecRule(w, a, "fp16", False))
+            rules.append(ExecRule(w, a, "fp16", False, "weight_only"))
     for w in (P.INT2, P.INT3, P.INT4, P.INT6):
         rules.append(ExecRule(w, P.INT8, "int8", False))
     return tuple(rules)
@@ -277,9 +292,11 @@ H100 = HardwareProfile(
         "fp16": 989.5e12 / 2,
         "fp32": 66.9e12 / 2,
     },
-    efficiency={"fp8": 0.6, "int8": 0.6, "fp16": 0.65, "fp32": 0.7},
-    mem_bw_bytes_per_s=3.35e12,
-    layer_overhead_s=4e-6,
+    # fitted to 522 matrix products timed on an H100 SXM5 (benchmarks/gpu_profile.py, 2026-11-28);
+    # weight_only: assumed as fp16 (see sources)
+    efficiency={"fp8": 0.73, "int8": 0.33, "fp16": 0.79, "fp32": 0.455, "weight_only": 0.79},
+    mem_bw_bytes_per_s=3.1e12,
+    layer_overhead_s=3.2e-6,
     rules=_gpu_rules(fp8=True),
     on_chip_bytes=50 * 1024 * 1024,
     off_chip_bytes=80 * 1024**3,
@@ -291,12 +308,19 @@ H100 = HardwareProfile(
         "peak_macs_per_s": "NVIDIA H100 Tensor Core GPU datasheet (SXM5): FP8 1,979 TFLOPS, INT8 1,979 "
         "TOPS, BF16/FP16 989.5 TFLOPS, FP32 66.9 TFLOPS, all dense (the datasheet's 3,958 / 1,979 "
         "figures with sparsity are halved); 2 operations per MAC",
-        "efficiency": "assumed: large GEMMs reach 60-75% of dense peak (cuBLAS / TensorRT); small "
-        "CNN layers at batch 1 reach far less, which the launch overhead and the memory roofline "
-        "capture; validate with `mpsearch calibrate` on an H100",
-        "mem_bw_bytes_per_s": "NVIDIA H100 datasheet: HBM3 3.35 TB/s (SXM5)",
-        "layer_overhead_s": "assumed: CUDA kernel launch and synchronisation, a few microseconds "
-        "(CUDA graphs lower it)",
+        "efficiency": "fitted to 522 matrix products timed on an NVIDIA H100 80GB HBM3 (SXM5) on "
+        "2026-11-28 with PyTorch 2.11 / CUDA 13 (cuBLASLt), as CUDA-graph replays "
+        "(benchmarks/gpu_profile.py; data in benchmarks/results/h100-2026-11-28.json). The "
+        "8192^3 product reached fp32 51 TFLOP/s (77% of peak), bf16 803 (81%), fp8 1,352 (68%), "
+        "int8 670 (34%: cuBLASLt's int8 kernels on Hopper; int8 is no faster than bf16 on large "
+        "products). weight_only is assumed equal to fp16 (a Marlin / TensorRT-LLM class W4A16 "
+        "kernel); PyTorch's own int4 kernel (torch._weight_int4pack_mm) measured ~30 TFLOP/s "
+        "(efficiency ~0.02): 1.36x faster than bf16 at m <= 16 rows, 5-10x slower beyond. "
+        "`mpsearch calibrate --target h100` fits the kernels of the machine it runs on",
+        "mem_bw_bytes_per_s": "fitted to the same products (a device-to-device copy moved 2.99 TB/s, "
+        "bytes read + written; datasheet: HBM3 3.35 TB/s)",
+        "layer_overhead_s": "fitted to the same products: per-kernel time in a CUDA graph (eager "
+        "PyTorch adds several microseconds of host dispatch per kernel)",
         "on_chip_bytes": "NVIDIA Hopper architecture whitepaper: 50 MB L2",
         "off_chip_bytes": "H100 SXM5: 80 GB HBM3",
         "transitions": "assumed: one quantize / cast kernel per conversion (read 4 + write 1-2 bytes "
@@ -317,7 +341,7 @@ JETSON_ORIN = HardwareProfile(
         "fp16": 42.5e12 / 2,
         "fp32": 2048 * 1.3e9,
     },
-    efficiency={"int8": 0.5, "fp16": 0.55, "fp32": 0.7},
+    efficiency={"int8": 0.5, "fp16": 0.55, "fp32": 0.7, "weight_only": 0.55},
     mem_bw_bytes_per_s=204.8e9,
     layer_overhead_s=8e-6,
     rules=_gpu_rules(fp8=False),
@@ -332,7 +356,8 @@ JETSON_ORIN = HardwareProfile(
         "peak_macs_per_s": "NVIDIA Jetson AGX Orin Series datasheet: GPU 170 INT8 TOPS (sparse), i.e. "
         "85 dense; Ampere tensor cores run fp16 at half the int8 rate; 2048 CUDA cores at up to "
         "1.3 GHz for fp32",
-        "efficiency": "assumed (TensorRT on small CNN layers); calibrate on the device",
+        "efficiency": "assumed (TensorRT on small CNN layers; weight-only kernels as fp16); calibrate on "
+        "the device",
         "mem_bw_bytes_per_s": "Jetson AGX Orin datasheet: 256-bit LPDDR5, 204.8 GB/s",
         "layer_overhead_s": "assumed: kernel launch on an embedded GPU, ~8 us",
         "on_chip_bytes": "Jetson AGX Orin: 4 MB GPU L2 (Ampere GA10B)",

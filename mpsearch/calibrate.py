@@ -1,5 +1,8 @@
 """`mpsearch calibrate`: fit a hardware profile to latencies measured on this machine.
 
+GPU profiles (kind "gpu", e.g. h100) are measured differently: matrix products on a CUDA GPU
+(`mpsearch.gpu_calibrate`). What follows is the CPU calibration.
+
 What is measured (ONNX Runtime on the CPU, fixed thread count; mpsearch.measure):
 
 * sessions of the task's model with all layers FP32, all layers int8 (QDQ), two alternating
@@ -31,6 +34,7 @@ import random
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -42,8 +46,12 @@ from mpsearch.analysis import ModelAnalysis, analyze
 from mpsearch.cache import atomic_write_bytes, cache_dir
 from mpsearch.errors import InvalidConfigError
 from mpsearch.evaluator import Evaluator
+from mpsearch.fit import fit_roofline
 from mpsearch.tasks import Task, load_task
 from mpsearch.tasks.base import Batch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mpsearch.gpu_calibrate import GpuCalibration
 
 # Each timing is the median of at least this many back-to-back runs, and of enough runs to last
 # MIN_TIMING_S: the reference, timed twice as often, would otherwise run with warmer caches than
@@ -61,8 +69,7 @@ def timing_number(runner, batch: Batch) -> int:
     """Back-to-back runs per timing for this model (see MIN_TIMING_S)."""
     t = sorted(runner.time_batch(batch, repeats=3, warmup=True))[1]
     return max(TIMING_NUMBER, math.ceil(MIN_TIMING_S / max(t, 1e-7)))
-# Grids of the roofline fit.
-EFFICIENCY_GRID = np.geomspace(0.002, 1.0, 80)
+# Per-layer overheads tried by the roofline fit.
 OVERHEAD_GRID = np.linspace(0.0, 100e-6, 101)
 
 
@@ -121,15 +128,19 @@ def calibrate(
     repeats: int = 5,
     seed: int = 0,
     progress: bool = True,
-) -> Calibration:
-    """Measure `task`'s model on this machine and fit `target`'s profile to it (module doc)."""
+) -> Calibration | GpuCalibration:
+    """Measure `task`'s model on this machine and fit `target`'s profile to it (module doc; a GPU
+    profile gives a `mpsearch.gpu_calibrate.GpuCalibration`)."""
     from mpsearch.api import resolve_target
     from mpsearch.measure import build_session, config_candidate, profile_layers, time_interleaved
 
     base = resolve_target(target)
+    if base.kind == "gpu":
+        return _calibrate_gpu(task, base, name=name, batch_size=batch_size, seed=seed, progress=progress)
     if base.kind != "cpu":
         raise InvalidConfigError(
-            f"calibrate measures this machine's CPU with ONNX Runtime; {base.name} is a {base.kind} profile"
+            f"calibrate measures this machine's CPU with ONNX Runtime or a CUDA GPU with PyTorch; {base.name} "
+            f"is a {base.kind} profile"
         )
     if batch_size < 1 or n_mixed < 0 or rounds < 1 or repeats < 1:
         raise InvalidConfigError("batch size, rounds and repeats must be positive, mixed configurations >= 0")
@@ -241,10 +252,33 @@ def calibrate(
                        {"roofline_rms_log": rms, "other_s": other_s, "n_configs": len(configs)})
 
 
+def _calibrate_gpu(task: Task | str, base: HardwareProfile, *, name: str | None, batch_size: int, seed: int,
+                   progress: bool):
+    """A GPU profile: the task's layers lowered to matrix products at `batch_size`, and a short
+    sweep, timed on this machine's CUDA GPU (`mpsearch.gpu_calibrate`); the fitted roofline,
+    and the task's products as the profile's lookup table."""
+    import torch
+
+    from mpsearch.gpu_calibrate import calibrate_gpu, layer_gemms, layer_table, sweep
+
+    if not torch.cuda.is_available():  # before loading the task
+        raise InvalidConfigError(f"calibrating {base.name} times matrix products on a CUDA GPU; torch sees none "
+                                 "on this machine")
+    if batch_size < 1:
+        raise InvalidConfigError("batch size must be positive")
+    task_obj = load_task(task) if isinstance(task, str) else task
+    analysis = analyze(task_obj.model, task_obj.example_input)
+    gemms = layer_gemms(analysis.layers, batch_size) + sweep(quick=True)
+    cal = calibrate_gpu(base, gemms, name=name, seed=seed, progress=progress,
+                        context=f"task {task_obj.name} at batch {batch_size} and a sweep")
+    cal.profile = replace(cal.profile, layer_table=layer_table(analysis.layers, base, cal.measurements, batch_size))
+    return cal
+
+
 def _fit_roofline(base: HardwareProfile, analysis: ModelAnalysis, batch: int,
                   times: dict[str, dict[str, float]]) -> tuple[dict[str, float], float, float]:
-    """Efficiency per compute kind and one per-layer overhead minimising the squared log error
-    of max(compute, memory) + overhead against the measured per-layer times."""
+    """Efficiency per compute kind and one per-layer overhead fitted to the measured per-layer
+    times (`mpsearch.fit.fit_roofline`)."""
     at_peak = CostModel(analysis.layers, replace(base, efficiency={}, layer_table=None), batch)
     kinds = {}
     for kind, measured in times.items():
@@ -262,19 +296,7 @@ def _fit_roofline(base: HardwareProfile, analysis: ModelAnalysis, batch: int,
             kinds[kind] = np.array(rows)
     if not kinds:
         raise InvalidConfigError("no layer could be timed; nothing to fit")
-    best = (math.inf, {}, 0.0)
-    for o in OVERHEAD_GRID:
-        total, effs = 0.0, {}
-        for kind, r in kinds.items():
-            pred = np.maximum(r[:, 0:1] / EFFICIENCY_GRID[None, :], r[:, 1:2]) + o  # [layers, grid]
-            err = ((np.log(pred) - np.log(r[:, 2:3])) ** 2).sum(0)
-            j = int(err.argmin())
-            total += float(err[j])
-            effs[kind] = float(EFFICIENCY_GRID[j])
-        if total < best[0]:
-            best = (total, effs, float(o))
-    n = sum(len(r) for r in kinds.values())
-    return best[1], best[2], math.sqrt(best[0] / n)
+    return fit_roofline(kinds, OVERHEAD_GRID)
 
 
 def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="measure this machine and write a fitted profile (.toml)")
     c.add_argument("--task", required=True, help="built-in name, package.module:function or file.py:function")
-    c.add_argument("--target", default="x86-vnni", help="the CPU profile to fit (default x86-vnni)")
+    c.add_argument("--target", default="x86-vnni",
+                   help="the profile to fit: a CPU profile (ONNX Runtime) or a GPU one such as h100 (needs "
+                        "CUDA); default x86-vnni")
     c.add_argument("--out", required=True, metavar="FILE.toml", help="where to write the profile")
     c.add_argument("--name", help="the new profile's name (default <target>-calibrated)")
     c.add_argument("--threads", type=_positive_int, help="intra-op threads (default: the profile's)")

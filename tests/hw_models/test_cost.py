@@ -146,9 +146,9 @@ def test_bitfusion_throughput_scales_with_bit_bricks():
 def test_h100_uses_dense_figures_and_int4_is_weight_only():
     h = get_profile("h100")
     assert h.peak_macs_per_s["int8"] * 2 == 1979e12 and h.peak_macs_per_s["fp8"] * 2 == 1979e12
-    assert h.mem_bw_bytes_per_s == 3.35e12
+    assert "3.35 TB/s" in h.sources["mem_bw_bytes_per_s"]  # the datasheet; the profile holds the fitted 3.1
     r = h.rule(P.INT4, P.BF16)
-    assert r.compute == "fp16" and not r.native
+    assert r.compute == "fp16" and not r.native and r.kernel == "weight_only"
     assert h.rule(P.INT4, P.INT4) is None
 
 
@@ -191,3 +191,25 @@ def test_upper_bounds_cover_every_candidate_of_a_mixed_space():
     # latency: alternating compute kinds pay conversions; the bound charges one at every boundary
     n_boundaries = len(layers) + 1
     assert worst["latency_s"] <= ub["latency_s"] <= worst["latency_s"] + n_boundaries * 3e-6 + 1e-4
+
+
+def test_weight_only_rules_run_at_the_fp16_peak_with_their_kernel_efficiency():
+    h100 = get_profile("h100")
+    fc = LayerSpec("fc", "linear", (4096, 4096), 1, 4096 * 4096, 4096, 4096)
+    rows = 8192  # compute-bound at any of these efficiencies
+    macs = rows * 4096 * 4096
+    fp16_peak = 989.5e12 / 2
+    slow = dataclasses.replace(h100, efficiency={**h100.efficiency, "weight_only": 0.03})
+    cm = CostModel([fc], slow, rows)
+    assert cm.layer_cost("fc", LayerChoice(P.INT4, P.BF16)).compute_s == pytest.approx(macs / (fp16_peak * 0.03))
+    assert cm.layer_cost("fc", LayerChoice(P.BF16, P.BF16)).compute_s == pytest.approx(
+        macs / (fp16_peak * h100.efficiency["fp16"]))
+    # a profile with no weight_only entry runs them at the fp16 efficiency
+    no_entry = dataclasses.replace(h100, efficiency={k: v for k, v in h100.efficiency.items() if k != "weight_only"})
+    cm = CostModel([fc], no_entry, rows)
+    assert cm.layer_cost("fc", LayerChoice(P.INT4, P.BF16)).compute_s == pytest.approx(
+        macs / (fp16_peak * h100.efficiency["fp16"]))
+    # the int4 layer next to a bf16 one is no transition: both take bf16 activations on fp16 compute
+    two = [fc, dataclasses.replace(fc, fqn="fc2")]
+    cand = Candidate([("fc", LayerChoice(P.INT4, P.BF16)), ("fc2", LayerChoice(P.BF16, P.BF16))])
+    assert CostModel(two, h100, 1).price(cand).transitions == 2  # fp32 input in, fp32 output out

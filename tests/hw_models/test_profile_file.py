@@ -33,6 +33,7 @@ def _text(**changes):
     (('compute = "int8"', 'compute = "int4"'), "compute: 'int4' has no throughput"),
     (("int8 = 0.25", "int8 = 1.5"), "field efficiency.int8: must be in (0, 1]"),
     (("name = ", "nom = "), "field name: missing"),
+    (("native = true", "native = true\nkernel = 3"), "field rules[0].kernel: expected a kernel name"),
 ])
 def test_bad_files_name_the_file_and_the_field(tmp_path, change, needle):
     path = tmp_path / "bad.toml"
