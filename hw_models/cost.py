@@ -109,7 +109,10 @@ class CostModel:
     for its compute kind (the roofline where the table has no entry), "<kind>@exit" where the
     next layer uses another compute kind (measured on a layer between two of another kind, so
     it includes its input conversion: no transition is added for it when the previous layer
-    is of another kind too), and the model's measured non-layer time is added once.
+    is of another kind too), and the model's measured non-layer time is added once. Where the
+    table holds a layer's time in context, "<prev>><own>><next>" (the compute kinds of the layer
+    before it, its own and the one after it; io_compute at the model's ends), that is the
+    layer's whole contribution, conversions included (`in_context`).
     """
 
     def __init__(self, layers: Sequence[LayerSpec], profile: HardwareProfile, batch_size: int = 1):
@@ -132,11 +135,16 @@ class CostModel:
         # measured latency of a layer whose successor uses another compute kind ("int8@exit":
         # ONNX Runtime runs an int8 layer whose output is not quantized as a float convolution)
         self._exit: dict[tuple[str, str], float] = {}
+        # measured latency of a layer given the compute kinds before and after it ("<prev>><own>><next>",
+        # conversions included; fitted end to end by `mpsearch calibrate`)
+        self._state: dict[tuple[str, str], float] = {}
         if self.measured:
             for layer in self.layers:
                 for key, v in profile.layer_table.layers[layer.fqn].items():
                     if key.endswith("@exit"):
                         self._exit[(layer.fqn, key.removesuffix("@exit"))] = v
+                    elif key.count(">") == 2:
+                        self._state[(layer.fqn, key)] = v
         # conversion of each layer's input, and of the model's output
         self._in_transition = [self.transition_s(layer.in_elems) for layer in self.layers]
         self._out_transition = self.transition_s(self.layers[-1].out_elems) if self.layers else 0.0
@@ -187,7 +195,8 @@ class CostModel:
             if not costs:
                 continue
             exits = [self._exit.get((layer.fqn, c.compute), 0.0) for c in costs]
-            lat += max(max(c.latency_s for c in costs), *exits)
+            states = [v for (f, _), v in self._state.items() if f == layer.fqn]
+            lat += max(max(c.latency_s for c in costs), *exits, *states)
             wb += max(c.weight_bytes for c in costs)
             ops += max(c.bops for c in costs)
             energy += max(c.energy_j or 0.0 for c in costs)
@@ -210,6 +219,32 @@ class CostModel:
             prev = c.compute if c.supported else prev
         return out
 
+    def in_context(self, i: int, cost: LayerCost, prev: str, nxt: str | None) -> tuple[float, float, int]:
+        """What layer i at `cost` adds to the latency when the layer before it computes in `prev`
+        and the one after it in `nxt` (the profile's io_compute at the model's input and output):
+        (seconds including its conversions, of which conversions, number of conversions).
+
+        A measured "<prev>><own>><next>" entry is the answer when the table has one. Otherwise the
+        layer's latency (its measured exit time when the next layer is of another kind, which
+        includes its input conversion), plus a conversion of its input when `prev` differs and of
+        the model's output after the last layer."""
+        fqn = self.layers[i].fqn
+        if self._state:
+            measured = self._state.get((fqn, f"{prev}>{cost.compute}>{nxt}"))
+            if measured is not None:
+                return measured, 0.0, 0
+        latency, trans_s, n = cost.latency_s, 0.0, 0
+        measured_in = False
+        if self._exit and i + 1 < len(self.layers) and nxt != cost.compute:
+            exit_s = self._exit.get((fqn, cost.compute))
+            if exit_s is not None:
+                latency, measured_in = exit_s, cost.compute != prev
+        if cost.compute != prev and not measured_in:
+            n, trans_s = n + 1, trans_s + self._in_transition[i]
+        if i + 1 == len(self.layers) and cost.compute != self.profile.io_compute:
+            n, trans_s = n + 1, trans_s + self._out_transition
+        return latency + trans_s, trans_s, n
+
     def price(self, candidate: Candidate) -> Cost:
         p = self.profile
         latency = 0.0
@@ -227,36 +262,30 @@ class CostModel:
         for i, layer in enumerate(self.layers):
             c = costs[i]
             choice = c.choice
-            if not c.supported and not reason:
-                reason = (
-                    f"{p.name} cannot run layer {layer.fqn} with weight {choice.weight} "
-                    f"/ activation {choice.activation}"
-                )
-            latency += c.latency_s
-            measured_in = False  # the measured exit time includes this layer's input conversion
-            if self._exit and i + 1 < len(costs) and costs[i + 1].compute != c.compute:
-                exit_s = self._exit.get((layer.fqn, c.compute))
-                if exit_s is not None:
-                    latency += exit_s - c.latency_s
-                    measured_in = c.compute != prev
+            if not c.supported:
+                if not reason:
+                    reason = (
+                        f"{p.name} cannot run layer {layer.fqn} with weight {choice.weight} "
+                        f"/ activation {choice.activation}"
+                    )
+                latency += c.latency_s
+            else:
+                nxt = costs[i + 1].compute if i + 1 < len(costs) else p.io_compute
+                lat, t, n = self.in_context(i, c, prev, nxt)
+                latency += lat
+                trans_s += t
+                n_trans += n
+                prev = c.compute
             wbytes += c.weight_bytes
             total_bops += c.bops
             if energy is not None and c.energy_j is not None:
                 energy += c.energy_j
-            if c.supported and c.compute != prev and not measured_in:
-                n_trans += 1
-                trans_s += self._in_transition[i]
-            prev = c.compute if c.supported else prev
             in_bytes = math.ceil(layer.in_elems * choice.activation.bits / 8)
             if i:
                 peak_act = max(peak_act, prev_in_bytes + math.ceil(prev_out * choice.activation.bits / 8))
             prev_out, prev_in_bytes = layer.out_elems, in_bytes
         if self.layers:
             peak_act = max(peak_act, prev_in_bytes + prev_out * 4)  # the model's output in fp32
-            if prev != p.io_compute:
-                n_trans += 1
-                trans_s += self._out_transition
-        latency += trans_s
         if self.measured:
             latency += p.layer_table.other_s
         if energy is not None and p.energy_pj_per_byte is not None and p.transition_bytes_per_elem:

@@ -45,7 +45,9 @@ class LayerTable:
 
     layers: fqn -> {"macs": the layer's MACs per sample (to recognise it), compute kind (or a
     rule's kernel, e.g. "weight_only") -> seconds at batch_size, and optionally "<compute kind>@exit" -> seconds when the next layer
-    uses another compute kind (a runtime may then run the layer differently)}. other_s: the model's operations that are not quantizable layers
+    uses another compute kind (a runtime may then run the layer differently) and
+    "<prev>><own>><next>" -> seconds of the layer between layers of those compute kinds, its
+    conversions included}. other_s: the model's operations that are not quantizable layers
     (pooling, additions, reshapes). A cost model uses the table when every one of its layers
     is in it with the same MACs and its batch size is batch_size; otherwise the roofline.
     """

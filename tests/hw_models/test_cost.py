@@ -213,3 +213,29 @@ def test_weight_only_rules_run_at_the_fp16_peak_with_their_kernel_efficiency():
     two = [fc, dataclasses.replace(fc, fqn="fc2")]
     cand = Candidate([("fc", LayerChoice(P.INT4, P.BF16)), ("fc2", LayerChoice(P.BF16, P.BF16))])
     assert CostModel(two, h100, 1).price(cand).transitions == 2  # fp32 input in, fp32 output out
+
+
+def test_context_entries_price_a_layer_by_its_neighbours_kinds():
+    from hw_models.profiles import LayerTable
+
+    # conv: fp32 10 us; fc: fp32 3 us, int8 2 us; measured in context (conversions included)
+    table = LayerTable({
+        "conv": {"macs": CONV.macs, "fp32": 10e-6, "fp32>fp32>int8": 12e-6},
+        "fc": {"macs": FC.macs, "fp32": 3e-6, "int8": 2e-6, "fp32>int8>fp32": 7e-6},
+    }, batch_size=1, other_s=1e-6)
+    prof = dataclasses.replace(X86, layer_table=table)
+    cm = CostModel([CONV, FC], prof)
+    fp32, int8 = LayerChoice(P.FP32, P.FP32), LayerChoice(P.INT8, P.INT8)
+    # both contexts measured: 12 + 7 + other 1, no conversion added
+    cost = cm.price(Candidate([("conv", fp32), ("fc", int8)]))
+    assert cost.latency_s == pytest.approx(20e-6) and cost.transition_s == 0
+    # no context entry: the per-layer table (10 + 3) and other 1
+    assert cm.price(Candidate([("conv", fp32), ("fc", fp32)])).latency_s == pytest.approx(14e-6)
+    # fc int8 measured in context, conv int8 not: conv's int8 roofline + its input conversion from the
+    # fp32 model input; fc's context entry ("int8>int8>fp32") is missing too: its table time plus the
+    # conversion of the model's output
+    c = cm.price(Candidate([("conv", int8), ("fc", int8)]))
+    conv8 = cm.layer_cost("conv", int8).latency_s
+    assert c.latency_s == pytest.approx(conv8 + cm.transition_s(CONV.in_elems) + 2e-6 + cm.transition_s(FC.out_elems)
+                                        + 1e-6)
+    assert cm.upper_bounds({"conv": [fp32, int8], "fc": [fp32, int8]})["latency_s"] >= 12e-6 + 7e-6

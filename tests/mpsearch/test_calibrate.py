@@ -5,12 +5,21 @@ import math
 import numpy as np
 import pytest
 
-from hw_models import LayerSpec, get_profile
+from hw_models import Candidate, CostModel, LayerChoice, LayerSpec, Precision, get_profile
 from hw_models.profile_file import load_profile
 from mpsearch.calibrate import _fit_roofline, _nonneg_lstsq, random_configs
 from mpsearch.fit import EFFICIENCY_GRID
 
 X86 = get_profile("x86-vnni")
+P = Precision
+
+
+def _digits_layers():
+    from mpsearch.analysis import analyze
+    from mpsearch.tasks import load_task
+
+    task = load_task("digits")
+    return analyze(task.model, task.example_input).layers
 
 
 def test_roofline_fit_recovers_efficiency_and_overhead():
@@ -61,7 +70,7 @@ def test_calibrate_command_writes_a_profile_that_works_as_a_target(tmp_path, cap
     rc = main(["calibrate", "--task", "digits", "--out", str(out), "--mixed", "3", "--no-progress",
                "--name", "my-cpu"])
     text = capsys.readouterr().out
-    assert rc == 0 and "wrote" in text and "mixed_2" in text
+    assert rc == 0 and "wrote" in text and "3 random mixtures" in text
     prof = load_profile(out)
     assert prof.name == "my-cpu" and prof.kind == "cpu"
     assert all(0 < v <= 1 for v in prof.efficiency.values())
@@ -70,6 +79,19 @@ def test_calibrate_command_writes_a_profile_that_works_as_a_target(tmp_path, cap
     assert set(table.layers) == {"features.0", "features.2", "features.4", "features.6", "features.8",
                                  "features.10", "classifier.1", "classifier.3"}
     assert all(e["fp32"] > 0 and e["int8"] > 0 for e in table.layers.values())
+    # each layer's latency in context: the first layer sees the fp32 input, the last the fp32 output
+    assert {k for k in table.layers["features.0"] if ">" in k} == {
+        f"fp32>{own}>{nxt}" for own in ("fp32", "int8") for nxt in ("fp32", "int8")}
+    assert {k for k in table.layers["features.4"] if ">" in k} == {
+        f"{prev}>{own}>{nxt}" for prev in ("fp32", "int8") for own in ("fp32", "int8") for nxt in ("fp32", "int8")}
+    # pricing sums the layers' contexts and the non-layer time (hand-computed from the table)
+    fqns = list(table.layers)
+    int8 = {"features.2", "features.4", "classifier.3"}
+    kinds = ["fp32", *("int8" if f in int8 else "fp32" for f in fqns), "fp32"]
+    expected = table.other_s + sum(table.layers[f][f"{kinds[i]}>{kinds[i + 1]}>{kinds[i + 2]}"]
+                                   for i, f in enumerate(fqns))
+    cand = Candidate((f, LayerChoice(P.INT8, P.INT8) if f in int8 else LayerChoice(P.FP32, P.FP32)) for f in fqns)
+    assert CostModel(_digits_layers(), prof, 1).price(cand).latency_s == pytest.approx(expected)
     rc = main(["profile", "--task", "digits", "--target", str(out), "--precision", "int8"])
     text = capsys.readouterr().out
     assert rc == 0 and "my-cpu" in text and "(measured per-layer table)" in text
