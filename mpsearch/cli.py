@@ -73,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA); default x86-vnni")
     c.add_argument("--out", required=True, metavar="FILE.toml", help="where to write the profile")
     c.add_argument("--name", help="the new profile's name (default <target>-calibrated)")
-    c.add_argument("--threads", type=_positive_int, help="intra-op threads (default: the profile's)")
+    c.add_argument("--threads", type=_positive_int, help="CPU: intra-op threads (default: the profile's)")
     c.add_argument("--batch-size", type=_positive_int, default=1, help="batch size measured (default 1)")
     c.add_argument("--mixed", type=int, default=40, metavar="N",
-                   help="random mixed configurations timed end to end (default 40)")
+                   help="CPU: random mixed configurations timed end to end (default 40)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-progress", action="store_true")
 
