@@ -20,6 +20,7 @@ convolutions and the classifier (elementwise operations are not in the cost mode
 
 JSON keys:
   device               the GPU's name
+  software             the PyTorch and CUDA versions that ran the kernels
   copy_bandwidth_Bps   measured copy bandwidth (bytes read + written per second)
   checks               kind -> "" (kernel agrees with the fp32 reference) or why it was not timed
   failed               products a kernel refused (one line each)
@@ -52,7 +53,7 @@ import torch
 
 from hw_models import Candidate, CostModel, Precision, get_profile
 from hw_models.profile_file import dump_profile
-from mpsearch.gpu_calibrate import KINDS, calibrate_gpu, layer_gemms, predict, sweep
+from mpsearch.gpu_calibrate import KINDS, calibrate_gpu, layer_gemms, predict, software, sweep
 
 
 def log(msg: str) -> None:
@@ -150,7 +151,8 @@ def main() -> int:
 
     p = cal.profile
     results = {
-        "quick": args.quick, "device": cal.device_name, "copy_bandwidth_Bps": cal.copy_bandwidth, "checks": cal.checks,
+        "quick": args.quick, "device": cal.device_name, "software": software(),
+        "copy_bandwidth_Bps": cal.copy_bandwidth, "checks": cal.checks,
         "failed": cal.failed,
         "products": products, "peak_tflops": peak,
         "datasheet_tflops": {k: 2 * base.peak_macs_per_s[base.rule(*KINDS[k]).compute] / 1e12 for k in KINDS},

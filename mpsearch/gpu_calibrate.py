@@ -455,6 +455,11 @@ class GpuCalibration:
         return "\n".join(lines)
 
 
+def software() -> str:
+    """The PyTorch and CUDA versions that ran the kernels (kernel speed depends on both)."""
+    return f"PyTorch {torch.__version__}, CUDA {torch.version.cuda or 'none'}"
+
+
 def calibrate_gpu(base: HardwareProfile, gemms: Sequence[Gemm], *, name: str | None = None, device: str = "cuda",
                   kinds: Sequence[str] = tuple(KINDS), rounds: int = 10, seed: int = 0, progress: bool = True,
                   context: str = "") -> GpuCalibration:
@@ -484,7 +489,8 @@ def calibrate_gpu(base: HardwareProfile, gemms: Sequence[Gemm], *, name: str | N
     eff, overhead, fitted_bw, rms = fit_profile(base, measured, bandwidth)
     device_name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    machine = f"measured by mpsearch calibrate on {device_name} ({platform.node() or 'this machine'}), {stamp}"
+    machine = (f"measured by mpsearch calibrate on {device_name} ({platform.node() or 'this machine'}), {stamp}, "
+               f"{software()}")
     where = (f"{machine}: {len(measured)} matrix products ({', '.join(timed)}{'; ' + context if context else ''}), "
              "CUDA-graph replays")
     profile = replace(

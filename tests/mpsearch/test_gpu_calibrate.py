@@ -98,6 +98,7 @@ def test_calibration_validates_held_out_products_and_writes_a_profile(tmp_path):
     assert p.efficiency["fp16"] == H100.efficiency["fp16"]  # nothing fp16 was timed: kept
     assert p.sources["efficiency"].startswith("fitted: measured by mpsearch calibrate")
     assert "8 matrix products (fp32, int8)" in p.sources["efficiency"]
+    assert f"PyTorch {torch.__version__}, CUDA " in p.sources["efficiency"]
     # the calibrated profile predicts each product as the fit says: prediction = roofline at the fitted figures
     m = cal.measurements[0]
     assert predict(p, m) == pytest.approx(max(
