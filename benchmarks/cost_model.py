@@ -35,6 +35,10 @@ JSON keys (one entry per task under "tasks"):
                        %), within_10pct (share of predictions within +-10% of measured), and
                        mape_absolute (MAPE of the raw predictions in seconds)
   calibration          the fitted figures (efficiency, overhead, transition cost, fit error)
+  pricing_us           profile -> microseconds per CostModel.price of a random candidate (each layer
+                       at one of the pairs the profile lists), median of 5 passes over 1,000
+                       candidates: the calibrated profile (with its context table) and every
+                       built-in target
   seconds              wall time of the task's benchmark
 """
 
@@ -43,12 +47,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
+import statistics
 import sys
 import time
 
 import numpy as np
 
-from hw_models import CostModel, get_profile
+from hw_models import Candidate, CostModel, HardwareProfile, LayerChoice, get_profile, list_profiles
 from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
 from mpsearch.calibrate import calibrate, first_samples, random_configs, timing_number
@@ -110,8 +116,25 @@ def bench_task(name: str, n: int, rounds: int, threads: int, batch_size: int) ->
         "calibration": {"efficiency": dict(p.efficiency), "layer_overhead_s": p.layer_overhead_s,
                         "transition_overhead_s": p.transition_overhead_s,
                         "transition_bytes_per_elem": p.transition_bytes_per_elem, **cal.fit},
+        "pricing_us": {prof.name: pricing_us(analysis.layers, prof, batch_size)
+                       for prof in (cal.profile, *list_profiles())},
         "seconds": time.perf_counter() - t0,
     }
+
+
+def pricing_us(layers, profile: HardwareProfile, batch_size: int, n: int = 1000, passes: int = 5) -> float:
+    """Microseconds per CostModel.price of a random candidate over the pairs `profile` lists."""
+    rng = random.Random(4)
+    choices = [LayerChoice(r.weight, r.activation) for r in profile.rules]
+    cands = [Candidate((x.fqn, rng.choice(choices)) for x in layers) for _ in range(n)]
+    cm = CostModel(layers, profile, batch_size)
+    times = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for c in cands:
+            cm.price(c)
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times) * 1e6
 
 
 def print_task(name: str, r: dict) -> None:
@@ -130,6 +153,8 @@ def print_task(name: str, r: dict) -> None:
     print(f"calibrated: efficiency {c['efficiency']}, overhead {c['layer_overhead_s'] * 1e6:.3g} us, "
           f"transition {c['transition_overhead_s'] * 1e6:.3g} us + {c['transition_bytes_per_elem']:.3g} B/elem; "
           f"{r['seconds']:.0f} s")
+    print("pricing one candidate (CostModel.price): "
+          + ", ".join(f"{k} {v:.0f} us" for k, v in r["pricing_us"].items()))
 
 
 def main() -> int:

@@ -179,9 +179,9 @@ class CostModel:
 
     def layer_cost(self, fqn: str, choice: LayerChoice) -> LayerCost:
         cost = self._table.get((fqn, choice))
-        if cost is None:  # a pair with no rule on this target
+        if cost is None:  # a pair with no rule on this target: priced once, then looked up
             layer = next(x for x in self.layers if x.fqn == fqn)
-            cost = self._layer_cost(layer, choice)
+            cost = self._table[(fqn, choice)] = self._layer_cost(layer, choice)
         return cost
 
     def upper_bounds(self, options: Mapping[str, Iterable[LayerChoice]]) -> dict[str, float]:
