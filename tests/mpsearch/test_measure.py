@@ -70,6 +70,22 @@ def test_subset_session_runs_its_int8_layers_as_int8_kernels_and_matches_the_sim
     assert metrics.top1_agreement(_ort_outputs(runner, task), sim) >= 0.99
 
 
+def test_an_excluded_layer_between_int8_layers_stays_fp32(digits):
+    """ONNX Runtime's WeightBiasQuantization quantizes the weight of a node that reads a
+    DequantizeLinear and feeds a QuantizeLinear: the export must not hand it such a node."""
+    task, analysis, evaluator, _ = digits
+    runner = build_session(task, analysis, evaluator, set(analysis.fqns) - {"features.4"})
+    graph = runner.optimized_model.graph
+    nodes = {n.name: n for n in graph.node}
+    owned = [nodes[name] for name, fqn in attribute_nodes(runner.optimized_model, analysis).items()
+             if fqn == "features.4"]
+    assert [n.op_type for n in owned] == ["Conv"]
+    fp32_inits = {i.name for i in graph.initializer if i.data_type == 1}  # TensorProto.FLOAT
+    assert owned[0].input[1] in fp32_inits
+    # 7 int8 layers; features.2 feeds the fp32 layer (its output is not quantized): a float conv
+    assert runner.int8_kernels == 6, runner.op_counts
+
+
 def test_all_int8_and_all_fp32_sessions(digits):
     task, analysis, evaluator, sessions = digits
     assert sessions["int8"].int8_kernels == len(analysis.fqns)
