@@ -58,6 +58,7 @@ from mpsearch.onnx_export import (
     _scope_fqn,
     default_weight_dtype,
     export_qdq,
+    session_options,
 )
 from mpsearch.tasks.base import Batch, Task
 
@@ -473,13 +474,7 @@ def _profile_session(optimized: onnx.ModelProto, threads: int | None, prefix: st
     """A profiling session of an already optimized graph: ORT does not optimize it again, so it
     runs exactly the runner's nodes and kernels (pre-packing happens at session start as usual)."""
     ort = _import_ort()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.inter_op_num_threads = 1
-    if threads is not None:
-        so.intra_op_num_threads = int(threads)
-    so.log_severity_level = 3
+    so = session_options(threads, optimize=False)
     so.enable_profiling = True
     so.profile_file_prefix = prefix
     try:

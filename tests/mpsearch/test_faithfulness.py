@@ -138,6 +138,15 @@ def test_fp32_export_matches_torch():
     assert runner.int8_kernels == 0
 
 
+def test_sessions_stop_spinning_after_a_run():
+    """Sessions timed side by side: an idle session's workers must not spin on the shared cores."""
+    model, _, x, _, _ = _tiny_case(bn=True)
+    runner = OrtRunner(export_qdq(model, x, {}), threads=2)
+    so = runner.session.get_session_options()
+    assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert so.intra_op_num_threads == 2 and so.inter_op_num_threads == 1
+
+
 def test_unknown_layer_and_bad_layer_data_are_refused():
     model, layers, x, _, _ = _tiny_case()
     with pytest.raises(ValueError, match="'nope'"):
