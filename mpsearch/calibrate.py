@@ -38,6 +38,7 @@ import math
 import platform
 import random
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,6 +79,8 @@ def timing_number(runner, batch: Batch) -> int:
 # Ridge penalty of the context fit (`_fit_states`), relative to one configuration's squared
 # residual: a context seen in a few configurations moves part of the way from its prior.
 STATE_RIDGE = 1.0
+# Separately built sessions of one configuration further apart than this (%, on average): say so.
+NOISY_PCT = 10.0
 # Per-layer overheads tried by the roofline fit.
 OVERHEAD_GRID = np.linspace(0.0, 100e-6, 101)
 
@@ -107,11 +110,28 @@ class Calibration:
         for k, v in self.end_to_end.items():
             if k not in mixed and "~" not in k:  # the named sessions, not their copies
                 lines.append(f"{k:12s} {v * 1e3:12.4g} {self.predicted[k] * 1e3:12.4g}")
+        noise = session_noise(self.end_to_end)
+        if noise is not None:
+            lines.append(f"identical sessions built separately differ by {noise:.1f}% on average (the measurement's "
+                         "own noise" + ("; that much: calibrate with fewer --threads or on a quieter machine)"
+                                        if noise > NOISY_PCT else ")"))
         if len(mixed) >= 2:
             f = fidelity([self.predicted[k] for k in mixed], [self.end_to_end[k] for k in mixed])
             lines.append(f"{len(mixed)} random mixtures (fitted on; held-out figures: benchmarks/cost_model.py): "
                          f"spearman {f['spearman']:.3f}, MAPE {f['mape']:.1f}%, within 10% {f['within_10pct']:.0%}")
         return "\n".join(lines)
+
+
+def session_noise(end_to_end: Mapping[str, float]) -> float | None:
+    """How far separately built sessions of one configuration ("k" and its copies "k~1", ...)
+    are apart: the mean over configurations of |a - b| / ((a + b) / 2) between the first
+    session and each copy, in %. None without copies."""
+    diffs = []
+    for k, v in end_to_end.items():
+        if "~" in k and k.split("~")[0] in end_to_end:
+            a = end_to_end[k.split("~")[0]]
+            diffs.append(abs(a - v) / ((a + v) / 2) * 100)
+    return sum(diffs) / len(diffs) if diffs else None
 
 
 def first_samples(batch: Batch, n: int) -> Batch:

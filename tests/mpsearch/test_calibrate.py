@@ -7,7 +7,7 @@ import pytest
 
 from hw_models import Candidate, CostModel, LayerChoice, LayerSpec, Precision, get_profile
 from hw_models.profile_file import load_profile
-from mpsearch.calibrate import _fit_roofline, _nonneg_lstsq, random_configs
+from mpsearch.calibrate import _fit_roofline, _nonneg_lstsq, random_configs, session_noise
 from mpsearch.fit import EFFICIENCY_GRID
 
 X86 = get_profile("x86-vnni")
@@ -62,6 +62,13 @@ def test_random_configs_are_seeded_and_span_the_range():
     assert min(sizes) <= 4 and max(sizes) >= 16
 
 
+def test_session_noise_compares_each_session_with_its_copies():
+    # fp32: 10 vs 11 -> 1 / 10.5; int8: 20 vs 18 and 20 vs 22 -> 2 / 19 and 2 / 21; mixtures have no copies
+    t = {"fp32": 10.0, "fp32~1": 11.0, "int8": 20.0, "int8~1": 18.0, "int8~2": 22.0, "mixed_0": 5.0}
+    assert session_noise(t) == pytest.approx(100 * (1 / 10.5 + 2 / 19 + 2 / 21) / 3)
+    assert session_noise({"fp32": 1.0, "mixed_0": 2.0}) is None
+
+
 def test_calibrate_command_writes_a_profile_that_works_as_a_target(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from mpsearch.cli import main
@@ -71,6 +78,7 @@ def test_calibrate_command_writes_a_profile_that_works_as_a_target(tmp_path, cap
                "--name", "my-cpu"])
     text = capsys.readouterr().out
     assert rc == 0 and "wrote" in text and "3 random mixtures" in text
+    assert "identical sessions built separately differ by" in text
     prof = load_profile(out)
     assert prof.name == "my-cpu" and prof.kind == "cpu"
     assert all(0 < v <= 1 for v in prof.efficiency.values())
