@@ -112,13 +112,7 @@ def export_config(result: str | Path, trial: int | None = None) -> dict[str, Any
     path = Path(result)
     if path.is_dir():
         path = path / "result.json"
-    try:
-        res = SearchResult.read(path)
-    except FileNotFoundError:
-        raise InvalidConfigError(f"{path}: no such file (the output directory of a search holds result.json)") \
-            from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InvalidConfigError(f"{path}: not a readable search result ({type(e).__name__}: {e})") from None
+    res = SearchResult.read(path)
     if trial is None:
         trial = res.best
         if trial is None:

@@ -39,12 +39,20 @@ def _load(out_dir: Path) -> tuple[SearchResult, dict | None]:
     path = out_dir / "result.json"
     if not path.exists():
         raise InvalidConfigError(f"no result.json in {out_dir}: give the output directory of a search or compare")
-    try:
-        result = SearchResult.read(path)
-    except (ValueError, KeyError, TypeError) as e:
-        raise InvalidConfigError(f"{path}: not a readable result.json ({e})") from None
+    result = SearchResult.read(path)
     cmp_path = out_dir / "compare.json"
-    return result, json.loads(cmp_path.read_text()) if cmp_path.exists() else None
+    if not cmp_path.exists():
+        return result, None
+    try:
+        compare = json.loads(cmp_path.read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidConfigError(f"{cmp_path}: not a readable compare.json ({e})") from None
+    targets = compare.get("targets") if isinstance(compare, dict) else None
+    per_target = compare.get("per_target") if isinstance(compare, dict) else None
+    if not (isinstance(targets, list) and targets and isinstance(per_target, dict)
+            and all(isinstance(per_target.get(t), dict) for t in targets)):
+        raise InvalidConfigError(f"{cmp_path}: not a compare.json of mpsearch (its targets and per_target missing)")
+    return result, compare
 
 
 def _series(result: SearchResult, compare: dict | None) -> list[dict[str, Any]]:

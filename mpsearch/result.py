@@ -10,6 +10,7 @@ from typing import Any
 
 from hw_models import Candidate
 from mpsearch.cache import atomic_write_bytes
+from mpsearch.errors import InvalidConfigError
 from mpsearch.objectives import DEFAULT_OBJECTIVES, front_hypervolume
 from mpsearch.objectives import pareto_front as objectives_front
 
@@ -184,16 +185,29 @@ class SearchResult:
 
     @classmethod
     def read(cls, path: str | Path) -> SearchResult:
-        d = json.loads(Path(path).read_text())
-        if d.get("schema") != SCHEMA:
-            raise ValueError(f"{path}: schema {d.get('schema')!r}, expected {SCHEMA!r}")
-        return cls(
-            task=d["task"],
-            target=d["target"],
-            reference=d["reference"],
-            trials=[TrialRecord.from_dict(t) for t in d["trials"]],
-            settings=d.get("settings", {}),
-            space=d.get("space", {}),
-            tracking=d.get("tracking", {}),
-            interrupted=d.get("interrupted", False),
-        )
+        """The result.json at `path`. Raises InvalidConfigError (one line naming the file) when it
+        is missing, not JSON, of another schema or lacks a field this schema has."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InvalidConfigError(f"{path}: no such file (the output directory of a search holds result.json)") \
+                from None
+        except (OSError, ValueError) as e:
+            raise InvalidConfigError(f"{path}: not a readable result.json ({e})") from None
+        schema = d.get("schema") if isinstance(d, dict) else None
+        if schema != SCHEMA:
+            raise InvalidConfigError(f"{path}: schema {schema!r}, expected {SCHEMA!r}: not a result.json of mpsearch")
+        try:
+            return cls(
+                task=d["task"],
+                target=d["target"],
+                reference=d["reference"],
+                trials=[TrialRecord.from_dict(t) for t in d["trials"]],
+                settings=d.get("settings", {}),
+                space=d.get("space", {}),
+                tracking=d.get("tracking", {}),
+                interrupted=d.get("interrupted", False),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InvalidConfigError(f"{path}: not a readable result.json ({type(e).__name__}: {e})") from None

@@ -113,3 +113,22 @@ def test_report_rebuilds_html_and_pngs_from_result_json(tmp_path, capsys):
     rc = main(["report", str(tmp_path / "nothing")])
     err = capsys.readouterr().err
     assert rc == 2 and "no result.json" in err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "not a readable compare.json"),
+    ('{"targets": ["x86-vnni"], "per_target": {}}', "not a compare.json of mpsearch"),
+])
+def test_report_refuses_a_broken_compare_json_in_one_line(tmp_path, capsys, text, message):
+    from hw_models import Candidate, Precision
+    from mpsearch.result import TrialRecord
+
+    cfg = Candidate.uniform(["l1"], Precision.INT8, Precision.INT8)
+    ref = {"metric_name": "accuracy", "fp32_metric": 1.0, "fp32_latency_ms": 2.0, "fp32_weight_bytes": 400}
+    SearchResult("digits", "x86-vnni", ref, [TrialRecord(0, "complete", cfg, 0.9, 1.0, 100, 1000, True)]).write(
+        tmp_path / "result.json")
+    (tmp_path / "compare.json").write_text(text)
+    rc = main(["report", str(tmp_path), "--no-png"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and message in err and "compare.json" in err
+    assert not (tmp_path / "report.html").exists()

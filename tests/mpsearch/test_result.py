@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from hw_models import Candidate, Precision
+from mpsearch.errors import InvalidConfigError
 from mpsearch.result import SCHEMA, SearchResult, TrialRecord, best_trial, pareto_front
 
 P = Precision
@@ -46,6 +49,23 @@ def test_result_json_round_trip(tmp_path):
     back = SearchResult.read(path)
     assert back.trials[1].config == CFG and back.best == 1
     assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temp file
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "no such file"),
+    ('{"schema": ', "not a readable result.json"),
+    ("[1, 2]", "schema None, expected 'mpsearch.result/1'"),
+    ('{"schema": "mpsearch.result/0"}', "schema 'mpsearch.result/0'"),
+    ('{"schema": "mpsearch.result/1", "target": "x86-vnni"}', "KeyError: 'task'"),
+    ('{"schema": "mpsearch.result/1", "task": "t", "target": "x", "reference": {}, "trials": [7]}', "TypeError"),
+])
+def test_an_unreadable_result_json_is_a_typed_error_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "result.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(InvalidConfigError, match=message) as e:
+        SearchResult.read(path)
+    assert str(e.value).startswith(f"{path}: ")
 
 
 def test_memoized_write_is_the_same_file_one_trial_a_line(tmp_path):
