@@ -1,6 +1,6 @@
 """Scores a candidate: its task metric and label-free proxies against the FP32 model.
 
-The model scored is a copy with batch norms folded into the convolutions that feed them, as an
+The model scored is a copy (the task's model is never modified) with batch norms folded into the convolutions that feed them, as an
 inference runtime runs it (mpsearch.folding; QuantSettings.fold_batchnorm). Everything that does
 not depend on the candidate is done once and cached: quantized weights
 per (layer, precision), activation quantizer parameters per (layer, precision) from ranges
@@ -14,6 +14,7 @@ evaluation batches. Identical candidates are scored once.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import io
@@ -146,9 +147,13 @@ class Evaluator:
         if self.settings.fold_batchnorm:
             # a copy with batch norms folded into their convolutions (mpsearch.folding)
             self.model, self.folded = fold_batchnorm(task.model)
-            self.handles = remap_handles(analysis.handles, task.model, self.model)
         else:
-            self.model, self.folded, self.handles = task.model, [], dict(analysis.handles)
+            self.model, self.folded = task.model, []
+        if self.model is task.model:
+            # nothing folded: a copy all the same, since scoring swaps weights into the model and
+            # puts it in channels-last format; the task's model stays as the user gave it
+            self.model = copy.deepcopy(task.model)
+        self.handles = remap_handles(analysis.handles, task.model, self.model)
         if any(isinstance(m, torch.nn.Conv2d) for m in self.model.modules()):
             # channels-last convolutions run ~2x faster on x86 CPUs (oneDNN); same numbers
             self.model.to(memory_format=torch.channels_last)

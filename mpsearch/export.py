@@ -240,7 +240,7 @@ class _Prepared:
         if calib is None and settings.weight_rounding == "adaround":
             raise InvalidConfigError("weight_rounding 'adaround' needs calib_batches")
         self.calibrated = calib is not None
-        private = copy.deepcopy(model).eval()  # the Evaluator may quantize (and reformat) the model itself
+        private = copy.deepcopy(model).eval()  # eval mode, the caller's model left as it is
         analysis = analyze(private, example)
         self.candidate = _candidate(name, cfg["layers"], analysis.fqns)
         task = Task(name="mpsearch.export", model=private, calib_batches=calib or [example],

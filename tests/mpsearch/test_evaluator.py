@@ -45,6 +45,25 @@ def test_bias_correction_restores_the_mean_output_of_a_linear_layer(digits):
     ev.close()
 
 
+@pytest.mark.parametrize("fold", [True, False])
+def test_the_tasks_model_is_left_as_it_was(fold):
+    """digits has no batch norm, so nothing is folded: the evaluator still scores its own copy."""
+    task = load_task("digits")
+    analysis = analyze(task.model, task.example_input)
+    before = {k: (v.data_ptr(), v.clone()) for k, v in task.model.state_dict().items()}
+    ev = Evaluator(task, analysis, QuantSettings(fold_batchnorm=fold))
+    assert ev.model is not task.model and ev.folded == []
+    while_scoring = []
+    hook = task.model.features[0].register_forward_hook(lambda *a: while_scoring.append(1))
+    score = ev.score(Candidate.uniform(analysis.fqns, P.INT4, P.INT8))
+    hook.remove()
+    assert while_scoring == [] and 0 < score.metric < task.fp32_metric
+    for k, v in task.model.state_dict().items():
+        assert v.data_ptr() == before[k][0] and torch.equal(v, before[k][1]), k
+        assert v.is_contiguous(), k  # not turned channels-last
+    ev.close()
+
+
 def test_disk_cache_is_reused_and_keyed_by_settings(digits, tmp_path):
     task, analysis = digits
     cand = Candidate.uniform(analysis.fqns, P.INT4, P.INT8)
@@ -114,7 +133,8 @@ def test_adaround_weights_are_on_the_grid_and_reconstruct_better(digits, tmp_pat
         task.model(task.calib_batches[0])
     hk.remove()
     x = ada._layer_inputs(fqn)
-    assert torch.allclose(x, seen[0][: x.shape[0]])
+    # the evaluator runs its own copy in channels-last format: the same numbers up to float rounding
+    assert torch.allclose(x, seen[0][: x.shape[0]], rtol=1e-5, atol=1e-5)
     w = ada._fp32_weights[fqn]
     wq_near, wq_ada = near.weight(fqn, P.INT3), ada.weight(fqn, P.INT3)
     scale = w.abs().amax(dim=(1, 2, 3), keepdim=True) / 3  # int3 min-max: qmax 3
