@@ -113,7 +113,7 @@ class Calibration:
         noise = session_noise(self.end_to_end)
         if noise is not None:
             lines.append(f"identical sessions built separately differ by {noise:.1f}% on average (the measurement's "
-                         "own noise" + ("; that much: calibrate with fewer --threads or on a quieter machine)"
+                         "own noise" + ("; that is a lot: try fewer --threads or a quieter machine)"
                                         if noise > NOISY_PCT else ")"))
         if len(mixed) >= 2:
             f = fidelity([self.predicted[k] for k in mixed], [self.end_to_end[k] for k in mixed])
@@ -128,8 +128,8 @@ def session_noise(end_to_end: Mapping[str, float]) -> float | None:
     session and each copy, in %. None without copies."""
     diffs = []
     for k, v in end_to_end.items():
-        if "~" in k and k.split("~")[0] in end_to_end:
-            a = end_to_end[k.split("~")[0]]
+        a = end_to_end.get(k.split("~")[0]) if "~" in k else None
+        if a is not None:
             diffs.append(abs(a - v) / ((a + v) / 2) * 100)
     return sum(diffs) / len(diffs) if diffs else None
 

@@ -1,7 +1,8 @@
 """Scores a candidate: its task metric and label-free proxies against the FP32 model.
 
-The model scored is a copy (the task's model is never modified) with batch norms folded into the convolutions that feed them, as an
-inference runtime runs it (mpsearch.folding; QuantSettings.fold_batchnorm). Everything that does
+The model scored is a copy (the task's model is never modified) with batch norms folded into
+the convolutions that feed them, as an inference runtime runs it (mpsearch.folding;
+QuantSettings.fold_batchnorm). Everything that does
 not depend on the candidate is done once and cached: quantized weights
 per (layer, precision), activation quantizer parameters per (layer, precision) from ranges
 observed on the calibration batches on the FP32 model, bias corrections per (layer, precision),
@@ -144,11 +145,8 @@ class Evaluator:
         self.task = task
         self.analysis = analysis
         self.settings = settings or QuantSettings()
-        if self.settings.fold_batchnorm:
-            # a copy with batch norms folded into their convolutions (mpsearch.folding)
-            self.model, self.folded = fold_batchnorm(task.model)
-        else:
-            self.model, self.folded = task.model, []
+        # a copy with batch norms folded into their convolutions (mpsearch.folding)
+        self.model, self.folded = fold_batchnorm(task.model) if self.settings.fold_batchnorm else (task.model, [])
         if self.model is task.model:
             # nothing folded: a copy all the same, since scoring swaps weights into the model and
             # puts it in channels-last format; the task's model stays as the user gave it
