@@ -1,10 +1,7 @@
 # mpsearch developer / CI entry points. GNU make.
-# The venv is cached outside the clone (see tools/venv.sh); .venv is a symlink to it.
+# .venv is this clone's own small venv on top of a shared, read-only dependency venv (tools/venv.sh).
 PYTHON ?= python3
 export PYTHON
-# The cached venv is shared by clones and its editable install points at whichever clone ran
-# tools/venv.sh last: make's targets import this clone's code first, whatever that points at.
-export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 VENV_ROOT := $(or $(MPSEARCH_VENV_ROOT),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mpsearch/venvs)
 BIN := .venv/bin
@@ -33,8 +30,7 @@ clean:
 	rm -rf mpsearch-out mlflow.db mlruns mlartifacts .pytest_cache .ruff_cache
 	find . -path ./.venv -prune -o -path ./.git -prune -o -type d -name __pycache__ -print0 \
 		| xargs -0 -r rm -rf
-	if [ -L .venv ]; then rm -f .venv; fi
+	if [ -f .venv/.mpsearch-clone-venv ] || [ -L .venv ]; then rm -rf .venv; fi
 
-clean-venvs:
-	if [ -L .venv ]; then rm -f .venv; fi
+clean-venvs: clean
 	rm -rf "$(VENV_ROOT)"
