@@ -24,7 +24,7 @@ __all__ = ["BUILTIN_TASKS", "Batch", "MetricFn", "Task", "list_tasks", "load_tas
 BUILTIN_TASKS: dict[str, tuple[str, str]] = {
     "digits": (
         "mpsearch.tasks.digits:build",
-        "8-layer CNN on scikit-learn's 8x8 digits (trained in seconds, cached); accuracy",
+        "8-layer CNN on scikit-learn's 8x8 digits (weights shipped in the package); accuracy",
     ),
     "mobilenet_v2": (
         "mpsearch.tasks.mobilenet:build",

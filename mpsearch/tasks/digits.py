@@ -1,37 +1,54 @@
 """The `digits` task: a small CNN on scikit-learn's 8x8 handwritten digits.
 
-Eight quantizable layers (six convolutions, one of them depthwise, and two linear layers), trained
-in seconds on a CPU and cached, so that searches, tests and benchmarks run on a real model with a
-real accuracy without downloading anything.
+Eight quantizable layers (six convolutions, one of them depthwise, and two linear layers), so that
+searches, tests and benchmarks run on a real model with a real accuracy without downloading
+anything.
 
 Data: `sklearn.datasets.load_digits` (1797 samples, 10 classes), pixels scaled by 1/16 to [0, 1],
 split once with `train_test_split(test_size=0.2, random_state=0, stratify=y)`: 1437 training and
 360 test samples. Calibration uses 256 training samples, evaluation the whole test split.
 
-Cache: `<cache_dir>/tasks/digits/digits_cnn_v{VERSION}.pt` (the trained state_dict) and next to it
-`digits_cnn_v{VERSION}.pt.sha256` (its sha256 in hex). A missing, corrupt or mismatching file is
-retrained and rewritten; bump VERSION whenever the architecture, data or training changes.
+Weights: shipped inside the package, `mpsearch/tasks/data/digits_cnn_v{VERSION}.pt` (a torch
+state_dict, 221 KiB), and checked against WEIGHTS_SHA256 on every load; a missing or damaged file
+is refused (TaskLoadError), never silently replaced. They are shipped rather than trained at
+set-up because training is deterministic only on one kind of CPU: torch picks other float kernels
+per CPU (AVX-512, AVX2, or the portable ones with ATEN_CPU_CAPABILITY=default), the rounding
+differs, and so did the trained weights, the FP32 accuracy and every quantized score, from one
+machine to the next.
+
+The training code stays (`train`: fixed seeds, one thread); the shipped file was made with
+
+    python -m mpsearch.tasks.digits --write     # trains (seconds) and rewrites the packaged file
+
+on an x86-64 CPU with AVX-512 (torch 2.14, CPU capability AVX512): FP32 accuracy 356/360. On
+another CPU the same command writes other bytes: then set WEIGHTS_SHA256 to the digest it prints
+and bump VERSION (the evaluator and sensitivity caches are keyed by the model, so they follow).
+`python -m mpsearch.tasks.digits --out FILE` trains into FILE and leaves the package alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpsearch import cache
+from mpsearch.errors import TaskLoadError
 from mpsearch.metrics import accuracy
 from mpsearch.tasks.base import Task
 
-__all__ = ["VERSION", "DigitsCNN", "build", "cache_paths", "load_data"]
+__all__ = ["VERSION", "WEIGHTS_SHA256", "DigitsCNN", "build", "load_data", "load_model", "train", "weights_path"]
 
 VERSION = 1
+# sha256 of mpsearch/tasks/data/digits_cnn_v{VERSION}.pt (see the module doc to regenerate it)
+WEIGHTS_SHA256 = "1fefb3f25cb4af307f11239f26d18b078af76681158ec56e3b88bb9994242566"
 SEED = 0
 EPOCHS = 15
 BATCH_SIZE = 32
@@ -82,14 +99,7 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     )
 
 
-def cache_paths() -> tuple[Path, Path]:
-    """(weights file, sha256 file) of the trained model in the mpsearch cache."""
-    d = cache.cache_dir("tasks", "digits")
-    weights = d / f"digits_cnn_v{VERSION}.pt"
-    return weights, weights.with_name(weights.name + ".sha256")
-
-
-def _train(x: torch.Tensor, y: torch.Tensor) -> DigitsCNN:
+def train(x: torch.Tensor, y: torch.Tensor) -> DigitsCNN:
     """Deterministic training: fixed seeds, one thread, AdamW + one-cycle LR, random 1-pixel shifts."""
     threads = torch.get_num_threads()
     # One thread: the layers are tiny (threading only adds overhead and stalls on a busy machine)
@@ -126,51 +136,51 @@ def _train(x: torch.Tensor, y: torch.Tensor) -> DigitsCNN:
         torch.set_num_threads(threads)
 
 
-def _load_cached(weights: Path, checksum: Path) -> DigitsCNN | None:
-    """The cached model, or None (after a one-line warning if a cache file exists but is unusable)."""
-    if not weights.exists() and not checksum.exists():
-        return None
+
+
+def weights_path() -> Path:
+    """The packaged weights file (mpsearch/tasks/data/digits_cnn_v{VERSION}.pt)."""
+    return Path(str(resources.files("mpsearch.tasks") / "data" / f"digits_cnn_v{VERSION}.pt"))
+
+
+def state_bytes(model: nn.Module) -> bytes:
+    """The model's state_dict as torch.save writes it to a buffer (the bytes of the packaged
+    file: saved to a buffer, not a path, so that they do not depend on the file's name)."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getvalue()
+
+
+def load_model(path: str | Path | None = None, sha256: str = WEIGHTS_SHA256) -> DigitsCNN:
+    """The trained model from `path` (default: the packaged file), in eval mode. Raises
+    TaskLoadError, naming the file and what to do, when it is missing, its sha256 is not `sha256`,
+    or it does not hold this architecture's state_dict."""
+    path = Path(path) if path is not None else weights_path()
+    fix = ("reinstall mpsearch, or regenerate the file with `python -m mpsearch.tasks.digits --write` "
+           "(see mpsearch/tasks/digits.py)")
     try:
-        expected = checksum.read_text().strip()
-        if cache.sha256_file(weights) != expected:
-            raise ValueError("checksum mismatch")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model = DigitsCNN()
-        model.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001 - any unusable cache file means: retrain
-        why = " ".join(str(e).split())
-        why = why if len(why) <= 200 else why[:197] + "..."
-        print(f"mpsearch: warning: cached digits model {weights} unusable ({type(e).__name__}: {why}); "
-              "retraining", file=sys.stderr)
-        return None
+        data = path.read_bytes()
+    except OSError as e:
+        raise TaskLoadError(f"digits weights {path} cannot be read ({e.strerror or e}): {fix}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise TaskLoadError(f"digits weights {path} are damaged or not the packaged ones (sha256 {digest[:16]}..., "
+                            f"expected {sha256[:16]}...): {fix}")
+    model = DigitsCNN()
+    try:
+        model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - a file with the right digest but the wrong contents
+        why = " ".join(str(e).split())[:200]
+        raise TaskLoadError(f"digits weights {path} do not fit the digits model ({type(e).__name__}: {why})") from None
     return model.eval()
 
 
-def _save(model: nn.Module, weights: Path, checksum: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    data = buf.getvalue()
-    cache.atomic_write_bytes(weights, data)
-    cache.atomic_write_bytes(checksum, (hashlib.sha256(data).hexdigest() + "\n").encode())
-
-
 def build() -> Task:
-    """The `digits` task; trains the model on first use (seconds) and caches it."""
-    x_tr, y_tr, x_te, y_te = load_data()
-    weights, checksum = cache_paths()
-    model = _load_cached(weights, checksum)
-    trained = model is None
-    if model is None:
-        print(f"mpsearch: training the digits model once (cached in {weights.parent})", file=sys.stderr)
-        t0 = time.perf_counter()
-        model = _train(x_tr, y_tr)
-        seconds = time.perf_counter() - t0
-        _save(model, weights, checksum)
+    """The `digits` task, with the packaged trained weights (checked against WEIGHTS_SHA256)."""
+    x_tr, _, x_te, y_te = load_data()
+    model = load_model()
     calib = [x_tr[i:i + CALIB_BATCH] for i in range(0, N_CALIB, CALIB_BATCH)]
     evals = [(x_te[i:i + EVAL_BATCH], y_te[i:i + EVAL_BATCH]) for i in range(0, len(x_te), EVAL_BATCH)]
-    extras: dict = {"weights_path": str(weights), "trained_now": trained}
-    if trained:
-        extras["train_seconds"] = seconds
     return Task(
         name="digits",
         model=model,
@@ -180,5 +190,38 @@ def build() -> Task:
         metric_fn=accuracy,
         kind="classifier",
         description="8-layer CNN (one depthwise conv) on scikit-learn's 8x8 digits, 360 test images",
-        extras=extras,
+        extras={"weights_path": str(weights_path()), "weights_sha256": WEIGHTS_SHA256},
     )
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mpsearch.tasks.digits",
+                                description="Train the digits model (deterministic on one kind of CPU) and write "
+                                            "its weights.")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--write", action="store_true",
+                       help=f"rewrite the packaged file ({weights_path()}); then set WEIGHTS_SHA256 to the printed "
+                            "digest and bump VERSION")
+    where.add_argument("--out", metavar="FILE", help="write the weights to FILE instead")
+    args = p.parse_args(argv)
+    x_tr, y_tr, x_te, y_te = load_data()
+    t0 = time.perf_counter()
+    model = train(x_tr, y_tr)
+    seconds = time.perf_counter() - t0
+    data = state_bytes(model)
+    out = weights_path() if args.write else Path(args.out)
+    out.write_bytes(data)
+    with torch.no_grad():
+        correct = int((model(x_te).argmax(1) == y_te).sum())
+    digest = hashlib.sha256(data).hexdigest()
+    print(f"wrote {out} ({len(data)} bytes, trained in {seconds:.1f} s on CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}): FP32 accuracy "
+          f"{correct}/{len(y_te)}; sha256 {digest}")
+    if digest != WEIGHTS_SHA256:
+        print(f"not the packaged weights (WEIGHTS_SHA256 {WEIGHTS_SHA256}); to ship these, set WEIGHTS_SHA256 "
+              "to the digest above and bump VERSION", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -55,9 +55,10 @@ def test_the_tasks_model_is_left_as_it_was(fold):
     assert ev.model is not task.model and ev.folded == []
     while_scoring = []
     hook = task.model.features[0].register_forward_hook(lambda *a: while_scoring.append(1))
-    score = ev.score(Candidate.uniform(analysis.fqns, P.INT4, P.INT8))
+    # int2 weights: far from FP32 on any CPU (0.40 against 0.99; int4 can tie FP32 on digits)
+    score = ev.score(Candidate.uniform(analysis.fqns, P.INT2, P.INT8))
     hook.remove()
-    assert while_scoring == [] and 0 < score.metric < task.fp32_metric
+    assert while_scoring == [] and 0 < score.metric < task.fp32_metric - 0.3
     for k, v in task.model.state_dict().items():
         assert v.data_ptr() == before[k][0] and torch.equal(v, before[k][1]), k
         assert v.is_contiguous(), k  # not turned channels-last
