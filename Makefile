@@ -6,7 +6,7 @@ export PYTHON
 VENV_ROOT := $(or $(MPSEARCH_VENV_ROOT),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mpsearch/venvs)
 BIN := .venv/bin
 
-.PHONY: venv setup demo test test-slow lint clean clean-venvs
+.PHONY: venv setup demo test test-cpus test-slow lint clean clean-venvs
 
 venv:
 	bash tools/venv.sh
@@ -19,6 +19,16 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The tests whose results depend on float kernels, run as on other CPUs: torch's portable kernels
+# (ATEN_CPU_CAPABILITY=default, oneDNN at SSE4.1) and AVX2 ones (oneDNN at AVX2), each with ONNX
+# Runtime graphs built as for an x86 CPU without VNNI (uint8 weights; tests/mpsearch/conftest.py).
+NUMERICS_TESTS := $(addprefix tests/mpsearch/test_,evaluator.py quant.py folding.py adaround.py tasks.py \
+	builtin_tasks.py sensitivity.py ilp.py search.py early_stop.py compare.py analysis.py export.py \
+	faithfulness.py measure.py gpu_calibrate.py) tests/search_spaces
+test-cpus: setup
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MPSEARCH_TEST_VNNI=0 $(BIN)/python -m pytest -q $(NUMERICS_TESTS)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MPSEARCH_TEST_VNNI=0 $(BIN)/python -m pytest -q $(NUMERICS_TESTS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
