@@ -11,6 +11,14 @@ and the FP32 reference outputs. The caches live in memory and can be written to 
 or distributed search reuses them. Scoring a candidate swaps cached weight tensors into the
 model, turns on the activation quantizers and bias corrections it asks for, and runs the
 evaluation batches. Identical candidates are scored once.
+
+Which activations are quantized is what the deployed graph quantizes (mpsearch.deploy.plan): an
+int8 layer's input and, for a convolution, its output; residual Adds and poolings between int8
+tensors; every consumer of a quantized tensor sees its int8 values. The evaluator reads the
+model's FP32 ONNX export once (`deploy_graph`) and simulates each quantized tensor with the input
+quantizers of the layers reading it or a forward hook on the module returning it. A model that
+cannot be exported to ONNX is simulated with each layer's input quantizer alone (`deploy_note`
+says why) and cannot be deployed.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from mpsearch import metrics
 from mpsearch.adaround import adaround_weight
 from mpsearch.analysis import ModelAnalysis
 from mpsearch.cache import atomic_write_bytes
-from mpsearch.errors import EvaluationError, InvalidConfigError
+from mpsearch.deploy.plan import DeployGraph, Plan, Point
+from mpsearch.errors import EvaluationError, InvalidConfigError, MpsearchError
 from mpsearch.folding import fold_batchnorm, remap_handles
 from mpsearch.quant import (
     ActQuantParams,
@@ -45,7 +54,7 @@ from mpsearch.quant import (
 )
 from mpsearch.tasks.base import Task, run_model
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 WEIGHT_CLIPPINGS = ("auto", "minmax", "mse")
 ACT_RANGES = ("minmax", "percentile", "mse")
@@ -163,6 +172,13 @@ class Evaluator:
         self._bias_delta: dict[tuple[str, Precision], torch.Tensor | None] = {}
         self._active: dict[str, ActQuantParams | None] = {}
         self._active_delta: dict[str, torch.Tensor] = {}
+        self._active_out: dict[str, ActQuantParams] = {}  # module -> its output quantizer
+        self._plans: dict[Candidate, Plan] = {}
+        self._fp32_onnx = None
+        self._fp32_layout = None
+        self.deploy_graph: DeployGraph | None = None
+        self.deploy_note = ""
+        self._out_observers: dict[str, HistogramObserver] = {}
         self._scores: dict[Candidate, Score] = {}
         self._partial: dict[Candidate, Score] = {}  # stopped early (fidelity < 1)
         self.n_evaluations = 0  # candidate runs, full or stopped early
@@ -172,18 +188,103 @@ class Evaluator:
         # how many quantized weights the file on disk holds (None: no file yet)
         self._weights_on_disk = len(self._weights) if self.cache_loaded else None
         if not self.cache_loaded:
-            self._observers, self._input_means = self._calibrate()
+            self.deploy_graph, self.deploy_note = self._read_deploy_graph()
+            self._observers, self._input_means, self._out_observers = self._calibrate()
             self.reference_outputs = self.task.outputs(self.model)
         self._hooks = [self._install_act_hook(fqn) for fqn in self._observers]
         self._hooks += [self._install_bias_hook(fqn) for fqn in self._input_means]
+        self._hooks += [self._install_out_hook(name) for name in self._out_observers]
 
     # -- one-time work -------------------------------------------------------------------
-    def _calibrate(self) -> tuple[dict[str, HistogramObserver], dict[str, torch.Tensor]]:
+    def _read_deploy_graph(self) -> tuple[DeployGraph | None, str]:
+        """The deploy graph of the model (mpsearch.deploy.plan), or None and why not."""
+        from mpsearch.deploy.build import read_graph
+
+        try:
+            graph = read_graph(self.fp32_onnx, self.model, self.task.example_input, self.handles,
+                               self.analysis.fqns)
+        except MpsearchError as e:
+            note = f"{e}"
+        except Exception as e:  # noqa: BLE001 - an export failure leaves input-only simulation
+            note = f"{type(e).__name__}: {e}"
+        else:
+            return graph, graph.note
+        print(f"mpsearch: warning: the model cannot be exported to ONNX ({note}); each layer's input is "
+              "quantized alone and the model cannot be deployed", file=sys.stderr)
+        return None, note
+
+    @property
+    def fp32_onnx(self):
+        """The FP32 ONNX export of the evaluator's model (batch norms folded), made once."""
+        if self._fp32_onnx is None:
+            from mpsearch.onnx_export import export_fp32, fixed_sizes
+
+            self._fp32_onnx = export_fp32(self.model, self.task.example_input,
+                                          dynamic_dims="batch" if fixed_sizes(self.task) else "all")
+        return self._fp32_onnx
+
+    @property
+    def fp32_layout(self) -> dict:
+        """What every deployed graph of this model shares, read once from `fp32_onnx`: tensor ->
+        channels (dimension 1) and layer -> its nodes in the graph (mpsearch.deploy.build)."""
+        if self._fp32_layout is None:
+            from mpsearch.deploy.build import read_layout
+
+            self._fp32_layout = read_layout(self.fp32_onnx, self.model, self.analysis.fqns)
+        return self._fp32_layout
+
+    def plan(self, candidate: Candidate) -> Plan:
+        """The tensors the deployed graph of `candidate` quantizes (memoized)."""
+        plan = self._plans.get(candidate)
+        if plan is None:
+            choices = dict(candidate.items())
+            if self.deploy_graph is not None:
+                plan = self.deploy_graph.plan(choices)
+            else:
+                edges = {f: c.activation for f, c in choices.items() if c.activation != Precision.FP32}
+                plan = Plan(frozenset(), {}, edges)
+            self._plans[candidate] = plan
+        return plan
+
+    def out_params(self, module: str) -> ActQuantParams:
+        """The int8 quantizer of a module's output (a hook point of the deploy graph)."""
+        key = (f"out:{module}", Precision.INT8)
+        if key not in self._act_params:
+            obs = self._out_observers.get(module)
+            if obs is None:
+                raise EvaluationError(f"module {module!r}: its output is not observed")
+            self._act_params[key] = obs.params(Precision.INT8, method=self.settings.act_range,
+                                               percentile=self.settings.act_percentile)
+        return self._act_params[key]
+
+    def point_params(self, point: Point) -> ActQuantParams:
+        """The int8 quantizer of a quantized tensor of the deploy graph."""
+        if point.kind == "in":
+            return self.act_params(point.names[0], Precision.INT8)
+        return self.out_params(point.names[0])
+
+    def _calibrate(
+        self,
+    ) -> tuple[dict[str, HistogramObserver], dict[str, torch.Tensor], dict[str, HistogramObserver]]:
         """Observe each layer's input on the calibration batches: range (and histogram when the
-        range method needs one) and, for bias correction, its mean per input channel."""
+        range method needs one) and, for bias correction, its mean per input channel; and the
+        output of every module the deploy graph may quantize."""
         observers: dict[str, HistogramObserver] = {}
         sums: dict[str, list] = {}
         hooks = []
+        out_observers: dict[str, HistogramObserver] = {}
+        modules = dict(self.model.named_modules())
+        out_names = sorted({p.names[0] for p in self.deploy_graph.points.values() if p.kind == "out"}
+                           if self.deploy_graph is not None else ())
+        for name in out_names:
+            obs = out_observers[name] = HistogramObserver()
+
+            def observe_out(module, args, out, obs=obs, name=name):
+                if not torch.isfinite(out).all():
+                    raise EvaluationError(f"non-finite output of module {name}")
+                obs.observe(out)
+
+            hooks.append(modules[name].register_forward_hook(observe_out))
         for fqn, h in self.handles.items():
             if h.input_module is None:
                 continue
@@ -210,7 +311,7 @@ class Evaluator:
             with torch.no_grad():
                 for p in range(passes):
                     if p == 1:
-                        for obs in observers.values():
+                        for obs in [*observers.values(), *out_observers.values()]:
                             if obs.seen:
                                 obs.start_histogram()
                     for i, batch in enumerate(self.task.calib_batches):
@@ -222,7 +323,8 @@ class Evaluator:
             for hk in hooks:
                 hk.remove()
         means = {fqn: (acc[0] / acc[1]).float() for fqn, acc in sums.items() if acc[1]}
-        return {fqn: obs for fqn, obs in observers.items() if obs.seen}, means
+        return ({fqn: obs for fqn, obs in observers.items() if obs.seen}, means,
+                {name: obs for name, obs in out_observers.items() if obs.seen})
 
     def _install_act_hook(self, fqn: str):
         h = self.handles[fqn]
@@ -232,6 +334,13 @@ class Evaluator:
             return x if params is None else params.fake_quant(x)
 
         return _pre_hook(h.input_module, _inputs(h), fake_quant)
+
+    def _install_out_hook(self, name: str):
+        def fake_quant(module, args, out, name=name):
+            params = self._active_out.get(name)
+            return out if params is None else params.fake_quant(out)
+
+        return dict(self.model.named_modules())[name].register_forward_hook(fake_quant)
 
     def _install_bias_hook(self, fqn: str):
         def correct(module, args, output, fqn=fqn):
@@ -380,6 +489,9 @@ class Evaluator:
             "input_means": self._input_means,
             "reference_outputs": self.reference_outputs,
             "weights": {f"{fqn}|{p.value}": w.contiguous() for (fqn, p), w in self._weights.items()},
+            "out_observers": {name: obs.state_dict() for name, obs in self._out_observers.items()},
+            "deploy_graph": json.dumps(self.deploy_graph.to_dict()) if self.deploy_graph is not None else None,
+            "deploy_note": self.deploy_note,
         }
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -398,6 +510,10 @@ class Evaluator:
             self._observers = {fqn: HistogramObserver.from_state_dict(d) for fqn, d in state["observers"].items()}
             self._input_means = state["input_means"]
             self.reference_outputs = state["reference_outputs"]
+            self._out_observers = {n: HistogramObserver.from_state_dict(d) for n, d in state["out_observers"].items()}
+            graph = state["deploy_graph"]
+            self.deploy_graph = DeployGraph.from_dict(json.loads(graph)) if graph is not None else None
+            self.deploy_note = state["deploy_note"]
             for key, w in state["weights"].items():
                 fqn, p = key.rsplit("|", 1)
                 fp32 = self._fp32_weights[fqn]
@@ -406,6 +522,8 @@ class Evaluator:
             print(f"mpsearch: warning: evaluator cache {self.cache_path} unusable ({type(e).__name__}); "
                   "rebuilding it", file=sys.stderr)
             self._weights.clear()
+            self._out_observers = {}
+            self.deploy_graph, self.deploy_note = None, ""
             return False
         return True
 
@@ -476,17 +594,20 @@ class Evaluator:
         stops = set() if stop_below is None else {k for f in EARLY_STOP_AT if 2 <= (k := math.ceil(f * n)) < n}
         upper = math.inf
         # everything first (computing a weight may run the FP32 model), then swap it all in
-        parts = [
-            (fqn, self.weight(fqn, c.weight), self.act_params(fqn, c.activation), self.bias_delta(fqn, c.weight))
-            for fqn, c in candidate.items()
-        ]
+        plan = self.plan(candidate)
+        parts = [(fqn, self.weight(fqn, c.weight), self.bias_delta(fqn, c.weight)) for fqn, c in candidate.items()]
+        # the plan's quantizers, on layers of the candidate or not (a layer left out is FP32 but
+        # may read an int8 tensor)
+        acts = {fqn: self.act_params(fqn, p) for fqn, p in plan.sim_inputs.items()}
+        outs = {name: self.out_params(name) for name in plan.sim_outputs}
         try:
-            for fqn, weight, act, delta in parts:
+            for fqn, weight, delta in parts:
                 h = handles[fqn]
                 getattr(h.module, h.param).data = weight
-                self._active[fqn] = act
                 if delta is not None:
                     self._active_delta[fqn] = delta
+            self._active.update(acts)
+            self._active_out.update(outs)
             outputs: list[torch.Tensor] = []
             per_batch: list[float] = []
             with torch.no_grad():
@@ -510,6 +631,7 @@ class Evaluator:
             getattr(h.module, h.param).data = w
         self._active.clear()
         self._active_delta.clear()
+        self._active_out.clear()
 
     def proxies(self, outputs: list[torch.Tensor]) -> dict[str, float]:
         """Label-free proxies of outputs of the first len(outputs) evaluation batches."""

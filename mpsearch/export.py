@@ -55,8 +55,8 @@ Functions:
   simulated-quantized copy of the model (the evaluator's own fake quantization, hooks included),
   computing what the search scored; `apply_task(task, config)` does it for a Task with the
   task's calibration batches and the config's quant settings.
-- `export_onnx(task, config, path)`: the configuration as an ONNX model in QDQ format
-  (`mpsearch.onnx_export.export_qdq`), with the evaluator's integers and scales.
+- `export_onnx(task, config, path)`: the configuration's deployed graph as an ONNX model in QDQ
+  format (`mpsearch.deploy.build`), with the evaluator's integers and quantization parameters.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -76,9 +75,7 @@ from mpsearch.analysis import analyze
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import EvaluationError, InvalidConfigError
 from mpsearch.evaluator import Evaluator, QuantSettings, input_pre_hook
-from mpsearch.faithfulness import _fixed_sizes
-from mpsearch.onnx_export import LayerQDQ, _import_onnx, export_qdq
-from mpsearch.quant import int_range, resolve_clipping, weight_qparams
+from mpsearch.onnx_export import _import_onnx
 from mpsearch.result import SearchResult
 from mpsearch.tasks import load_task
 from mpsearch.tasks.base import Batch, Task
@@ -218,7 +215,8 @@ def _source_name(config: str | Path | Mapping[str, Any]) -> str:
 # -- the evaluator's quantization of a configuration -----------------------------------------
 class _Prepared:
     """An Evaluator on a private copy of a model, with everything a configuration needs from it
-    computed (quantized weights, activation parameters, bias corrections), per layer."""
+    computed (quantized weights, the activation quantizers of the tensors its deployed graph
+    quantizes, bias corrections)."""
 
     def __init__(
         self,
@@ -246,21 +244,26 @@ class _Prepared:
         task = Task(name="mpsearch.export", model=private, calib_batches=calib or [example],
                     eval_batches=[(example, None)], metric_name="none", metric_fn=_no_metric,
                     fp32_metric=0.0, kind="other")
-        self.evaluator = Evaluator(task, analysis, settings)
+        self.task = task
+        self.evaluator = ev = Evaluator(task, analysis, settings)
         try:
-            self.parts = {fqn: self._part(name, fqn, c) for fqn, c in self.candidate.items()}
+            plan = ev.plan(self.candidate)
+            inputs = plan.sim_inputs if self.calibrated else {}
+            self.parts = {fqn: self._part(name, fqn, c, inputs.get(fqn, Precision.FP32))
+                          for fqn, c in self.candidate.items()}
+            self.outputs = {m: ev.out_params(m) for m in plan.sim_outputs} if self.calibrated else {}
         finally:
-            self.evaluator.close()  # FP32 weights back, its hooks removed: the model is ours
-        self.model = self.evaluator.model
+            ev.close()  # FP32 weights back, its hooks removed: the model is ours
+        self.model = ev.model
 
-    def _part(self, name: str, fqn: str, choice: LayerChoice):
-        """(quantized weight, activation parameters or None, bias correction or None) of a layer."""
+    def _part(self, name: str, fqn: str, choice: LayerChoice, act: Precision):
+        """(quantized weight, input quantizer or None, bias correction or None) of a layer."""
         ev = self.evaluator
         try:
             weight = ev.weight(fqn, choice.weight)
             if not self.calibrated:
                 return weight, None, None
-            return weight, ev.act_params(fqn, choice.activation), ev.bias_delta(fqn, choice.weight)
+            return weight, ev.act_params(fqn, act), ev.bias_delta(fqn, choice.weight)
         except (ValueError, EvaluationError) as e:
             raise InvalidConfigError(f"{name}: layer {fqn!r} ({choice.weight}/{choice.activation}): {e}") \
                 from None
@@ -297,10 +300,13 @@ def apply(
     """A new copy of `model` quantized (simulated, in FP32) as `config` says; `model` is untouched.
 
     The copy computes what the search scored: the weights are the evaluator's quantized ones
-    (`mpsearch.evaluator.Evaluator.weight`), each quantized layer's input goes through a
-    forward pre-hook fake-quantizing it with the evaluator's activation parameters, computed
-    from the ranges observed on `calib_batches` on the FP32 model, and a forward hook subtracts
-    the evaluator's bias correction where QuantSettings.bias_correction asks for one.
+    (`mpsearch.evaluator.Evaluator.weight`); every tensor the configuration's deployed graph
+    quantizes (mpsearch.deploy.plan: int8 layers' inputs and convolution outputs, residual Adds
+    and poolings between int8 tensors) goes through a forward pre-hook on the layers reading it
+    or a forward hook on the module returning it, fake-quantizing it with the evaluator's
+    activation parameters, computed from the ranges observed on `calib_batches` on the FP32
+    model; and a forward hook subtracts the evaluator's bias correction where
+    QuantSettings.bias_correction asks for one.
 
     config: a configuration dict or file (read_config); its layers must be exactly the model's
     quantizable layers (else InvalidConfigError naming the first mismatch).
@@ -325,7 +331,19 @@ def apply(
             input_pre_hook(h, act.fake_quant)
         if delta is not None:
             h.module.register_forward_hook(_subtract(delta))
+    modules = dict(out.named_modules())
+    for name, params in prepared.outputs.items():  # after the bias corrections, as the evaluator
+        modules[name].register_forward_hook(_quantize_output(params))
     return out
+
+
+def _quantize_output(params):
+    """A forward hook fake-quantizing a module's output (a tensor the deployed graph quantizes)."""
+
+    def quantize(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return params.fake_quant(output)
+
+    return quantize
 
 
 def _subtract(delta: torch.Tensor):
@@ -356,148 +374,37 @@ def export_onnx(
     path: str | Path | None = None,
     weight_dtype: str = "auto",
     *,
-    exporter: str = "torchscript",
     int4: bool = True,
 ) -> onnx.ModelProto:
-    """The configuration as an ONNX model in QDQ format; written to `path` when given.
+    """The configuration's deployed graph as an ONNX model in QDQ format; written to `path` when
+    given.
 
-    The model exported is the one `apply_task(task, config)` returns, before its quantizers
-    (batch norms folded as the evaluator folds them), through
-    `mpsearch.onnx_export.export_qdq`: for each layer with an integer weight (int2..int8), its
-    integer values and per-output-channel scales, exactly the evaluator's quantized weight, go
-    into an integer initializer + a per-channel DequantizeLinear. int4: weights of 4 bits and
-    fewer are stored as INT4 tensors (the model converted to opset INT4_OPSET, the first whose
-    DequantizeLinear takes INT4), holding their own grid (int4: -7..7, int2: -1..1); int4=False,
-    or a model the opset converter cannot convert, stores them in 8-bit initializers like the
-    int6 and int8 ones (int8, or uint8 with zero point 128 per weight_dtype; see export_qdq). A
-    layer with an
-    int8 activation gets a uint8 QuantizeLinear -> DequantizeLinear on its input with the
-    evaluator's scale and zero point (and an int32 bias, as export_qdq makes it). fp16 / bf16 /
-    fp8_e4m3 weights are stored as float32 tensors holding the rounded values; fp32 layers stay
-    float. Bias corrections (QuantSettings.bias_correction) are added into the layers' biases.
-    The ONNX model's metadata "mpsearch.config" holds the configuration (JSON).
+    The graph is `mpsearch.deploy.build`'s, the one `mpsearch calibrate` times and `mpsearch
+    verify` measures, with the numbers `apply_task(task, config)` simulates: the evaluator's
+    integer weights and per-channel scales, its activation quantizers on every tensor the
+    deployed graph quantizes (int8 layers' inputs and convolution outputs, residual Adds and
+    poolings between int8 tensors), bias corrections added into the biases. int4: weights of 4
+    bits and fewer are stored as INT4 (opset 21) and widened to int8 when ONNX Runtime loads the
+    model, so they run on int8 kernels; int4=False stores them in 8 bits. The ONNX model's
+    metadata "mpsearch.config" holds the configuration (JSON) and "mpsearch.runtime" how each
+    weight is stored and, per layer, what runs where it is not what the configuration asks.
 
-    Refused with InvalidConfigError: an activation other than int8 or fp32, an int8 activation
-    on a layer whose weight is not an integer format, an int16 weight, group-wise weight scales
-    (QuantSettings.group_size) on a Linear layer, a layer export_qdq cannot find in the graph.
-    MissingDependencyError without onnx.
+    Refused with InvalidConfigError: an activation other than int8 or fp32, an int16 weight,
+    group-wise weight scales (QuantSettings.group_size) on a Linear layer, a layer the exported
+    graph does not show. MissingDependencyError without onnx.
     """
+    from mpsearch.deploy.build import build
+
     onnx, _ = _import_onnx()
     task = _load(task)
     prepared = _Prepared(task.model, config, task.calib_batches, None, None)
-    name = prepared.name
-    layers = {}
-    for fqn, choice in prepared.candidate.items():
-        q = _layer_qdq(prepared, fqn, choice)
-        if q is not None:
-            layers[fqn] = q
     try:
-        proto = export_qdq(prepared.model, task.example_input, layers, weight_dtype=weight_dtype,
-                           exporter=exporter, dynamic_dims="batch" if _fixed_sizes(task) else "all")
-    except ValueError as e:
-        raise InvalidConfigError(f"{name}: cannot export to ONNX: {e}") from None
-    narrow = {f for f, c in prepared.candidate.items() if c.weight.is_int and c.weight.bits <= 4}
-    if int4 and narrow:
-        proto = _store_int4(proto, narrow, name)
+        deployment = build(prepared.evaluator, prepared.candidate, weight_dtype=weight_dtype, int4_storage=int4)
+    except (InvalidConfigError, ValueError) as e:
+        raise InvalidConfigError(f"{prepared.name}: cannot export to ONNX: {e}") from None
+    proto = deployment.proto
     entry = proto.metadata_props.add()
     entry.key, entry.value = "mpsearch.config", json.dumps(prepared.config)
     if path is not None:
         onnx.save(proto, str(path))
     return proto
-
-
-INT4_OPSET = 21
-
-
-def _store_int4(proto: onnx.ModelProto, fqns: set[str], name: str) -> onnx.ModelProto:
-    """The model at opset INT4_OPSET with the weights of `fqns` (and their zero points) as INT4
-    tensors; the model unchanged where the converter cannot convert it (said in its metadata)."""
-    onnx, _ = _import_onnx()
-    from onnx import numpy_helper, version_converter
-
-    try:
-        out = version_converter.convert_version(proto, INT4_OPSET)
-        onnx.checker.check_model(out)
-    except Exception as e:  # noqa: BLE001 - the 8-bit storage holds the same values
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "mpsearch.int4", f"no: opset {INT4_OPSET} conversion failed ({type(e).__name__})"
-        return proto
-    inits = {t.name: t for t in out.graph.initializer}
-    replaced = {}
-    for node in out.graph.node:
-        fqn = node.input[0].removesuffix(".weight_quantized") if node.op_type == "DequantizeLinear" else None
-        if fqn not in fqns or node.input[0] in replaced:
-            continue
-        w, z = inits[node.input[0]], inits[node.input[2]]
-        zero = numpy_helper.to_array(z).astype(np.int16)
-        ints = numpy_helper.to_array(w).astype(np.int16) - zero.flat[0]  # one zero point: 0 or 128
-        if ints.min() < -8 or ints.max() > 7:
-            raise InvalidConfigError(f"{name}: layer {fqn!r}: weight integers {ints.min()}..{ints.max()} do not fit int4")
-        replaced[w.name] = onnx.helper.make_tensor(w.name, onnx.TensorProto.INT4, ints.shape, ints.flatten().tolist())
-        replaced[z.name] = onnx.helper.make_tensor(z.name, onnx.TensorProto.INT4, zero.shape, [0] * zero.size)
-    kept = [t for t in out.graph.initializer if t.name not in replaced]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend([*kept, *replaced.values()])
-    onnx.checker.check_model(out)
-    entry = out.metadata_props.add()
-    entry.key, entry.value = "mpsearch.int4", f"yes: {len(replaced) // 2} layers, opset {INT4_OPSET}"
-    return out
-
-
-def _layer_qdq(prepared: _Prepared, fqn: str, choice: LayerChoice) -> LayerQDQ | None:
-    """The LayerQDQ of an integer-weight layer; None for a float one, whose (rounded) weight is put
-    in the model. Either way, the layer's bias correction goes into its bias."""
-    weight, act, delta = prepared.parts[fqn]
-    h = prepared.evaluator.handles[fqn]
-    where = f"{prepared.name}: layer {fqn!r} ({choice.weight}/{choice.activation})"
-    if choice.activation not in (Precision.INT8, Precision.FP32):
-        raise InvalidConfigError(f"{where}: cannot export an {choice.activation} activation to ONNX "
-                                 "(int8 and fp32 only)")
-    if delta is not None:
-        _add_to_bias(h.module, -delta.reshape(-1))
-    if not choice.weight.is_int:
-        if choice.activation != Precision.FP32:
-            raise InvalidConfigError(f"{where}: an int8 activation needs an integer weight in ONNX QDQ")
-        getattr(h.module, h.param).data = weight
-        return None
-    ints, scale = _weight_ints(prepared.evaluator, where, fqn, choice.weight, weight)
-    act_scale = act_zp = None
-    if act is not None:
-        if (act.qmin, act.qmax) != (0, 255):
-            raise EvaluationError(f"{where}: int8 activation parameters are not on the uint8 grid: {act}")
-        act_scale, act_zp = float(act.scale), int(act.zero_point)
-    return LayerQDQ(ints, scale, act_scale, act_zp)
-
-
-def _weight_ints(
-    ev: Evaluator, where: str, fqn: str, precision: Precision, simulated: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The integers (torch.int8) and per-output-channel scales [out] of the evaluator's quantized
-    weight: the scales of its quantizer (`weight_qparams` with the evaluator's settings), the
-    integers round(simulated / scale), checked to give the simulated weight back exactly."""
-    s = ev.settings
-    fp32 = ev.weight(fqn, Precision.FP32).to(torch.float32)
-    if not 2 <= precision.bits <= 8:
-        raise InvalidConfigError(f"{where}: only int2..int8 weights can be exported")
-    if s.group_size is not None and fp32.dim() == 2:
-        raise InvalidConfigError(f"{where}: group-wise weight scales (group_size {s.group_size}) "
-                                 "cannot be exported as per-channel QDQ")
-    scale = weight_qparams(fp32, precision.bits, granularity=s.weight_granularity,
-                           clipping=resolve_clipping(s.weight_clipping, precision.bits))
-    simulated = simulated.to(torch.float32).contiguous()
-    ints = torch.round(simulated / scale)
-    qmin, qmax = int_range(precision.bits, signed=True)
-    if not torch.equal(ints * scale, simulated) or float(ints.min()) < qmin or float(ints.max()) > qmax:
-        raise EvaluationError(f"{where}: the evaluator's weight is not on the {precision} grid of its scales; "
-                              "mpsearch.export must follow the evaluator's weight quantizer")
-    per_channel = scale.reshape(-1).expand(fp32.shape[0]) if scale.numel() == 1 else scale.reshape(-1)
-    return ints.to(torch.int8), per_channel.to(torch.float32).contiguous()
-
-
-def _add_to_bias(module: nn.Module, value: torch.Tensor) -> None:
-    """bias += value (a zero bias first when the layer has none)."""
-    bias = getattr(module, "bias", None)
-    if bias is None:
-        module.bias = nn.Parameter(value.detach().clone(), requires_grad=False)
-    else:
-        bias.data = bias.data + value.to(bias.dtype)

@@ -1,15 +1,14 @@
 """Is the simulated quantizer faithful to real int8 kernels?
 
-`compare_int8(task, analysis, evaluator)` runs the uniform W8A8 candidate twice on every
-evaluation batch: simulated (the evaluator's fake quantization in FP32 torch) and for real
-(the same integers and scales exported in QDQ format by `mpsearch.onnx_export.export_qdq`,
-run by ONNX Runtime's int8 kernels), and reports how close the two are.
+`compare_int8(task, analysis, evaluator)` runs a candidate (default: uniform W8A8) twice on
+every evaluation batch: simulated (the evaluator's fake quantization in FP32 torch) and for real
+(its deployed graph, `mpsearch.deploy.build`: the same integers and quantization parameters in
+QDQ format, run by ONNX Runtime's int8 kernels), and reports how close the two are.
 
-The exported numbers are the evaluator's own: weight scales from
-`mpsearch.quant.weight_qparams(w, 8)` (per-channel symmetric min-max, the evaluator's int8
-weight quantizer; the integers are checked to reproduce `evaluator.weight(fqn, INT8)` exactly),
-activation parameters from `evaluator.act_params(fqn, INT8)`. Layers whose input cannot be
-intercepted (`handles[fqn].input_module is None`) keep a float input in both.
+The deployed numbers are the evaluator's own: weight integers and per-channel scales checked to
+reproduce `evaluator.weight(fqn, precision)` exactly, activation parameters from the evaluator's
+observers for every tensor the deployed graph quantizes (mpsearch.deploy.plan). Layers whose
+input cannot be intercepted (`handles[fqn].input_module is None`) keep a float input in both.
 
 How close is close? A W8A8 network is discontinuous: every activation quantizer rounds, so a
 change of one float32 ulp in a layer's input (a different summation order in another
@@ -31,13 +30,11 @@ import torch
 from hw_models import Candidate, LayerChoice, Precision
 from mpsearch import metrics
 from mpsearch.analysis import ModelAnalysis
-from mpsearch.errors import EvaluationError
 from mpsearch.evaluator import Evaluator, input_pre_hook
-from mpsearch.onnx_export import LayerQDQ, OrtRunner, default_weight_dtype, export_qdq
-from mpsearch.quant import int_range, weight_qparams
+from mpsearch.onnx_export import OrtRunner
 from mpsearch.tasks.base import Task
 
-__all__ = ["FaithfulnessReport", "compare_int8", "int8_candidate", "int8_layers"]
+__all__ = ["FaithfulnessReport", "compare_int8", "int8_candidate"]
 
 WEIGHT_QUANTIZER = "int8 per-channel symmetric min-max (mpsearch.quant.weight_qparams)"
 
@@ -83,7 +80,6 @@ class FaithfulnessReport:
     latency_runs: int
     threads: int | None
     weight_quantizer: str = WEIGHT_QUANTIZER
-    exporter: str = "torchscript"
     weight_dtype: str = "int8"
 
     @property
@@ -112,35 +108,6 @@ def int8_candidate(analysis: ModelAnalysis) -> Candidate:
     )
 
 
-def int8_layers(evaluator: Evaluator, candidate: Candidate) -> dict[str, LayerQDQ]:
-    """The LayerQDQ of every int8-weight layer of `candidate`, from the evaluator's parameters."""
-    qmin, qmax = int_range(8, signed=True)
-    layers = {}
-    for fqn, choice in candidate.items():
-        if choice.weight != Precision.INT8:
-            continue
-        w = evaluator.weight(fqn, Precision.FP32)
-        scale = weight_qparams(w, 8)  # [out, 1, ..., 1]
-        ints = torch.round(w / scale).clamp_(qmin, qmax)
-        # the evaluator must use exactly these integers and scales
-        simulated = evaluator.weight(fqn, Precision.INT8)
-        if not torch.equal(ints * scale, simulated.to(torch.float32)):
-            raise EvaluationError(
-                f"layer {fqn}: the evaluator's int8 weight is not on the {WEIGHT_QUANTIZER} grid; "
-                "mpsearch.faithfulness.int8_layers must follow the evaluator's weight quantizer"
-            )
-        act_scale = act_zp = None
-        if choice.activation == Precision.INT8:
-            p = evaluator.act_params(fqn, Precision.INT8)
-            if p is None or (p.qmin, p.qmax) != (0, 255):
-                raise EvaluationError(f"layer {fqn}: int8 activation parameters are not on the uint8 grid: {p}")
-            act_scale, act_zp = float(p.scale), int(p.zero_point)
-        elif choice.activation != Precision.FP32:
-            raise EvaluationError(f"layer {fqn}: activation {choice.activation} cannot be exported as QDQ")
-        layers[fqn] = LayerQDQ(ints.to(torch.int8), scale.reshape(-1).to(torch.float32), act_scale, act_zp)
-    return layers
-
-
 ULP_FACTOR = 1.0 + 2.0**-23  # the next float32 after 1
 
 
@@ -149,13 +116,18 @@ def _nudge(x: torch.Tensor) -> torch.Tensor:
 
 
 def _perturbed_outputs(evaluator: Evaluator, analysis: ModelAnalysis, candidate: Candidate) -> list[torch.Tensor]:
-    """The simulated outputs with every quantized layer's input moved by one or two ulps first."""
+    """The simulated outputs with every quantizer's input (layer inputs and module outputs the
+    deployed graph quantizes) moved by one or two ulps first."""
     hooks = []
+    plan = evaluator.plan(candidate)
+    modules = dict(evaluator.model.named_modules())
     try:
-        for fqn, choice in candidate.items():
+        for fqn in plan.sim_inputs:
             h = evaluator.handles[fqn]
-            if choice.activation != Precision.FP32 and h.input_module is not None:
+            if h.input_module is not None:
                 hooks.append(input_pre_hook(h, _nudge, prepend=True))
+        for name in plan.sim_outputs:
+            hooks.append(modules[name].register_forward_hook(lambda m, a, out: _nudge(out), prepend=True))
         return evaluator.outputs(candidate)
     finally:
         for hk in hooks:
@@ -166,13 +138,6 @@ def _diffs(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
     """(max, mean) absolute difference."""
     d = [(x.to(torch.float32) - y.to(torch.float32)).abs() for x, y in zip(a, b)]
     return max(float(x.max()) for x in d), sum(float(x.sum()) for x in d) / sum(x.numel() for x in d)
-
-
-def _fixed_sizes(task: Task) -> bool:
-    """Whether every input has the same sizes beyond the batch dimension in all batches."""
-    batches = [task.example_input, *(inputs for inputs, _ in task.eval_batches)]
-    shapes = {tuple(tuple(a.shape[1:]) for a in (b if isinstance(b, tuple) else (b,))) for b in batches}
-    return len(shapes) == 1
 
 
 def _agreement(kind: str, outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
@@ -186,34 +151,32 @@ def compare_int8(
     analysis: ModelAnalysis,
     evaluator: Evaluator,
     *,
+    candidate: Candidate | None = None,
     threads: int | None = 1,
     latency_runs: int = 5,
-    exporter: str = "torchscript",
     weight_dtype: str = "auto",
     noise_floor: bool = True,
 ) -> FaithfulnessReport:
-    """Simulated W8A8 against ONNX Runtime int8 kernels on every evaluation batch (see module doc).
+    """Simulated against ONNX Runtime int8 kernels on every evaluation batch (see module doc).
 
-    threads: ORT intra-op threads of both sessions; latency_runs: timed runs per session (on the
-    first evaluation batch, interleaved); weight_dtype: "auto" (see
+    candidate: the configuration (default: uniform W8A8, `int8_candidate`). threads: ORT
+    intra-op threads of both sessions; latency_runs: timed runs per session (on the first
+    evaluation batch, interleaved); weight_dtype: "auto" (see
     `mpsearch.onnx_export.default_weight_dtype`), "int8" or "uint8"; noise_floor: also run the
     simulation once more with its quantizer inputs moved by an ulp (the floor_* figures).
     """
-    candidate = int8_candidate(analysis)
-    layers = int8_layers(evaluator, candidate)
-    sim = evaluator.outputs(candidate)
+    from mpsearch.deploy.build import build
 
-    example = task.example_input
-    model = evaluator.model  # batch norms folded as the evaluator quantizes them
-    if weight_dtype == "auto":
-        weight_dtype = default_weight_dtype()
-    dynamic = "batch" if _fixed_sizes(task) else "all"
-    int8_proto = export_qdq(model, example, layers, exporter=exporter, weight_dtype=weight_dtype,
-                            dynamic_dims=dynamic)
-    fp32_proto = export_qdq(model, example, {}, exporter=exporter, dynamic_dims=dynamic)
-    int8 = OrtRunner(int8_proto, threads=threads)
-    fp32 = OrtRunner(fp32_proto, threads=threads)
+    candidate = candidate if candidate is not None else int8_candidate(analysis)
+    deployment = build(evaluator, candidate, weight_dtype=weight_dtype)
+    sim = evaluator.outputs(candidate)
+    weight_dtype = deployment.weight_dtype
+    int8 = OrtRunner(deployment.proto, threads=threads)
+    fp32 = OrtRunner(evaluator.fp32_onnx, threads=threads)
     ort = [int8.run(inputs) for inputs, _ in task.eval_batches]
+    plan = deployment.plan
+    n_layers = sum(1 for c in candidate.values() if c.weight.is_int)
+    n_act = len(plan.sim_inputs)
 
     ref = evaluator.reference_outputs
     max_diff, mean_diff = _diffs(ort, sim)
@@ -238,8 +201,8 @@ def compare_int8(
         task=task.name,
         metric_name=task.metric_name,
         n_samples=n_samples,
-        n_layers=len(layers),
-        n_act_quantized=sum(1 for q in layers.values() if q.act_scale is not None),
+        n_layers=n_layers,
+        n_act_quantized=n_act,
         agreement_kind=agreement_kind,
         agreement=_agreement(task.kind, ort, sim),
         max_abs_diff=max_diff,
@@ -260,6 +223,5 @@ def compare_int8(
         latency_batch_size=int(first.shape[0]),
         latency_runs=latency_runs,
         threads=threads,
-        exporter=exporter,
         weight_dtype=weight_dtype,
     )

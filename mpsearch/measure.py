@@ -1,9 +1,9 @@
 """Real CPU latency of mixed-precision configurations in ONNX Runtime.
 
-A configuration is the set of quantizable layers that run in int8 (QDQ: int8 weights, uint8
-input activations, the evaluator's own quantization parameters); every other layer stays FP32.
-`build_session` exports the evaluator's model (batch norms folded) once per configuration with
-`mpsearch.onnx_export.export_qdq` and opens an ONNX Runtime CPU session on it.
+A configuration is the set of quantizable layers that run in int8 (int8 weights and int8
+activations, the evaluator's own quantization parameters); every other layer stays FP32.
+`build_session` builds the configuration's deployed graph (`mpsearch.deploy.build`: the graph
+`mpsearch export --format onnx` writes) and opens an ONNX Runtime CPU session on it.
 
 What is measured. End to end (`time_interleaved`): the wall time of one
 `InferenceSession.run` on one batch, feeds prepared beforehand, the output copied back as
@@ -21,13 +21,12 @@ reports ratios to the reference, which cancel drift that is slow compared with a
 `profile_layers` takes the median over its profiled runs; its per-layer times are meant to be
 compared within one session (shares of the total), or across sessions profiled close together.
 
-Note (ONNX Runtime): an int8 convolution becomes an int8 kernel only when its output is
-quantized too, i.e. when the layer that consumes it is int8 as well (a Gemm whose output is the
-model output becomes a QGemm with a float output). An int8 layer feeding an FP32 layer, a
-residual Add or a pooling runs as a float convolution (or Gemm) on dequantized weights, the
-dequantization done at run time: the same numbers, not an int8 kernel, and often slower than
-the FP32 layer (digits, one depthwise int8 layer between FP32 ones: 1.7 ms against 0.07 ms). `OrtRunner.int8_kernels` counts the int8 kernels and
-`LayerProfile.kernels` names each layer's ops.
+What runs. In the deployed graph an int8 convolution's output is quantized, so ONNX Runtime
+runs every int8 layer as an int8 kernel (QLinearConv, QGemm), residual Adds and poolings
+between int8 tensors as QLinearAdd / QLinearGlobalAveragePool, and a boundary between int8 and
+FP32 layers as one QuantizeLinear or DequantizeLinear (and a layout Transpose: int8 kernels run
+NHWC, FP32 convolutions NCHWc). `OrtRunner.int8_kernels` counts the int8 kernels (one per int8
+layer) and `LayerProfile.kernels` names each layer's ops.
 """
 
 from __future__ import annotations
@@ -50,14 +49,11 @@ from hw_models import Candidate, LayerChoice, Precision
 from mpsearch.analysis import ModelAnalysis
 from mpsearch.errors import MpsearchError
 from mpsearch.evaluator import Evaluator
-from mpsearch.faithfulness import int8_layers
 from mpsearch.onnx_export import (
     OrtRunner,
     _import_onnx,
     _import_ort,
     _scope_fqn,
-    default_weight_dtype,
-    export_qdq,
     session_options,
 )
 from mpsearch.tasks.base import Batch, Task
@@ -83,11 +79,11 @@ _LAYER_OPS = ("Conv", "Gemm", "MatMul")
 _PASS_THROUGH = ("Identity", "Transpose", "DequantizeLinear", "Cast")
 _KERNEL_SUFFIX = "_kernel_time"
 
-# Value names export_qdq / the TorchScript exporter give a layer's weight and bias
+# Value names mpsearch.deploy.build / the TorchScript exporter give a layer's weight and bias
 # ("features.0.weight", "features.0.weight_quantized", "features.0.bias_dequantized_1", ...).
 _WEIGHT_NAME = re.compile(r"^(?P<fqn>.+)\.weight(?:_quantized|_dequantized)?(?:_\d+)?$")
 _BIAS_NAME = re.compile(r"^(?P<fqn>.+)\.bias(?:_quantized|_dequantized)?(?:_\d+)?$")
-# The QuantizeLinear / DequantizeLinear export_qdq puts on a layer's input (and before the
+# The QuantizeLinear / DequantizeLinear mpsearch.deploy.build puts on a layer's input (and before the
 # reshapes that feed it): node "/<fqn>.input_quantized/QuantizeLinear", output
 # "<fqn>.input_quantized", "<fqn>.input_source_dequantized", ...
 _INPUT_QDQ_NODE = re.compile(
@@ -121,26 +117,22 @@ def config_candidate(analysis: ModelAnalysis, int8: Collection[str], evaluator: 
 
 
 class ConfigRunner(OrtRunner):
-    """An OrtRunner of one configuration, made by `build_session`.
+    """An OrtRunner of one configuration's deployed graph (`mpsearch.deploy.build`), made by
+    `build_session`.
 
-    Besides OrtRunner's attributes: `model` (the exported QDQ graph, before ORT's optimizer),
+    Besides OrtRunner's attributes: `model` (the deployed QDQ graph, before ORT's optimizer),
     `candidate` (the configuration as a Candidate, for `Evaluator.outputs`), `int8` (the layers
-    asked for in int8) and `weight_dtype` (int8 or uint8 weight initializers).
+    asked for in int8), `weight_dtype` (int8 or uint8 weight integers) and `deployment` (the
+    mpsearch.deploy.build.Deployment: plan, weight storage, notes).
     """
 
-    def __init__(self, model: onnx.ModelProto, threads: int | None, candidate: Candidate, weight_dtype: str):
-        super().__init__(model, threads=threads)
-        self.model = model
-        self.candidate = candidate
-        self.int8 = frozenset(f for f, c in candidate.items() if c.weight == Precision.INT8)
-        self.weight_dtype = weight_dtype
-
-
-def _fixed_sizes(task: Task) -> bool:
-    """Whether every input has the same sizes beyond the batch dimension in all batches."""
-    batches = [task.example_input, *(inputs for inputs, _ in task.eval_batches)]
-    shapes = {tuple(tuple(a.shape[1:]) for a in (b if isinstance(b, tuple) else (b,))) for b in batches}
-    return len(shapes) == 1
+    def __init__(self, deployment, threads: int | None):
+        super().__init__(deployment.proto, threads=threads)
+        self.deployment = deployment
+        self.model = deployment.proto
+        self.candidate = deployment.candidate
+        self.int8 = frozenset(f for f, c in self.candidate.items() if c.weight == Precision.INT8)
+        self.weight_dtype = deployment.weight_dtype
 
 
 def build_session(
@@ -150,34 +142,20 @@ def build_session(
     int8: Collection[str],
     threads: int | None = 1,
     *,
-    exporter: str = "torchscript",
     weight_dtype: str = "auto",
 ) -> ConfigRunner:
-    """An ONNX Runtime session of the model with exactly the layers in `int8` in int8 QDQ.
-
-    The evaluator's model is exported (batch norms folded as the evaluator quantizes them), once:
-    the int8 layers with the evaluator's integer weights and scales (per-channel symmetric) and
-    uint8 input activations from `evaluator.act_params(fqn, INT8)` (a float input where the
-    layer's input cannot be hooked, as in `faithfulness.int8_candidate`), every other layer
-    FP32. The LayerQDQ come from `faithfulness.int8_layers` on `config_candidate(...)`.
+    """An ONNX Runtime session of the deployed graph of the configuration with exactly the layers
+    in `int8` at int8 weights and activations (`config_candidate`), every other layer FP32: the
+    graph `mpsearch export --format onnx` writes for it (mpsearch.deploy.build), with the
+    evaluator's integers and quantization parameters.
 
     threads: intra-op threads (fixed; None: ONNX Runtime's default). weight_dtype: "auto"
-    (`onnx_export.default_weight_dtype`), "int8" or "uint8". See the module doc for which int8
-    layers ONNX Runtime actually runs as int8 kernels (`runner.int8_kernels`).
+    (`onnx_export.default_weight_dtype`), "int8" or "uint8".
     """
+    from mpsearch.deploy.build import build
+
     candidate = config_candidate(analysis, int8, evaluator)
-    layers = int8_layers(evaluator, candidate)  # FP32 layers are skipped
-    if weight_dtype == "auto":
-        weight_dtype = default_weight_dtype()
-    proto = export_qdq(
-        evaluator.model,  # batch norms folded, as the evaluator runs it
-        task.example_input,
-        layers,
-        exporter=exporter,
-        weight_dtype=weight_dtype,
-        dynamic_dims="batch" if _fixed_sizes(task) else "all",
-    )
-    return ConfigRunner(proto, threads, candidate, weight_dtype)
+    return ConfigRunner(build(evaluator, candidate, weight_dtype=weight_dtype), threads)
 
 
 # -- end-to-end latency -------------------------------------------------------------------------
@@ -340,7 +318,7 @@ def attribute_nodes(
        its weight;
     2. no weight name, and it consumes L's bias the same way (ORT's NCHWc convolutions replace
        the weight by a reordered copy, "reorder_token_<n>", but keep the bias);
-    3. it is a QuantizeLinear / DequantizeLinear that export_qdq put on L's input (node
+    3. it is a QuantizeLinear / DequantizeLinear that mpsearch.deploy.build put on L's input (node
        "/<L>.input_quantized/QuantizeLinear" or its output "<L>.input_quantized", also
        "input_dequantized" and the "input_source_*" pair before a Flatten), and it feeds no
        node of another layer directly (not one ORT merged for several layers);

@@ -1,29 +1,20 @@
-"""ONNX export of a model with int8 layers in QDQ format, and an ONNX Runtime runner.
+"""ONNX export of a model's FP32 graph, the graph-editing pieces the deployed graph is built with,
+and an ONNX Runtime runner.
 
-`export_qdq(model, example_input, layers)` exports the FP32 model (see "Exporter" below), then,
-for each layer fqn in `layers`:
+`export_fp32(model, task)` exports the FP32 model (see "Exporter" below); mpsearch.deploy.build
+turns that graph into a configuration's deployed QDQ graph with the pieces here: `_Graph` reads
+it (each layer's Conv / Gemm / MatMul node and the initializer of its weight), `_Editor` adds
+initializers and QuantizeLinear / DequantizeLinear nodes to it. `OrtRunner` runs a graph in ONNX
+Runtime and reports what its optimizer made of it (op counts, int8 kernels).
 
-- replaces the float weight consumed by the layer's Conv / Gemm / MatMul node by an integer
-  initializer followed by a per-channel `DequantizeLinear` (axis = the output-channel axis of
-  the weight as that node consumes it: 0 for Conv and Gemm(transB=1), 1 for MatMul and
-  Gemm(transB=0)). weight_dtype "int8": the integers, zero point 0; "uint8": the integers + 128,
-  zero point 128 — the same dequantized values, for x86 CPUs without VNNI (AVX2, AVX-512F),
-  whose u8 x s8 kernels (vpmaddubsw) saturate int16 pair sums and give wrong results
-  (MobileNetV2 W8A8 there: 86 % top-1 agreement with s8 weights, 100 % with u8 weights);
-- when `act_scale` is given, inserts `QuantizeLinear -> DequantizeLinear` (uint8, per tensor)
-  on the node's data input; when that input comes through reshapes (Flatten before a Linear),
-  also before them, with the same parameters (values already on the grid: a no-op), so that
-  ORT can fuse the producing layer with its output Q;
-- and then quantizes a Conv / Gemm bias to int32 (scale act_scale * weight_scale, zero point
-  0, round half to even) + DequantizeLinear: ORT's own WeightBiasQuantization does exactly this,
-  but only for a node whose output reaches a QuantizeLinear, so without it the last layer
-  (float output) would stay a float Gemm. A bias stays float when the input does.
-
-ONNX Runtime turns `DQ -> Conv -> (Relu | Clip) -> Q` groups into int8 kernels (QLinearConv,
-QGemm, QLinearMatMul, MatMulIntegerToFloat, ...); a Conv whose output is not quantized (the
-last convolution of a residual branch, feeding an Add) runs as a float Conv on the dequantized
-weights — the same numbers, not an int8 kernel. `OrtRunner` reports how many int8 kernels
-actually run.
+Integer weights: "int8" stores the integers, zero point 0; "uint8" the integers + 128, zero
+point 128 — the same dequantized values, for x86 CPUs without VNNI (AVX2, AVX-512F), whose
+u8 x s8 kernels (vpmaddubsw) saturate int16 pair sums and give wrong results (MobileNetV2 W8A8
+there: 86 % top-1 agreement with s8 weights, 100 % with u8 weights); `default_weight_dtype`
+picks per CPU. A Conv / Gemm bias next to an int8 input becomes int32 (scale input scale x
+weight scale, zero point 0, round half to even) + DequantizeLinear, as ONNX Runtime's own
+WeightBiasQuantization makes it, so that a layer whose output stays float (the last Gemm) is
+fused into an int8 kernel too.
 
 Finding a layer's node. The TorchScript exporter keeps parameter names as initializer names
 ("features.0.weight"), except where it folds a BatchNorm into the preceding convolution
@@ -34,28 +25,24 @@ in this order, by (1) the initializer named `<fqn>.weight`, (2) the node's scope
 node whose weight matches; in every case the initializer's values must equal the module's
 weight up to a per-output-channel factor k_c. The int8 values and scales of a folded weight are
 those of the module's weight with the factor moved into the scale: q_c * sign(k_c) and
-s_c * |k_c| — the same numbers the simulated model computes before its BatchNorm. A layer that
-cannot be found, or whose weight does not match, is refused with a ValueError naming it.
+s_c * |k_c| — the same numbers the simulated model computes before its BatchNorm. (The
+evaluator exports its own model, batch norms already folded, so k_c is 1 there.)
 
 Exporter: the TorchScript-based one by default (`exporter="torchscript"`), deprecated since
 torch 2.9 but present in 2.14: it keeps parameter names and module scopes on the graph and is
 fast (digits 0.5 s, MobileNetV2 ~1 s here). `exporter="dynamo"` (torch.export + onnxscript)
-gives the same result through the same value-checked matching (it keeps parameter names too,
-also on BatchNorm-folded weights, whose values then differ by k_c) but takes ~8x longer
-(digits 3.6 s, MobileNetV2 15 s on this 2-core machine); it is the way forward once the
-TorchScript path is removed.
+gives the same graph semantics but takes ~8x longer (digits 3.6 s, MobileNetV2 15 s on this
+2-core machine); it is the way forward once the TorchScript path is removed.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import platform
 import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,11 +60,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "DEFAULT_OPSET",
     "INT8_KERNEL_OPS",
-    "LayerQDQ",
     "OrtRunner",
     "count_int8_kernels",
     "count_ops",
-    "export_qdq",
+    "default_weight_dtype",
+    "export_fp32",
+    "fixed_sizes",
 ]
 
 DEFAULT_OPSET = 17
@@ -115,45 +103,6 @@ def _import_ort():
     except ImportError as e:
         raise MissingDependencyError(f"running ONNX models needs onnxruntime: {_INSTALL} ({e})") from None
     return ort
-
-
-@dataclass(frozen=True)
-class LayerQDQ:
-    """The int8 form of one layer.
-
-    weight_int:     the weight's integer values, torch.int8, the module weight's shape.
-    weight_scale:   float32, one positive scale per output channel, shape [out].
-    act_scale:      scale of the uint8 asymmetric quantization of the layer's input (None: the
-                    input stays float).
-    act_zero_point: its zero point, an integer in 0..255 (None exactly when act_scale is None).
-    """
-
-    weight_int: torch.Tensor
-    weight_scale: torch.Tensor
-    act_scale: float | None = None
-    act_zero_point: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.weight_int, torch.Tensor) or self.weight_int.dtype != torch.int8:
-            raise ValueError("weight_int must be a torch.int8 tensor")
-        if self.weight_int.dim() < 1:
-            raise ValueError("weight_int must have an output-channel axis")
-        s = self.weight_scale
-        if not isinstance(s, torch.Tensor) or s.shape != (self.weight_int.shape[0],):
-            raise ValueError(
-                f"weight_scale must have shape [{self.weight_int.shape[0]}] (one per output channel), "
-                f"got {tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}"
-            )
-        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-            raise ValueError("weight_scale must be finite and positive")
-        if (self.act_scale is None) != (self.act_zero_point is None):
-            raise ValueError("act_scale and act_zero_point are given together or not at all")
-        if self.act_scale is not None:
-            if not (math.isfinite(self.act_scale) and self.act_scale > 0):
-                raise ValueError(f"act_scale must be finite and positive, got {self.act_scale}")
-            zp = self.act_zero_point
-            if isinstance(zp, bool) or not isinstance(zp, int) or not 0 <= zp <= 255:
-                raise ValueError(f"act_zero_point must be an integer in 0..255, got {zp!r}")
 
 
 # -- export ----------------------------------------------------------------------------------
@@ -222,6 +171,25 @@ def _export_fp32(
         raise MpsearchError(f"ONNX export of the model failed ({exporter}): {type(e).__name__}: {e}") from e
     finally:
         model.train(was_training)
+
+
+def fixed_sizes(task) -> bool:
+    """Whether every input of a task has the same sizes beyond the batch dimension in all batches."""
+    batches = [task.example_input, *(inputs for inputs, _ in task.eval_batches)]
+    shapes = {tuple(tuple(a.shape[1:]) for a in (b if isinstance(b, tuple) else (b,))) for b in batches}
+    return len(shapes) == 1
+
+
+def export_fp32(model: nn.Module, example_input: Batch, *, dynamic_dims: str = "batch",
+                exporter: str = "torchscript", opset: int | None = None) -> onnx.ModelProto:
+    """The model as an FP32 ONNX graph (eval mode; the model is not modified). dynamic_dims
+    "batch": dimension 0 of every input and of the output is dynamic (the other sizes are the
+    example input's); "all": every input dimension is (token sequences of varying length; see
+    `fixed_sizes`). opset: DEFAULT_OPSET (17) for TorchScript, 18 for dynamo when None. Raises
+    MissingDependencyError without onnx, MpsearchError when torch cannot export the model."""
+    if opset is None:
+        opset = DEFAULT_OPSET if exporter == "torchscript" else max(DEFAULT_OPSET, 18)
+    return _export_fp32(model, example_input, opset, exporter, dynamic_dims)
 
 
 def _scope_fqn(node_name: str) -> str | None:
@@ -378,17 +346,8 @@ def _find_sites(graph: _Graph, fqn: str, w: np.ndarray, claimed: set[int]) -> li
     return by_value
 
 
-def _module_weight(model: nn.Module, fqn: str) -> torch.Tensor:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    w = params.get(f"{fqn}.weight")
-    if w is None:
-        raise ValueError(f"layer {fqn!r}: the model has no parameter {fqn}.weight "
-                         "(only Conv / Linear modules with a .weight can be exported)")
-    return w.detach().to(torch.float32)
-
-
 class _Editor:
-    """Collects the nodes and initializers export_qdq adds to a graph."""
+    """Collects the nodes and initializers an edit adds to a graph (mpsearch.deploy.build)."""
 
     def __init__(self, graph: _Graph):
         self.onnx, self.nh = _import_onnx()
@@ -408,29 +367,6 @@ class _Editor:
         out = self.graph.unique(base)
         name = self.graph.unique(f"/{base}/{op}")
         return self.onnx.helper.make_node(op, inputs, [out], name=name, **attrs), out
-
-    def weight(self, site: _WeightSite, fqn: str, q: LayerQDQ, k: np.ndarray, weight_dtype: str) -> np.ndarray:
-        """Feed the site's node an integer weight through a per-channel DequantizeLinear; returns
-        the scales (per output channel, the folding factor included)."""
-        ints = q.weight_int.numpy().astype(np.int8)
-        sign = np.sign(k).astype(np.int8).reshape((-1,) + (1,) * (ints.ndim - 1))
-        ints = ints * sign  # a negative folding factor flips the channel's integers
-        scale = (q.weight_scale.to(torch.float64).numpy() * np.abs(k)).astype(np.float32)
-        if site.to_module is not None:
-            ints = ints.transpose(site.to_module)  # module layout -> node layout (2-D: a transpose)
-        if weight_dtype == "uint8":  # the same values on the unsigned grid, zero point 128
-            ints = (ints.astype(np.int16) + 128).astype(np.uint8)
-            zero = np.full(len(scale), 128, np.uint8)
-        else:
-            zero = np.zeros(len(scale), np.int8)
-        base = f"{fqn}.weight"
-        w = self.init(f"{base}_quantized", np.ascontiguousarray(ints))
-        s = self.init(f"{base}_scale", scale)
-        z = self.init(f"{base}_zero_point", zero)
-        dq, out = self.node("DequantizeLinear", [w, s, z], f"{base}_dequantized", axis=site.out_axis)
-        site.node.input[site.weight_index] = out
-        self.insert(site.index, [dq])
-        return scale
 
     def input_qdq(self, position: int, index: int, base: str, scale: str, zero: str) -> None:
         """QuantizeLinear -> DequantizeLinear on input `index` of the node at `position`."""
@@ -461,21 +397,6 @@ class _Editor:
         node.input[2] = out
         self.insert(site.index, [dq])
 
-    def layer(self, fqn: str, q: LayerQDQ, site: _WeightSite, k: np.ndarray, weight_dtype: str) -> None:
-        w_scale = self.weight(site, fqn, q, k, weight_dtype)
-        if q.act_scale is None:
-            return
-        a_s = self.init(f"{fqn}.input_scale", np.float32(q.act_scale))
-        a_z = self.init(f"{fqn}.input_zero_point", np.uint8(q.act_zero_point))
-        top = self.graph.reshape_chain_top(site.node.input[site.data_index])
-        self.input_qdq(site.index, site.data_index, f"{fqn}.input", a_s, a_z)
-        self.bias(site, fqn, q.act_scale, w_scale)
-        if top is not None:
-            # The input comes through reshapes (the Flatten before a Linear): quantize before them
-            # too, with the same parameters (a no-op on values already on the grid), so that ORT
-            # fuses the producer with its output Q and runs the reshapes on uint8.
-            self.input_qdq(top, 0, f"{fqn}.input_source", a_s, a_z)
-
     def apply(self) -> None:
         g = self.graph.model.graph
         ordered = []
@@ -485,69 +406,6 @@ class _Editor:
         _set_nodes(g, ordered)
         g.initializer.extend(self.inits)
         _prune(g)
-
-
-def export_qdq(
-    model: nn.Module,
-    example_input: Batch,
-    layers: Mapping[str, LayerQDQ],
-    path: str | Path | None = None,
-    opset: int | None = None,
-    *,
-    exporter: str = "torchscript",
-    weight_dtype: str = "int8",
-    dynamic_dims: str = "batch",
-) -> onnx.ModelProto:
-    """The model as ONNX with the given layers in int8 (QDQ); written to `path` when given.
-
-    The model runs in eval mode and is not modified. dynamic_dims "batch": dimension 0 of every
-    input and of the output is dynamic (the other sizes are the example input's); "all": every
-    input dimension is (token sequences of varying length). opset: DEFAULT_OPSET (17) for TorchScript, 18 for
-    dynamo when None. weight_dtype: "int8" (zero point 0), "uint8" (the same integers + 128,
-    zero point 128: the same values, for x86 CPUs without VNNI, whose u8 x s8 kernels saturate)
-    or "auto" (`default_weight_dtype()`).
-
-    Raises ValueError for a layer that cannot be found in the exported graph or whose LayerQDQ
-    does not fit its weight, MissingDependencyError without onnx, MpsearchError when torch
-    cannot export the model.
-    """
-    onnx, _ = _import_onnx()
-    if weight_dtype == "auto":
-        weight_dtype = default_weight_dtype()
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"unknown weight_dtype {weight_dtype!r} (known: auto, {', '.join(WEIGHT_DTYPES)})")
-    if opset is None:
-        opset = DEFAULT_OPSET if exporter == "torchscript" else max(DEFAULT_OPSET, 18)
-    if opset < MIN_OPSET:
-        raise ValueError(f"QDQ export needs opset >= {MIN_OPSET} (per-channel DequantizeLinear), got {opset}")
-    weights = {}
-    for fqn, q in layers.items():
-        if not isinstance(q, LayerQDQ):
-            raise TypeError(f"layer {fqn!r}: expected a LayerQDQ, got {type(q).__name__}")
-        w = _module_weight(model, fqn)
-        if tuple(q.weight_int.shape) != tuple(w.shape):
-            raise ValueError(f"layer {fqn!r}: weight_int has shape {tuple(q.weight_int.shape)}, "
-                             f"the module's weight {tuple(w.shape)}")
-        weights[fqn] = w.numpy()
-
-    proto = _export_fp32(model, example_input, opset, exporter, dynamic_dims)
-    if layers:
-        graph = _Graph(proto)
-        editor = _Editor(graph)
-        claimed: set[int] = set()
-        for fqn, q in layers.items():
-            found = _find_sites(graph, fqn, weights[fqn], claimed)
-            if not found:
-                raise ValueError(f"layer {fqn!r}: no Conv / Gemm / MatMul node of the exported graph "
-                                 "uses its weight")
-            for site, k in found:
-                claimed.add(site.index)
-                editor.layer(fqn, q, site, k, weight_dtype)
-        editor.apply()
-        onnx.checker.check_model(proto)
-    if path is not None:
-        onnx.save(proto, str(path))
-    return proto
 
 
 def _set_nodes(g, nodes: list) -> None:

@@ -1,8 +1,9 @@
 """Per-layer sensitivity: how far the output moves from FP32 when one layer alone is quantized.
 
 The sensitivity of (layer L, choice c) is the divergence of the model's output from the FP32
-reference when only L is at c (its weight and its input activation quantized as the Evaluator
-does it, bias correction included) and every other layer is FP32, on the first `batches`
+reference when only L is at c (quantized as the Evaluator does it: its weight, bias correction
+included, and the activations the deployed graph of that configuration quantizes, for an int8
+convolution its input and its output) and every other layer is FP32, on the first `batches`
 evaluation batches:
 
 - classifiers: "kl_to_fp32", the mean KL(FP32 || quantized) of the softmax outputs (nats),
@@ -46,7 +47,7 @@ import torch
 import torch.fx
 from tqdm import tqdm
 
-from hw_models import LayerChoice, Precision
+from hw_models import Candidate, LayerChoice, Precision
 from mpsearch import metrics
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import EvaluationError, InvalidConfigError
@@ -63,12 +64,17 @@ __all__ = [
     "parse_pair",
 ]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DEFAULT_SAMPLES = 64  # batches=None: the first batches holding at least this many samples
 CHUNK_PAIRS = 64  # pairs measured between cache writes (each chunk re-runs the FP32 prefix once)
 KL = "kl_to_fp32"
 NMSE = "normalized_mse"
 FP32_PAIR = LayerChoice(Precision.FP32, Precision.FP32)
+
+
+def alone(evaluator: Evaluator, fqn: str, c: LayerChoice) -> Candidate:
+    """The candidate with layer `fqn` at `c` and every other layer FP32."""
+    return Candidate((f, c if f == fqn else FP32_PAIR) for f in evaluator.analysis.fqns)
 
 
 def pair_name(c: LayerChoice) -> str:
@@ -200,7 +206,7 @@ def measure_sensitivity(
 
     runner, note = None, "suffix=False"
     if suffix:
-        runner, note = _SuffixRunner.build(evaluator, [f for f, _ in todo], batches)
+        runner, note = _SuffixRunner.build(evaluator, todo, batches)
     how = "suffix" if runner is not None else "full"
     if runner is not None:  # in layer order, so that each chunk's FP32 prefix stops early
         todo.sort(key=lambda fc: runner.cuts[fc[0]])
@@ -236,27 +242,30 @@ class _Accumulator:
         self.signal = sum(float(r.double().pow(2).sum()) for r in self.refs)
         self.sums = dict.fromkeys(todo, 0.0)
         # everything first (computing a weight may run the FP32 model), as Evaluator._run does
-        self.parts = {
-            (fqn, c): (
+        self.parts = {}
+        for fqn, c in todo:
+            plan = evaluator.plan(alone(evaluator, fqn, c))
+            self.parts[(fqn, c)] = (
                 evaluator.weight(fqn, c.weight),
-                evaluator.act_params(fqn, c.activation),
+                {f: evaluator.act_params(f, p) for f, p in plan.sim_inputs.items()},
+                {m: evaluator.out_params(m) for m in plan.sim_outputs},
                 evaluator.bias_delta(fqn, c.weight),
             )
-            for fqn, c in todo
-        }
 
     def swap_in(self, fqn: str, c: LayerChoice) -> None:
-        weight, act, delta = self.parts[(fqn, c)]
+        weight, inputs, outputs, delta = self.parts[(fqn, c)]
         h = self.ev.handles[fqn]
         getattr(h.module, h.param).data = weight
-        self.ev._active[fqn] = act
+        self.ev._active.update(inputs)
+        self.ev._active_out.update(outputs)
         if delta is not None:
             self.ev._active_delta[fqn] = delta
 
     def swap_out(self, fqn: str) -> None:
         h = self.ev.handles[fqn]
         getattr(h.module, h.param).data = self.ev._fp32_weights[fqn]
-        self.ev._active.pop(fqn, None)
+        self.ev._active.clear()
+        self.ev._active_out.clear()
         self.ev._active_delta.pop(fqn, None)
 
     def add(self, fqn: str, c: LayerChoice, i: int, out: Any) -> None:
@@ -317,8 +326,16 @@ class _SuffixRunner:
         self.modules = {n.target: gm.get_submodule(n.target) for n in self.nodes if n.op == "call_module"}
 
     @classmethod
-    def build(cls, evaluator: Evaluator, fqns: list[str], batches: int) -> tuple[_SuffixRunner | None, str]:
+    def build(cls, evaluator: Evaluator, todo: list[tuple[str, LayerChoice]], batches: int
+              ) -> tuple[_SuffixRunner | None, str]:
         """The runner, or None and why the model must be run whole."""
+        fqns = [f for f, _ in todo]
+        # modules whose hooks each pair's plan turns on: they must be called by the traced graph
+        hooked: dict[str, set[str]] = {}
+        for fqn, c in todo:
+            plan = evaluator.plan(alone(evaluator, fqn, c))
+            hooked.setdefault(fqn, set()).update(plan.sim_outputs)
+            hooked[fqn].update(f"in:{f}" for f in plan.sim_inputs)
         try:
             gm = torch.fx.symbolic_trace(evaluator.model)
         except Exception as e:  # noqa: BLE001 - untraceable models fall back to whole passes
@@ -349,6 +366,11 @@ class _SuffixRunner:
             needs = [h.input_module] if h.input_module is not None else []
             if fqn in evaluator._input_means:
                 needs.append(h.module)
+            modules = dict(evaluator.model.named_modules())
+            for name in hooked.get(fqn, ()):
+                m = (evaluator.handles[name[3:]].input_module if name.startswith("in:") else modules[name])
+                if m is not None:
+                    needs.append(m)
             if any(id(m) not in called for m in needs):
                 return None, f"the traced graph does not call the hooked module of layer {fqn}"
             cuts[fqn] = hits[0]

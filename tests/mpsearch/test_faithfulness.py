@@ -1,4 +1,4 @@
-"""QDQ export and ONNX Runtime int8 against the simulated quantizer."""
+"""The deployed QDQ graph in ONNX Runtime against the simulated quantizer."""
 
 import math
 import sys
@@ -11,32 +11,23 @@ from torch import nn
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from hw_models import Precision
-from mpsearch.errors import MissingDependencyError
-from mpsearch.onnx_export import (
-    LayerQDQ,
-    OrtRunner,
-    count_int8_kernels,
-    default_weight_dtype,
-    export_qdq,
-)
+from hw_models import Candidate, LayerChoice, Precision
+from mpsearch.analysis import analyze
+from mpsearch.deploy.build import build
+from mpsearch.errors import InvalidConfigError, MissingDependencyError
+from mpsearch.evaluator import Evaluator, QuantSettings
+from mpsearch.metrics import accuracy
+from mpsearch.onnx_export import OrtRunner, count_int8_kernels, default_weight_dtype, export_fp32
+from mpsearch.tasks import Task
 
+W8A8 = LayerChoice(Precision.INT8, Precision.INT8)
 # ORT kernels for these weight formats are correct on every CPU (u8 weights: no int16 saturation
 # on x86 without VNNI); "int8" is checked through ORT's reference (unoptimized) graph.
 PORTABLE = "uint8"
-H_SCALE = 0.04  # hand-set scale of the Linear's input (the ReLU output stays below ~6 of 10.2)
-
-
-def _fake_quant(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
-
-
-def _ints(shape, generator) -> torch.Tensor:
-    return torch.randint(-127, 128, shape, generator=generator, dtype=torch.int8)
 
 
 class Tiny(nn.Module):
-    """Conv -> ReLU -> Flatten -> Linear (optionally a BatchNorm after the conv)."""
+    """Conv -> (BatchNorm) -> ReLU -> Flatten -> Linear."""
 
     def __init__(self, bn: bool = False):
         super().__init__()
@@ -48,7 +39,9 @@ class Tiny(nn.Module):
         return self.fc(torch.flatten(F.relu(self.bn(self.conv(x))), 1))
 
 
-def _tiny_case(bn: bool = False):
+def _tiny_case(bn: bool = False, fold: bool = True):
+    """A tiny task and its evaluator; with bn and fold=False the evaluator keeps the batch norm and
+    the ONNX exporter folds it into the convolution (weights k_c * w_c, k_c < 0 for two channels)."""
     g = torch.Generator().manual_seed(0)
     model = Tiny(bn).eval()
     if bn:  # a negative gamma flips the sign of a folded channel
@@ -56,117 +49,115 @@ def _tiny_case(bn: bool = False):
         model.bn.bias.data = torch.tensor([0.1, -0.2, 0.05, 0.3])
         model.bn.running_mean.data = torch.tensor([0.2, -0.1, 0.0, 0.4])
         model.bn.running_var.data = torch.tensor([1.0, 2.0, 1.0, 0.5])
-    conv_q = LayerQDQ(_ints((4, 2, 3, 3), g), torch.tensor([0.004, 0.002, 0.006, 0.003]), 0.02, 128)
-    fc_q = LayerQDQ(_ints((3, 100), g), torch.tensor([0.001, 0.0015, 0.002]), H_SCALE, 0)
-    x = torch.randn(16, 2, 5, 5, generator=g)
+    xs = [torch.randn(16, 2, 5, 5, generator=g) for _ in range(3)]
+    task = Task(name="tiny", model=model, calib_batches=xs[:2], eval_batches=[(xs[2], torch.zeros(16, dtype=torch.long))],
+                metric_name="accuracy", metric_fn=accuracy, kind="classifier")
+    analysis = analyze(model, xs[0])
+    ev = Evaluator(task, analysis, QuantSettings(fold_batchnorm=fold))
+    return task, analysis, ev, xs[2]
 
-    def sim(x):
-        w = conv_q.weight_int.float() * conv_q.weight_scale.reshape(-1, 1, 1, 1)
-        h = F.relu(model.bn(F.conv2d(_fake_quant(x, 0.02, 128), w, model.conv.bias, padding=1)))
-        h_q = _fake_quant(torch.flatten(h, 1), H_SCALE, 0)
-        return F.linear(h_q, fc_q.weight_int.float() * fc_q.weight_scale.reshape(-1, 1), model.fc.bias)
 
-    # hand-set activation scales must cover the range (a clamped ReLU output would be a bad test)
+def _one_step_bound(ev: Evaluator, x: torch.Tensor) -> torch.Tensor:
+    """Per output: one input of fc one activation step off, plus the int32 bias rounding."""
+    step = ev.act_params("fc", Precision.INT8).scale
+    w = ev.weight("fc", Precision.INT8).abs()
+    return step * w.amax(1) + 0.5 * step * w.amax(1) / 127 + 1e-4
+
+
+@pytest.mark.parametrize("bn,fold", [(False, True), (True, True), (True, False)],
+                         ids=["conv", "conv+batchnorm", "batchnorm-folded-by-the-exporter"])
+def test_tiny_model_ort_matches_simulation_within_one_step(bn, fold):
+    task, _analysis, ev, x = _tiny_case(bn, fold)
+    cand = Candidate({"conv": W8A8, "fc": W8A8})
     with torch.no_grad():
-        w = conv_q.weight_int.float() * conv_q.weight_scale.reshape(-1, 1, 1, 1)
-        h = F.relu(model.bn(F.conv2d(_fake_quant(x, 0.02, 128), w, model.conv.bias, padding=1)))
-    assert float(h.max()) < H_SCALE * 255
-    return model, {"conv": conv_q, "fc": fc_q}, x, sim, fc_q
-
-
-def _one_step_bound(fc_q: LayerQDQ) -> torch.Tensor:
-    """Per output: one input of fc one activation step off, plus the int32 bias rounding (the
-    outputs agree to ~1e-5 here: nothing sits on a rounding boundary)."""
-    w = fc_q.weight_int.float().abs() * fc_q.weight_scale.reshape(-1, 1)
-    return H_SCALE * w.amax(1) + 0.5 * H_SCALE * fc_q.weight_scale + 1e-4
-
-
-@pytest.mark.parametrize("bn", [False, True], ids=["conv", "conv+batchnorm"])
-def test_tiny_model_ort_matches_simulation_within_one_step(bn):
-    model, layers, x, sim, fc_q = _tiny_case(bn)
+        fp32_before = task.model(x)
+    dep = build(ev, cand, weight_dtype=PORTABLE)
     with torch.no_grad():
-        expected = sim(x)
-        fp32_before = model(x)
-    proto = export_qdq(model, x[:4], layers, weight_dtype=PORTABLE)  # batch dimension is dynamic
-    with torch.no_grad():
-        assert torch.equal(model(x), fp32_before)  # the model is left alone
-    ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("QuantizeLinear") == 3  # conv input, fc input, and before the Flatten
+        assert torch.equal(task.model(x), fp32_before)  # the task's model is left alone
+    # the plan: conv's input (graph input) on its own edge, its ReLU output quantized where it is
+    # produced and read by fc through the Flatten
+    assert dict(dep.plan.edges) == {"conv": Precision.INT8}
+    assert [p.names for p in dep.plan.tensors.values()] == [("fc",)]
+    ops = [n.op_type for n in dep.proto.graph.node]
+    # Q: conv's input, the ReLU output, and again right before fc (after the Flatten: the same grid)
+    assert ops.count("QuantizeLinear") == 3
     assert ops.count("DequantizeLinear") == 3 + 2 + 2  # activations, weights, int32 biases
-    bound = _one_step_bound(fc_q)
+    expected = ev.outputs(cand)[0]
+    bound = _one_step_bound(ev, x)
     for optimize in (False, True):
-        runner = OrtRunner(proto, optimize=optimize)
+        runner = OrtRunner(dep.proto, optimize=optimize)
         out = runner.run(x)
         assert out.shape == expected.shape
         assert bool(((out - expected).abs() <= bound).all()), (optimize, (out - expected).abs().max())
         assert float((out - expected).abs().median()) < 1e-3
     assert runner.int8_kernels == 2, runner.op_counts  # QLinearConv + QGemm
     assert count_int8_kernels(runner.optimized_model) == 2
+    assert runner.op_counts.get("Relu", 0) == 0  # fused into the quantized output
 
 
-def test_int8_weights_reference_semantics(tmp_path):
-    model, layers, x, sim, fc_q = _tiny_case()
-    path = tmp_path / "tiny.onnx"
-    proto = export_qdq(model, x, layers, path=path, weight_dtype="int8")
-    assert path.is_file()
+def test_int8_weights_reference_semantics():
+    _task, _analysis, ev, x = _tiny_case()
+    cand = Candidate({"conv": W8A8, "fc": W8A8})
+    dep = build(ev, cand, weight_dtype="int8")
+    proto = dep.proto
     dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")]
     assert len(dqs) == 2
     inits = {t.name: t for t in proto.graph.initializer}
     assert all(inits[n.input[0]].data_type == 3 for n in dqs)  # INT8
-    with torch.no_grad():
-        expected = sim(x)
     out = OrtRunner(proto, optimize=False).run(x)
-    assert bool(((out - expected).abs() <= _one_step_bound(fc_q)).all())
+    assert bool(((out - ev.outputs(cand)[0]).abs() <= _one_step_bound(ev, x)).all())
+
+
+def test_narrow_weights_are_stored_as_int4_and_run_on_int8_kernels():
+    _task, _analysis, ev, x = _tiny_case()
+    cand = Candidate({"conv": LayerChoice(Precision.INT4, Precision.INT8), "fc": LayerChoice(Precision.INT3, Precision.INT8)})
+    dep = build(ev, cand, weight_dtype="int8")
+    assert dep.storage == {"conv": "int4", "fc": "int4"}
+    types = {t.name: t.data_type for t in dep.proto.graph.initializer}
+    assert types["conv.weight_quantized_int4"] == types["fc.weight_quantized_int4"] == 22  # INT4
+    runner = OrtRunner(dep.proto)
+    assert runner.int8_kernels == 2, runner.op_counts  # the Cast to INT8 is folded when ORT loads it
+    kept = build(ev, cand, weight_dtype="int8", int4_storage=False)
+    assert kept.storage == {"conv": "int8", "fc": "int8"}
+    assert torch.equal(OrtRunner(kept.proto).run(x), runner.run(x))
 
 
 @pytest.mark.slow  # ~5 s: torch.export + onnxscript
-def test_dynamo_exporter_gives_the_same_graph_semantics():
-    model, layers, x, sim, fc_q = _tiny_case(bn=True)
-    proto = export_qdq(model, x, layers, weight_dtype=PORTABLE, exporter="dynamo")
+def test_dynamo_exporter_gives_the_fp32_model():
+    task, _, _, x = _tiny_case(bn=True)
+    runner = OrtRunner(export_fp32(task.model, x, exporter="dynamo"))
     with torch.no_grad():
-        expected = sim(x)
-    runner = OrtRunner(proto)
-    assert bool(((runner.run(x) - expected).abs() <= _one_step_bound(fc_q)).all())
-    assert runner.int8_kernels == 2
+        assert torch.allclose(runner.run(x), task.model(x), atol=1e-5)
 
 
 def test_fp32_export_matches_torch():
-    model, _, x, _, _ = _tiny_case(bn=True)
-    runner = OrtRunner(export_qdq(model, x, {}), threads=None)
+    task, _, _, x = _tiny_case(bn=True)
+    runner = OrtRunner(export_fp32(task.model, x), threads=None)
     with torch.no_grad():
-        assert torch.allclose(runner.run(x), model(x), atol=1e-5)
+        assert torch.allclose(runner.run(x), task.model(x), atol=1e-5)
     assert runner.int8_kernels == 0
 
 
 def test_sessions_stop_spinning_after_a_run():
     """Sessions timed side by side: an idle session's workers must not spin on the shared cores."""
-    model, _, x, _, _ = _tiny_case(bn=True)
-    runner = OrtRunner(export_qdq(model, x, {}), threads=2)
+    task, _, _, x = _tiny_case(bn=True)
+    runner = OrtRunner(export_fp32(task.model, x), threads=2)
     so = runner.session.get_session_options()
     assert so.get_session_config_entry("session.force_spinning_stop") == "1"
     assert so.intra_op_num_threads == 2 and so.inter_op_num_threads == 1
 
 
-def test_unknown_layer_and_bad_layer_data_are_refused():
-    model, layers, x, _, _ = _tiny_case()
-    with pytest.raises(ValueError, match="'nope'"):
-        export_qdq(model, x, {**layers, "nope": layers["fc"]})
-    with pytest.raises(ValueError, match="'fc'.*shape"):
-        export_qdq(model, x, {"fc": layers["conv"]})
-    with pytest.raises(ValueError, match="int8"):
-        LayerQDQ(torch.zeros(3, 4), torch.ones(3))
-    with pytest.raises(ValueError, match="one per output channel"):
-        LayerQDQ(torch.zeros(3, 4, dtype=torch.int8), torch.ones(4))
-    with pytest.raises(ValueError, match="together"):
-        LayerQDQ(torch.zeros(3, 4, dtype=torch.int8), torch.ones(3), act_scale=0.1)
-    with pytest.raises(ValueError, match="0..255"):
-        LayerQDQ(torch.zeros(3, 4, dtype=torch.int8), torch.ones(3), 0.1, 256)
+def test_bad_weight_dtype_and_undeployable_activations_are_refused():
+    _task, _, ev, _ = _tiny_case()
+    cand = Candidate({"conv": W8A8, "fc": W8A8})
     with pytest.raises(ValueError, match="weight_dtype"):
-        export_qdq(model, x, layers, weight_dtype="int4")
+        build(ev, cand, weight_dtype="int4")
+    with pytest.raises(InvalidConfigError, match=r"layer 'fc' \(int8/int4\): cannot deploy an int4 activation"):
+        build(ev, Candidate({"conv": W8A8, "fc": LayerChoice(Precision.INT8, Precision.INT4)}))
 
 
 def test_weight_not_matching_its_initializer_is_refused():
-    model, layers, x, _, _ = _tiny_case()
+    task, _, _, x = _tiny_case()
 
     class Wrapped(nn.Module):  # fc's weight is used transformed: the graph holds no copy of it
         def __init__(self, inner):
@@ -177,15 +168,19 @@ def test_weight_not_matching_its_initializer_is_refused():
             h = torch.flatten(F.relu(self.inner.conv(x)), 1)
             return F.linear(h, self.inner.fc.weight * 2 + 1, self.inner.fc.bias)
 
-    with pytest.raises(ValueError, match="'inner.fc'"):
-        export_qdq(Wrapped(model), x, {"inner.fc": layers["fc"]})
+    wrapped = Wrapped(task.model).eval()
+    t = Task(name="w", model=wrapped, calib_batches=task.calib_batches, eval_batches=task.eval_batches,
+             metric_name="accuracy", metric_fn=accuracy, kind="classifier")
+    ev = Evaluator(t, analyze(wrapped, x))
+    with pytest.raises(InvalidConfigError, match="'inner.fc'"):
+        build(ev, Candidate({"inner.conv": W8A8, "inner.fc": W8A8}))
 
 
-def test_missing_onnxruntime_names_the_extra(monkeypatch):
-    model, layers, x, _, _ = _tiny_case()
-    proto = export_qdq(model, x, layers)
+def test_missing_onnxruntime_names_the_package(monkeypatch):
+    task, _, _, x = _tiny_case()
+    proto = export_fp32(task.model, x)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(MissingDependencyError, match=r"mpsearch\[onnx\]"):
+    with pytest.raises(MissingDependencyError, match=r"onnxruntime"):
         OrtRunner(proto)
 
 
@@ -213,7 +208,7 @@ def digits_report():
 def test_digits_w8a8_simulation_agrees_with_ort_int8(digits_report):
     report, _, analysis = digits_report
     assert report.n_layers == len(analysis.fqns) == 8
-    assert report.n_act_quantized == 8
+    assert report.n_act_quantized == 8  # every layer reads an int8 input
     assert report.n_samples == 360
     assert report.agreement >= 0.99  # the issue's requirement
     assert report.rel_max_diff < 0.05, report.to_dict()

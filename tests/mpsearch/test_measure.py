@@ -22,11 +22,11 @@ from mpsearch.measure import (
     profile_layers,
     time_interleaved,
 )
-from mpsearch.onnx_export import OrtRunner, export_qdq
+from mpsearch.onnx_export import OrtRunner, export_fp32
 
-# int8 layers whose outputs are all quantized (the next layer is int8 too, or it is the model
-# output): ONNX Runtime runs each of them as an int8 kernel
-SUFFIX = ("features.8", "features.10", "classifier.1", "classifier.3")
+# int8 layers between fp32 ones: in the deployed graph each runs as an int8 kernel (its output is
+# quantized and dequantized for its fp32 consumer), every fp32 layer as a float one
+SUBSET = ("features.2", "features.8", "classifier.1")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def digits():
     sessions = {
         "fp32": build_session(task, analysis, evaluator, set()),
         "int8": build_session(task, analysis, evaluator, analysis.fqns),
-        "suffix": build_session(task, analysis, evaluator, SUFFIX),
+        "subset": build_session(task, analysis, evaluator, SUBSET),
     }
     return task, analysis, evaluator, sessions
 
@@ -62,28 +62,37 @@ def test_config_candidate(digits):
 
 
 def test_subset_session_runs_its_int8_layers_as_int8_kernels_and_matches_the_simulation(digits):
-    task, _, evaluator, sessions = digits
-    runner = sessions["suffix"]
-    assert runner.int8 == frozenset(SUFFIX)
-    assert runner.int8_kernels == len(SUFFIX), runner.op_counts
+    task, analysis, evaluator, sessions = digits
+    runner = sessions["subset"]
+    assert runner.int8 == frozenset(SUBSET)
+    assert runner.int8_kernels == len(SUBSET), runner.op_counts
+    kernels = {}
+    for name, fqn in attribute_nodes(runner.optimized_model, analysis, runner.model).items():
+        kernels.setdefault(fqn, set()).add(next(n.op_type for n in runner.optimized_model.graph.node if n.name == name))
+    for fqn in analysis.fqns:
+        int8_ops = kernels.get(fqn, set()) & {"QLinearConv", "QGemm"}
+        assert bool(int8_ops) == (fqn in SUBSET), (fqn, kernels.get(fqn))
     sim = evaluator.outputs(runner.candidate)
     assert metrics.top1_agreement(_ort_outputs(runner, task), sim) >= 0.99
 
 
 def test_an_excluded_layer_between_int8_layers_stays_fp32(digits):
-    """ONNX Runtime's WeightBiasQuantization quantizes the weight of a node that reads a
-    DequantizeLinear and feeds a QuantizeLinear: the export must not hand it such a node."""
+    """ONNX Runtime's WeightBiasQuantization quantizes the weight of a node that reads a per-tensor
+    DequantizeLinear and feeds a QuantizeLinear: the deployed graph must not hand it such a node."""
     task, analysis, evaluator, _ = digits
     runner = build_session(task, analysis, evaluator, set(analysis.fqns) - {"features.4"})
     graph = runner.optimized_model.graph
     nodes = {n.name: n for n in graph.node}
-    owned = [nodes[name] for name, fqn in attribute_nodes(runner.optimized_model, analysis).items()
-             if fqn == "features.4"]
-    assert [n.op_type for n in owned] == ["Conv"]
+    owned = [nodes[name] for name, fqn in attribute_nodes(runner.optimized_model, analysis, runner.model).items()
+             if fqn == "features.4" and nodes[name].op_type not in ("QuantizeLinear", "DequantizeLinear")]
+    assert [n.op_type for n in owned] in (["Conv"], ["FusedConv"])
     fp32_inits = {i.name for i in graph.initializer if i.data_type == 1}  # TensorProto.FLOAT
     assert owned[0].input[1] in fp32_inits
-    # 7 int8 layers; features.2 feeds the fp32 layer (its output is not quantized): a float conv
-    assert runner.int8_kernels == 6, runner.op_counts
+    # the other 7 layers run on int8 kernels, features.2 included (its output is quantized)
+    assert runner.int8_kernels == 7, runner.op_counts
+    # and the deployed graph computes what the evaluator simulates
+    sim = evaluator.outputs(runner.candidate)
+    assert metrics.top1_agreement(_ort_outputs(runner, task), sim) >= 0.99
 
 
 def test_all_int8_and_all_fp32_sessions(digits):
@@ -199,7 +208,7 @@ def test_layers_without_names_are_found_by_their_weight_values():
     model = _NoBias().eval()
     x = torch.randn(4, 3, 6, 6)
     analysis = analyze(model, x)
-    proto = export_qdq(model, x, {})
+    proto = export_fp32(model, x)
     runner = OrtRunner(proto)
     assert "reorder" in {i for n in runner.optimized_model.graph.node for i in n.input}  # NCHWc
     owners = attribute_nodes(runner.optimized_model, analysis, proto)
