@@ -159,7 +159,7 @@ class CostModel:
     def _layer_cost(self, layer: LayerSpec, choice: LayerChoice) -> LayerCost:
         p = self.profile
         rule = p.rule(choice.weight, choice.activation)
-        wb = weight_bytes(layer, choice.weight)
+        wb = weight_bytes(layer, choice.weight if rule is None else rule.stored)
         act = math.ceil(layer.in_elems * choice.activation.bits / 8) + layer.out_elems * 4
         b = bops(layer, choice)
         if rule is None:

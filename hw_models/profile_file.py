@@ -25,6 +25,7 @@ Layout (every number in SI units; see HardwareProfile for what each field means)
     compute = "int8"
     native = true
     kernel = "weight_only"               # optional: whose [efficiency] applies (default: compute's)
+    storage = "int4"                     # optional: the format the weight is stored in (default: weight)
     [layer_table]                        # optional: measured per-layer latency (lookup mode)
     batch_size = 1
     other_s = 1.2e-4                     # the model's operations that are not layers
@@ -149,8 +150,9 @@ def profile_from_dict(data: dict[str, Any], where: str = "profile") -> HardwareP
         kernel = r.get("kernel", "")
         if not isinstance(kernel, str):
             fail(f"{f}.kernel", f"expected a kernel name (a key of [efficiency]), got {kernel!r}")
+        storage = precision(f"{f}.storage", r["storage"]) if "storage" in r else None
         rules.append(ExecRule(precision(f"{f}.weight", r["weight"]), precision(f"{f}.activation", r["activation"]),
-                              compute, native, kernel))
+                              compute, native, kernel, storage))
     kw["rules"] = tuple(rules)
     lt = table("layer_table", required=False)
     if lt:
@@ -200,6 +202,8 @@ def dump_profile(profile: HardwareProfile) -> str:
         line("native", r.native)
         if r.kernel:
             line("kernel", r.kernel)
+        if r.storage is not None:
+            line("storage", r.storage.value)
     t = profile.layer_table
     if t is not None:
         out.append("\n[layer_table]")

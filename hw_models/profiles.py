@@ -26,6 +26,9 @@ class ExecRule:
     kernel: the kernel family whose efficiency applies, when it is not the compute kind's own
     (a GPU's weight-only kernels dequantize in the inner loop and reach a share of the fp16
     peak of their own: "weight_only"); a key of the profile's `efficiency`, or "" for compute.
+    storage: the format the deployed model keeps the weight in, when it is not the weight's own
+    (ONNX Runtime stores int2 / int3 weights as INT4 and int6 weights as INT8); None: the
+    weight's precision. Weight memory and weight traffic are priced at the storage's bits.
     """
 
     weight: Precision
@@ -33,6 +36,11 @@ class ExecRule:
     compute: str
     native: bool
     kernel: str = ""
+    storage: Precision | None = None
+
+    @property
+    def stored(self) -> Precision:
+        return self.storage or self.weight
 
     @property
     def efficiency_key(self) -> str:
@@ -149,6 +157,23 @@ class HardwareProfile:
         return tuple(sorted({r.weight for r in self.rules}, key=lambda p: (p.is_float, p.bits)))
 
     @property
+    def default_weight_precisions(self) -> tuple[Precision, ...]:
+        """The weight precisions a search considers by default: every one the target runs, less
+        those it runs and stores exactly as a wider integer precision (same compute kind and
+        storage with every activation: the same cost, less accuracy; int2 / int3 next to int4 on
+        a CPU that stores them as INT4)."""
+
+        def runs(w: Precision) -> dict[Precision, tuple[str, str, Precision]]:
+            return {r.activation: (r.compute, r.kernel, r.stored) for r in self.rules if r.weight == w}
+
+        out = []
+        for w in self.weight_precisions:
+            same = [v for v in self.weight_precisions if v.is_int and w.is_int and v.bits > w.bits and runs(v) == runs(w)]
+            if not same:
+                out.append(w)
+        return tuple(out)
+
+    @property
     def activation_precisions(self) -> tuple[Precision, ...]:
         return tuple(sorted({r.activation for r in self.rules}, key=lambda p: (p.is_float, p.bits)))
 
@@ -163,17 +188,21 @@ class HardwareProfile:
 
 
 def _cpu_int8_rules() -> tuple[ExecRule, ...]:
-    """A CPU with int8 dot-product instructions and fp32 FMA.
+    """A CPU with int8 dot-product instructions and fp32 FMA, as ONNX Runtime runs a deployed
+    graph (mpsearch.deploy) on it.
 
-    int8 weights with int8 activations run natively on int8 kernels; narrower integer
-    weights (int2..int6) are stored packed and unpacked to int8 compute (memory saving only);
-    integer weights with fp32 activations are dequantized and run as fp32 (weight-only);
-    fp32 weights with int8 activations dequantize the input and run fp32.
+    fp32 layers run fp32. Integer weights run with int8 activations on int8 kernels (QLinearConv,
+    QGemm); narrower weights keep their own grid and are stored in the smallest ONNX integer
+    type that holds it (int2, int3 -> INT4; int6 -> INT8), widened to int8 when the model loads:
+    a memory saving only. Pairs ONNX Runtime cannot run faster or smaller than fp32 are left
+    out: integer weights with fp32 activations (no weight-only convolution kernel: the weight is
+    dequantized on every run, mobilenet_v2 2.2x slower than fp32 here) and fp32 weights with int8
+    activations (a float convolution after a DequantizeLinear).
     """
-    rules = [ExecRule(P.FP32, P.FP32, "fp32", True), ExecRule(P.FP32, P.INT8, "fp32", False)]
+    rules = [ExecRule(P.FP32, P.FP32, "fp32", True)]
+    storage = {P.INT2: P.INT4, P.INT3: P.INT4, P.INT6: P.INT8}
     for w in (P.INT2, P.INT3, P.INT4, P.INT6, P.INT8):
-        rules.append(ExecRule(w, P.INT8, "int8", w == P.INT8))
-        rules.append(ExecRule(w, P.FP32, "fp32", False))
+        rules.append(ExecRule(w, P.INT8, "int8", w == P.INT8, storage=storage.get(w)))
     return tuple(rules)
 
 

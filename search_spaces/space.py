@@ -89,7 +89,8 @@ class SearchSpace:
     ):
         self.layers = tuple(layers)
         self.profile = profile
-        self.requested_weights = tuple(weight_precisions) if weight_precisions else profile.weight_precisions
+        self.requested_weights = (tuple(weight_precisions) if weight_precisions
+                                  else profile.default_weight_precisions)
         self.requested_activations = (
             tuple(activation_precisions) if activation_precisions else profile.activation_precisions
         )

@@ -16,20 +16,27 @@ LAYERS = [
 
 def test_default_space_size_and_params():
     space = SearchSpace(LAYERS, X86)
-    # 6 weight precisions x 2 activation precisions per layer, all runnable on x86-vnni
-    assert space.size == 12 * 12
+    # x86-vnni runs int2..int8 weights with int8 activations and fp32 with fp32; int2 / int3 are
+    # stored as INT4 and int6 as INT8 there (the same cost as int4 / int8, less accuracy), so the
+    # default space is int4/int8, int8/int8 and fp32/fp32 per layer
+    assert [f"{c.weight}/{c.activation}" for c in space.layer_choices("a")] == ["int4/int8", "int8/int8", "fp32/fp32"]
+    assert space.size == 3 * 3
     dists = space.distributions()
-    assert set(dists) == {"w:a", "a:a", "w:b", "a:b"}
-    cand = space.candidate({"w:a": "int3", "a:a": "int8", "w:b": "fp32", "a:b": "fp32"})
-    assert cand["a"].weight is P.INT3 and cand["b"].activation is P.FP32
+    assert set(dists) == {"p:a", "p:b"}  # not every weight with every activation: one parameter a layer
+    cand = space.candidate({"p:a": "int4/int8", "p:b": "fp32/fp32"})
+    assert cand["a"].weight is P.INT4 and cand["b"].activation is P.FP32
     assert space.candidate(space.params(cand)) == cand
+    # asked for explicitly, the narrower grids are there
+    assert SearchSpace(LAYERS, X86, [P.INT2, P.INT3, P.INT6], [P.INT8]).size == 3 * 3
 
 
 def test_restricted_precisions_and_fp32_only_activation_layers():
-    space = SearchSpace(LAYERS, X86, [P.INT4, P.INT8], [P.INT8, P.FP32], fp32_activation_layers=["b"])
-    assert space.size == 4 * 2
-    assert "a:b" not in space.distributions()
-    assert space.candidate({"w:a": "int4", "a:a": "int8", "w:b": "int8"})["b"].activation is P.FP32
+    space = SearchSpace(LAYERS, X86, [P.INT4, P.INT8, P.FP32], [P.INT8, P.FP32], fp32_activation_layers=["b"])
+    assert space.size == 3 * 1  # b: fp32/fp32 only (no integer weight runs with an fp32 input on x86-vnni)
+    assert "p:b" not in space.distributions()
+    assert space.candidate({"p:a": "int4/int8"})["b"] == LayerChoice(P.FP32, P.FP32)
+    with pytest.raises(SpaceError, match="layer b: x86-vnni runs none"):
+        SearchSpace(LAYERS, X86, [P.INT4, P.INT8], [P.INT8, P.FP32], fp32_activation_layers=["b"])
 
 
 def test_space_drives_optuna_ask():
@@ -64,7 +71,8 @@ def test_targets_that_do_not_run_every_pair_get_one_parameter_per_layer():
     assert len(seen) == 25
     # the default space is every pair the target runs
     assert SearchSpace(LAYERS, h100).options[0].size == len(h100.rules)
-    assert SearchSpace(LAYERS, X86).options[0].size == len(X86.rules) == 12
+    # on x86-vnni, less the pairs stored and run as a wider one (int2, int3, int6)
+    assert len(X86.rules) == 6 and SearchSpace(LAYERS, X86).options[0].size == 3
 
 
 THREE = [*LAYERS, LayerSpec("c", "linear", (2, 2), 1, 4, 2, 2)]
@@ -85,7 +93,7 @@ def test_ties_share_one_parameter_and_pins_fix_a_layer():
 
 
 def test_enumerate_yields_every_candidate_once():
-    space = SearchSpace(THREE, X86, [P.INT4, P.INT8, P.FP32], [P.INT8])
+    space = SearchSpace(THREE, X86, [P.INT2, P.INT4, P.INT8], [P.INT8])
     cands = list(space.enumerate())
     assert len(cands) == len(set(cands)) == space.size == 27
 
@@ -97,7 +105,7 @@ def test_bad_ties_and_pins_are_errors():
         SearchSpace(THREE, X86, [P.INT4], [P.INT8], pins={"b": LayerChoice(P.INT2, P.INT8)})
     # b keeps fp32 activations; a does not offer them: no common pair
     with pytest.raises(SpaceError, match="no precision pair in common"):
-        SearchSpace(THREE, X86, [P.INT8], [P.INT8], fp32_activation_layers=["b"], ties=[["a", "b"]])
+        SearchSpace(THREE, X86, [P.INT8, P.FP32], [P.INT8], fp32_activation_layers=["b"], ties=[["a", "b"]])
     space = SearchSpace(THREE, X86, [P.INT4, P.INT8], [P.INT8], ties=[["a", "c"]])
     with pytest.raises(SpaceError, match="tied to a"):
         space.params(Candidate({"a": LayerChoice(P.INT4, P.INT8), "b": LayerChoice(P.INT4, P.INT8),
