@@ -29,6 +29,20 @@ CONV = LayerSpec("conv", "conv2d", (16, 8, 3, 3), 1, 115_200, 800, 1600)
 FC = LayerSpec("fc", "linear", (10, 64), 1, 640, 64, 10)
 
 
+def test_weights_are_priced_in_the_format_the_target_stores_them():
+    """x86-vnni (ONNX Runtime) keeps int2 / int3 weights in INT4 and int6 in INT8."""
+    cm = CostModel([CONV], X86)
+    assert X86.rule(P.INT2, P.INT8).stored is P.INT4 and X86.rule(P.INT4, P.INT8).stored is P.INT4
+    assert cm.layer_cost("conv", LayerChoice(P.INT2, P.INT8)).weight_bytes == 576 + 64  # 4 bits a weight
+    assert cm.layer_cost("conv", LayerChoice(P.INT3, P.INT8)).weight_bytes == 576 + 64
+    assert cm.layer_cost("conv", LayerChoice(P.INT6, P.INT8)).weight_bytes == 1152 + 64  # 8 bits a weight
+    # the same cost as the wider grid: left out of the default space
+    assert X86.default_weight_precisions == (P.INT4, P.INT8, P.FP32)
+    # a target that stores what it runs prices the bits themselves
+    bitfusion = CostModel([CONV], get_profile("bitfusion"))
+    assert bitfusion.layer_cost("conv", LayerChoice(P.INT2, P.INT2)).weight_bytes == 288 + 64
+
+
 def test_weight_bytes_include_per_channel_scales():
     assert weight_bytes(CONV, P.FP32) == 1152 * 4
     assert weight_bytes(CONV, P.INT8) == 1152 + 16 * 4  # one fp32 scale per output channel
