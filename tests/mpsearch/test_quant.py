@@ -438,3 +438,13 @@ def test_activation_validation():
         with pytest.raises(ValueError, match="percentile"):
             obs.params(P.INT8, method="percentile", percentile=p)
     assert obs.params(P.FP32, method="mse") is None
+
+
+def test_act_fake_quant_of_a_channels_last_tensor_is_the_same_values_in_the_same_format():
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 5, 4, 3, generator=g) * 3).to(memory_format=torch.channels_last)
+    for p in (ActQuantParams(0.05, 3, 0, 255), ActQuantParams(0.02, 0, -8, 7)):
+        y = p.fake_quant(x)
+        assert torch.equal(y, p.fake_quant(x.contiguous()))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y, torch.fake_quantize_per_tensor_affine(x.contiguous(), p.scale, p.zero_point, p.qmin, p.qmax))
