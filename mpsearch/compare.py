@@ -35,6 +35,7 @@ from typing import Any
 from hw_models import Candidate, CostModel, HardwareProfile, Precision
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import InvalidConfigError
+from mpsearch.report import best_lines
 from mpsearch.report_html import layer_breakdown
 from mpsearch.result import SearchResult, TrialRecord, pareto_front
 
@@ -151,7 +152,7 @@ def _ratio(ref_ms: float | None, t: TrialRecord | None) -> float | None:
 def compare_table(cmp: Comparison) -> str:
     """Per target and budget: the best metric within it, latency, weights and speedups."""
     name = cmp.result.reference["metric_name"]
-    header = ["target", "budget", "budget_ms", "trial", name, "latency_ms", "weights_KiB", "vs_fp32", "vs_int8"]
+    header = ["target", "budget", "budget_ms", "trial", name, "latency_ms", "vs_fp32", "vs_int8", "weights_KiB"]
     rows = []
     for target in cmp.targets:
         for r in cmp.per_target[target]["table"]:
@@ -159,9 +160,9 @@ def compare_table(cmp: Comparison) -> str:
                          "-" if r["trial"] is None else str(r["trial"]),
                          "-" if r["metric"] is None else f"{r['metric']:.4f}",
                          "-" if r["latency_ms"] is None else f"{r['latency_ms']:.4g}",
-                         "-" if r["weight_bytes"] is None else f"{r['weight_bytes'] / 1024:.1f}",
                          "-" if r["speedup_fp32"] is None else f"{r['speedup_fp32']:.2f}x",
-                         "-" if r["speedup_int8"] is None else f"{r['speedup_int8']:.2f}x"])
+                         "-" if r["speedup_int8"] is None else f"{r['speedup_int8']:.2f}x",
+                         "-" if r["weight_bytes"] is None else f"{r['weight_bytes'] / 1024:.1f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = [(f"{cmp.result.task}: best {name} within each latency budget, per target "
              f"({len(cmp.result.trials)} trials scored once, priced on {len(cmp.targets)} targets; "
@@ -170,4 +171,8 @@ def compare_table(cmp: Comparison) -> str:
     lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     fronts = ", ".join(f"{t} {len(cmp.per_target[t]['pareto'])}" for t in cmp.targets)
     lines.append(f"Pareto front sizes (metric vs latency): {fronts}")
+    lines.append("best per target (mpsearch.selection: the fastest there within the drop budget):")
+    for target in cmp.targets:
+        lines += [f"  {target}: {line}" if i == 0 else f"    {line.strip()}"
+                  for i, line in enumerate(best_lines(cmp.view(target)))]
     return "\n".join(lines)

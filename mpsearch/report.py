@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from mpsearch.result import SearchResult, TrialRecord
+from mpsearch.selection import RANKED_BY
+
+
+def vs_fp32(latency_ms: float | None, fp32_latency_ms: float | None) -> str:
+    """The speed-up over FP32 as "1.13x" ("-": unknown, the target cannot run FP32)."""
+    if fp32_latency_ms is None or latency_ms is None:
+        return "-"
+    return f"{fp32_latency_ms / latency_ms:.2f}x" if latency_ms > 0 else "inf"
 
 
 def _row(t: TrialRecord, fp32_latency_ms: float | None, marker: str, extra: list[str]) -> list[str]:
-    if fp32_latency_ms is None:  # the target cannot run FP32
-        speedup = "-"
-    else:
-        speedup = f"{fp32_latency_ms / t.latency_ms:.2f}x" if t.latency_ms > 0 else "inf"
     cells = {
         "activation_memory": f"{t.peak_act_bytes / 1024:.1f}",
         "energy": "-" if t.energy_mj is None else f"{t.energy_mj:.4g}",
@@ -18,7 +22,7 @@ def _row(t: TrialRecord, fp32_latency_ms: float | None, marker: str, extra: list
         f"{t.number}{marker}",
         f"{t.metric:.4f}",
         f"{t.latency_ms:.5g}",
-        speedup,
+        vs_fp32(t.latency_ms, fp32_latency_ms),
         f"{t.weight_bytes / 1024:.1f}",
         *(cells[e] for e in extra),
         f"{t.bops / 1e6:.4g}",
@@ -35,10 +39,11 @@ def _ms(v: float | None) -> str:
 
 
 def pareto_table(result: SearchResult) -> str:
-    """The Pareto front as an aligned table, fastest first; '*' marks the best trial."""
+    """The Pareto front as an aligned table, fastest first ('*' marks the best trial), then how the
+    best trial was chosen (best_lines) and the trial counts."""
     ref = result.reference
     extra = [o for o in result.objectives if o in _EXTRA_HEADER]
-    header = ["trial", ref["metric_name"], "latency_ms", "speedup", "weights_KiB",
+    header = ["trial", ref["metric_name"], "latency_ms", "vs_fp32", "weights_KiB",
               *(_EXTRA_HEADER[e] for e in extra), "MBOPs", "w_bits", "a_bits"]
     best = result.best
     rows = [_row(result.trial(n), ref["fp32_latency_ms"], "*" if n == best else "", extra) for n in result.pareto]
@@ -53,18 +58,50 @@ def pareto_table(result: SearchResult) -> str:
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     if not rows:
         lines.append("(no feasible trial completed)")
-    st = result.settings
-    budgets = [f"{st[k]:g} {unit}" for k, unit in (("latency_budget_ms", "ms"), ("size_budget_mb", "MB of weights"),
-                                                   ("memory_budget_mb", "MB of memory")) if st.get(k) is not None]
-    if best is not None:
-        b = result.trial(best)
-        under = f" under {', '.join(budgets)}" if budgets else ""
-        lines.append(f"best{under}: trial {best}, {ref['metric_name']} {b.metric:.4f}, {b.latency_ms:.4g} ms")
+    lines += best_lines(result)
     counts = {}
     for t in result.trials:
         counts[t.state] = counts.get(t.state, 0) + 1
     lines.append("trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
+
+
+def best_lines(result: SearchResult) -> list[str]:
+    """The best trial (mpsearch.selection) and how it was chosen, in words: its drop budget, its
+    speed-up over FP32, and plainly when it is slower than FP32, when no configuration beats FP32
+    latency, and when no trial is within the drop budget."""
+    ref, st, sel = result.reference, result.settings, result.selection
+    name, fp32_ms = ref["metric_name"], ref.get("fp32_latency_ms")
+    budgets = [f"{st[k]:g} {unit}" for k, unit in (("latency_budget_ms", "ms"), ("size_budget_mb", "MB of weights"),
+                                                   ("memory_budget_mb", "MB of memory")) if st.get(k) is not None]
+    under = f" under {', '.join(budgets)}" if budgets else ""
+    if sel.trial is None:
+        return [f"best: none (no complete trial{under})"]
+    b = result.trial(sel.trial)
+    speed = vs_fp32(b.latency_ms, fp32_ms)
+    slower = fp32_ms is not None and b.latency_ms > fp32_ms
+    lines = [f"best{under}: trial {b.number}, {name} {b.metric:.4f}, {b.latency_ms:.4g} ms"
+             + ("" if fp32_ms is None else f" ({speed} FP32{': SLOWER than FP32' if slower else ''})")
+             + f", weights {b.weight_bytes / 1024:.1f} KiB"]
+    if sel.within_drop is None:  # a result written before drop budgets
+        lines.append(f"  chosen: the highest {name}")
+    else:
+        limit = (f"{name} >= {sel.min_metric:.4f} (FP32 {ref['fp32_metric']:.4f} - {sel.max_drop:.4g}; "
+                 f"{sel.source})")
+        if sel.within_drop:
+            lines.append(f"  chosen: {RANKED_BY.get(sel.objective, sel.objective)} among the complete trials with "
+                         f"{limit}")
+        else:
+            lines.append(f"  no trial has {limit}: best falls back to the highest {name}")
+    if fp32_ms is not None and (sel.fastest_speedup_fp32 is None or sel.fastest_speedup_fp32 <= 1):
+        fastest = "" if sel.fastest_speedup_fp32 is None else \
+            f"; the fastest complete trial runs at {sel.fastest_speedup_fp32:.2f}x FP32"
+        lines.append(f"no configuration found beats FP32 latency ({fp32_ms:.4g} ms on {result.target}){fastest}")
+    elif slower:
+        why = (f": every configuration faster than FP32 is below {name} {sel.min_metric:.4f}"
+               if sel.within_drop and sel.objective == "latency" else "")
+        lines.append(f"note: trial {b.number} is slower than FP32 ({speed}){why}")
+    return lines
 
 
 def cost_table(cost_model, candidate) -> str:

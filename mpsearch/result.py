@@ -1,4 +1,15 @@
-"""Trial records, the Pareto front, and result.json (schema "mpsearch.result/1")."""
+"""Trial records, the Pareto front, the best trial, and result.json (schema "mpsearch.result/1").
+
+result.json keeps schema version 1 as long as changes only add fields (older readers ignore
+them). Added since the first version: settings.max_drop (as given) and settings.drop_budget
+({"points", "min_metric", "source"}: the drop budget the best trial was chosen under, see
+mpsearch.selection), reference.eval_samples, and "selection" (how "best" was chosen);
+"verification" (schema "mpsearch.verify/1": `mpsearch verify`'s measurements of the front's
+deployed graphs, mpsearch.deploy.verify), settings.target_ref, settings.task_ref and
+settings.evaluator_key (what verify reloads and checks). A file
+without settings.drop_budget was written before drop budgets: its best is its highest-metric
+trial, as it was then.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import InvalidConfigError
 from mpsearch.objectives import DEFAULT_OBJECTIVES, front_hypervolume
 from mpsearch.objectives import pareto_front as objectives_front
+from mpsearch.selection import Best, select_best
 
 SCHEMA = "mpsearch.result/1"
 
@@ -82,12 +94,12 @@ def pareto_front(trials: Sequence[TrialRecord], objectives: Sequence[str] = DEFA
     return objectives_front(trials, objectives)
 
 
-def best_trial(trials: Sequence[TrialRecord]) -> int | None:
-    """The highest-metric feasible complete trial; ties go to lower latency, then earlier trials."""
-    pool = [t for t in trials if t.state == "complete" and t.feasible]
-    if not pool:
-        return None
-    return min(pool, key=lambda t: (-t.metric, t.latency_ms, t.number)).number
+def best_trial(trials: Sequence[TrialRecord], reference: dict[str, Any] | None = None,
+               objectives: Sequence[str] = DEFAULT_OBJECTIVES, drop: dict | None = None) -> int | None:
+    """The best trial's number (mpsearch.selection.select_best): with a drop budget, the cheapest
+    complete feasible trial within it; without one, the highest-metric complete feasible trial
+    (ties go to lower latency, then earlier trials)."""
+    return select_best(trials, reference or {}, objectives, drop).trial
 
 
 @dataclass
@@ -100,6 +112,9 @@ class SearchResult:
     space: dict[str, Any] = field(default_factory=dict)
     tracking: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    # `mpsearch verify`'s measurements of the front's deployed graphs (mpsearch.deploy.verify);
+    # empty until verified
+    verification: dict[str, Any] = field(default_factory=dict)
     # the searched model's layers (hw_models.LayerSpec), for pricing its trials on other targets;
     # set by mpsearch.search, not written to result.json
     layers: tuple = field(default=(), repr=False, compare=False)
@@ -133,8 +148,19 @@ class SearchResult:
         return out
 
     @property
+    def drop_budget(self) -> dict[str, Any] | None:
+        """{"points", "min_metric", "source"}: the drop budget best is chosen under (None: a result
+        written before drop budgets; its best is the highest-metric trial)."""
+        return self.settings.get("drop_budget")
+
+    @property
+    def selection(self) -> Best:
+        """The best trial and how it was chosen (mpsearch.selection)."""
+        return select_best(self.trials, self.reference, self.objectives, self.drop_budget)
+
+    @property
     def best(self) -> int | None:
-        return best_trial(self.trials)
+        return self.selection.trial
 
     def trial(self, number: int) -> TrialRecord:
         for t in self.trials:
@@ -153,10 +179,13 @@ class SearchResult:
             "tracking": self.tracking,
             "interrupted": self.interrupted,
             "pareto": self.pareto,
-            "best": self.best,
+            "best": (sel := self.selection).trial,
+            "selection": sel.to_dict(),
             "hypervolume": self.hypervolume,
             "timing": self.timing,
         }
+        if self.verification:
+            d["verification"] = self.verification
         if trials:
             d["trials"] = [t.to_dict() for t in self.trials]
         return d
@@ -208,6 +237,7 @@ class SearchResult:
                 space=d.get("space", {}),
                 tracking=d.get("tracking", {}),
                 interrupted=d.get("interrupted", False),
+                verification=d.get("verification") or {},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InvalidConfigError(f"{path}: not a readable result.json ({type(e).__name__}: {e})") from None

@@ -1,0 +1,177 @@
+"""The best trial: the cheapest within every budget and the drop budget (mpsearch.selection),
+checked on hand-made trials against hand-computed figures, in result.json and in the summary."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hw_models import Candidate, Precision
+from mpsearch.errors import InvalidConfigError
+from mpsearch.report import best_lines, pareto_table
+from mpsearch.result import SearchResult, TrialRecord
+from mpsearch.selection import (
+    default_drop,
+    drop_budget,
+    is_proportion,
+    n_eval_samples,
+    parse_max_drop,
+    select_best,
+)
+
+P = Precision
+CFG = Candidate.uniform(["l1", "l2"], P.INT8, P.INT8)
+REF = {"metric_name": "accuracy", "fp32_metric": 0.99, "fp32_latency_ms": 1.0, "fp32_weight_bytes": 4000}
+
+
+def rec(n, metric, lat, wbytes=100, state="complete", feasible=True):
+    return TrialRecord(n, state, CFG, metric, lat, wbytes, 1000, feasible)
+
+
+TRIALS = [
+    rec(0, 0.995, 1.25, wbytes=300),  # the highest metric, slower than FP32
+    rec(1, 0.985, 0.8, wbytes=200),  # within a 0.01 drop, fast
+    rec(2, 0.970, 0.5, wbytes=100),  # the fastest, below the drop
+    rec(3, 0.985, 0.8, wbytes=150),  # = trial 1's latency and metric: the earlier trial wins
+    rec(4, 0.990, 0.8, wbytes=250),  # = trial 1's latency, higher metric: wins the tie
+    rec(5, None, 0.1, state="infeasible", feasible=False),  # over a budget: never best
+    rec(6, None, 0.2, state="fail"),
+]
+
+
+def budget(points):
+    return {"points": points, "min_metric": REF["fp32_metric"] - points, "source": "given"}
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("1%", (1.0, True)), (" 0.5 % ", (0.5, True)), ("0.01", (0.01, False)), (0.02, (0.02, False)), (0, (0.0, False)),
+    (None, None),
+])
+def test_max_drop_is_metric_points_or_a_percentage(given, expected):
+    assert parse_max_drop(given) == expected
+
+
+@pytest.mark.parametrize("given", ["-0.01", "abc", "150%", "nan", "inf", True, "%", ""])
+def test_bad_max_drop_is_refused(given):
+    with pytest.raises(InvalidConfigError, match="max drop"):
+        parse_max_drop(given)
+
+
+def test_default_drop_is_one_standard_error_of_an_accuracy_and_at_least_one_sample():
+    # digits: 356 of 360 right. p(1-p)/n = 0.988889 * 0.011111 / 360 = 3.0521e-5, sqrt 0.0055246
+    points, why = default_drop(356 / 360, "accuracy", 360, proportion=True)
+    assert points == pytest.approx(0.0055246, rel=1e-4) and "one standard error" in why and "360" in why
+    # mobilenet_v2: top-1 agreement of FP32 with itself is 1: the standard error is 0, one crop is 1/256
+    points, why = default_drop(1.0, "top1_agreement", 256, proportion=True)
+    assert points == 1 / 256 and "1/n" in why
+    # not a share of samples (cosine similarity): 1% of FP32
+    points, why = default_drop(0.95, "cosine_to_fp32", 300, proportion=False)
+    assert points == pytest.approx(0.0095) and "1%" in why
+    assert drop_budget("1%", 0.9889, "accuracy").points == pytest.approx(0.009889)
+    assert drop_budget("0.02", 0.9889, "accuracy").min_metric == pytest.approx(0.9689)
+    assert drop_budget(None, 356 / 360, "accuracy", 360, True).min_metric == pytest.approx(356 / 360 - 0.0055246,
+                                                                                           rel=1e-6)
+
+
+def test_which_metrics_are_shares_of_samples():
+    from mpsearch import metrics
+
+    assert is_proportion(metrics.accuracy, "top1_agreement", 1.0)
+    assert is_proportion(lambda o, t: 0.5, "accuracy", 0.5)
+    assert not is_proportion(lambda o, t: 0.5, "accuracy", 3.0)
+    assert not is_proportion(metrics.mean_cosine, "cosine_to_fp32", 1.0)
+    batches = [(torch.zeros(4, 3), torch.zeros(4)), (torch.zeros(2, 3), torch.zeros(2))]
+    assert n_eval_samples(batches) == 6
+    assert n_eval_samples([(torch.zeros(4, 3), "labels")]) is None
+
+
+def test_best_is_the_fastest_within_the_drop_ties_to_the_higher_metric():
+    best = select_best(TRIALS, REF, ("metric", "latency"), budget(0.01))
+    assert best.trial == 4 and best.within_drop and best.objective == "latency"
+    assert best.speedup_fp32 == pytest.approx(1 / 0.8) and best.fastest_speedup_fp32 == pytest.approx(2.0)
+    # no drop at all: the metric must reach FP32's 0.99: trials 0 and 4; 4 is faster
+    assert select_best(TRIALS, REF, ("metric", "latency"), budget(0.0)).trial == 4
+    # a looser drop lets in trial 2, the fastest
+    assert select_best(TRIALS, REF, ("metric", "latency"), budget(0.02)).trial == 2
+    # without trial 4, trials 1 and 3 tie on latency and metric: the earlier one
+    assert select_best([t for t in TRIALS if t.number != 4], REF, ("metric", "latency"), budget(0.01)).trial == 1
+
+
+def test_best_without_latency_is_the_cheapest_in_the_first_cost():
+    best = select_best(TRIALS, REF, ("metric", "weight_memory"), budget(0.01))
+    assert best.trial == 3 and best.objective == "weight_memory"  # 150 bytes; trial 2 (100) is below the drop
+    assert select_best(TRIALS, REF, ("metric", "bops", "latency"), budget(0.01)).objective == "latency"
+
+
+def test_no_trial_within_the_drop_falls_back_to_the_highest_metric():
+    best = select_best(TRIALS, REF, ("metric", "latency"), budget(-0.01))  # asks for 1.0 > any metric
+    assert best.trial == 0 and best.within_drop is False and best.objective is None
+    assert best.speedup_fp32 == pytest.approx(0.8)
+    # a result written before drop budgets: the highest metric, as it was then
+    assert select_best(TRIALS, REF, ("metric", "latency"), None).trial == 0
+    assert select_best(TRIALS[5:], REF, ("metric", "latency"), budget(0.01)).trial is None
+
+
+def test_a_metric_exactly_at_the_limit_counts_as_within():
+    ref = {**REF, "fp32_metric": 1.0}
+    metric = float(torch.tensor([1.0] * 255 + [0.0]).mean())  # 255/256 as the metric computes it
+    trials = [rec(0, 1.0, 1.0), rec(1, metric, 0.5)]
+    assert select_best(trials, ref, ("metric", "latency"), drop_budget(None, 1.0, "accuracy", 256, True)).trial == 1
+
+
+def test_result_json_stores_the_drop_and_the_selection_and_reads_old_files(tmp_path):
+    r = SearchResult("digits", "x86-vnni", REF, list(TRIALS),
+                     settings={"objectives": ["metric", "latency"], "drop_budget": budget(0.01), "max_drop": 0.01})
+    r.write(tmp_path / "result.json")
+    d = json.loads((tmp_path / "result.json").read_text())
+    assert d["schema"] == "mpsearch.result/1"
+    assert d["best"] == 4 and d["selection"]["trial"] == 4 and d["selection"]["within_drop"] is True
+    assert d["selection"]["max_drop"] == 0.01 and d["selection"]["min_metric"] == pytest.approx(0.98)
+    assert d["settings"]["drop_budget"]["points"] == 0.01
+    assert SearchResult.read(tmp_path / "result.json").best == 4
+    # a file from before drop budgets keeps its highest-metric best
+    del d["settings"]["drop_budget"], d["selection"]
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    assert SearchResult.read(tmp_path / "old.json").best == 0
+
+
+def result_of(trials, points, **settings):
+    return SearchResult("digits", "x86-vnni", REF, list(trials),
+                        settings={"objectives": ["metric", "latency"], "drop_budget": budget(points), **settings})
+
+
+def test_summary_names_the_rule_and_the_speedups():
+    text = pareto_table(result_of(TRIALS, 0.01))
+    lines = text.splitlines()
+    assert lines[0].startswith("Pareto front: digits on x86-vnni") and "latency 1 ms" in lines[0]
+    assert lines[1].split() == ["trial", "accuracy", "latency_ms", "vs_fp32", "weights_KiB", "MBOPs", "w_bits", "a_bits"]
+    rows = {ln.split()[0]: ln.split() for ln in lines[2:] if ln.strip()[:1].isdigit()}
+    assert rows["2"][3] == "2.00x" and rows["4*"][3] == "1.25x" and rows["0"][3] == "0.80x"
+    assert "best: trial 4, accuracy 0.9900, 0.8 ms (1.25x FP32), weights 0.2 KiB" in text
+    assert "chosen: fastest among the complete trials with accuracy >= 0.9800 (FP32 0.9900 - 0.01; given)" in text
+    assert "SLOWER" not in text and "beats FP32" not in text
+
+
+def test_summary_says_when_best_is_slower_than_fp32_and_nothing_beats_it():
+    slow = [rec(0, 0.99, 1.25), rec(1, 0.985, 1.2)]
+    lines = best_lines(result_of(slow, 0.01))
+    assert lines[0] == "best: trial 1, accuracy 0.9850, 1.2 ms (0.83x FP32: SLOWER than FP32), weights 0.1 KiB"
+    assert lines[2] == "no configuration found beats FP32 latency (1 ms on x86-vnni); the fastest complete trial " \
+                       "runs at 0.83x FP32"
+    # something beats FP32 but not within the drop: best is slower and the note says why
+    lines = best_lines(result_of([rec(0, 0.99, 1.25), rec(1, 0.90, 0.5)], 0.01))
+    assert "SLOWER than FP32" in lines[0]
+    assert lines[2] == "note: trial 0 is slower than FP32 (0.80x): every configuration faster than FP32 is below " \
+                       "accuracy 0.9800"
+
+
+def test_summary_says_plainly_when_no_trial_is_within_the_drop():
+    lines = best_lines(result_of([rec(0, 0.95, 0.5), rec(1, 0.96, 0.7)], 0.01, latency_budget_ms=0.9))
+    assert lines[0] == "best under 0.9 ms: trial 1, accuracy 0.9600, 0.7 ms (1.43x FP32), weights 0.1 KiB"
+    assert lines[1] == "  no trial has accuracy >= 0.9800 (FP32 0.9900 - 0.01; given): best falls back to the " \
+                       "highest accuracy"
+    assert best_lines(result_of([rec(0, None, 0.5, state="fail")], 0.01)) == ["best: none (no complete trial)"]
+    assert not math.isnan(select_best([], REF, ("metric", "latency"), budget(0.01)).min_metric)
