@@ -9,8 +9,11 @@ import os
 import re
 import sqlite3
 import sys
+import threading
+import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -30,18 +33,36 @@ from hw_models.profile_file import ProfileFileError
 from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
 from mpsearch.controller import RECORD_ATTR, Budgets, make_sampler, run_search
+from mpsearch.defaults import (
+    BACKENDS,
+    COMPARE_OBJECTIVES,
+    DEFAULT_BACKEND,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EXPERIMENT,
+    DEFAULT_RETRIES,
+    DEFAULT_SAMPLER,
+    DEFAULT_SEED,
+    DEFAULT_STRATEGY,
+    DEFAULT_TARGET,
+    DEFAULT_TRIALS,
+    DEFAULT_WORKER_THREADS,
+    EXHAUSTIVE_LIMIT,
+    OUT_ROOT,
+    STRATEGIES,
+    STUDY_FILE,
+)
 from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError, UnknownTargetError
 from mpsearch.evaluator import ADAROUND_MAX_BITS, Evaluator, QuantSettings
 from mpsearch.ilp import cost_table, solve_allocation
 from mpsearch.objectives import MB, OBJECTIVES, parse_objectives, reference_point
 from mpsearch.result import SearchResult, TrialRecord
-from mpsearch.strategy import EXHAUSTIVE_LIMIT, STRATEGIES, check_strategy
+from mpsearch.selection import drop_budget, is_proportion, n_eval_samples, parse_max_drop
+from mpsearch.strategy import check_strategy
 from mpsearch.strategy import plan as make_plan
 from mpsearch.tasks import Task, load_task
-from mpsearch.tracking import DEFAULT_EXPERIMENT, Tracker
+from mpsearch.tracking import Tracker
 from search_spaces import SearchSpace, SpaceError
 
-DEFAULT_TARGET = "x86-vnni"
 LAUNCH_ATTR = "mpsearch.launch"  # a study's search options, for the workers that join it
 HEARTBEAT_S = 5  # shared RDB storages: a running trial's heartbeat interval
 HEARTBEAT_GRACE_S = 20  # and how long without one before the trial counts as dead
@@ -77,7 +98,7 @@ def parse_precisions(names: Iterable[str | Precision] | None, what: str) -> tupl
 def prepare_out_dir(out_dir: str | os.PathLike | None, task: str, target: str) -> Path:
     if out_dir is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path("mpsearch-out") / f"{_slug(task)}-{target}-{stamp}"
+        out_dir = Path(OUT_ROOT) / f"{_slug(task)}-{target}-{stamp}"
     path = Path(out_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -89,6 +110,37 @@ def prepare_out_dir(out_dir: str | os.PathLike | None, task: str, target: str) -
     return path
 
 
+STAGE_QUIET_S = 5.0  # a stage says what it does once it has run this long (seconds)
+
+
+@contextmanager
+def stage(progress: bool, name: str, detail: str = "") -> Iterator[None]:
+    """A one-time stage of a search, on stderr: once it has run STAGE_QUIET_S, what it does (`name`
+    and `detail`), and at its end how long it took. A stage with no bar of its own must not leave
+    the user wondering whether the search hangs; a quick one (or one refused at once: bad input is
+    one line) says nothing."""
+    if not progress:
+        yield
+        return
+    said = threading.Event()
+
+    def say() -> None:
+        said.set()
+        print(f"mpsearch: {name}{detail} ...", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(STAGE_QUIET_S, say)
+    timer.daemon = True
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()
+    if said.is_set():
+        print(f"mpsearch: {name}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
 def _slug(name: str) -> str:
     base = name.rsplit(":", 1)[-1] if ":" in name else name
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", base) or "task"
@@ -97,9 +149,9 @@ def _slug(name: str) -> str:
 def search(
     task: Task | str,
     target: str | HardwareProfile = DEFAULT_TARGET,
-    n_trials: int = 50,
-    sampler: str | optuna.samplers.BaseSampler = "tpe",
-    seed: int | None = 0,
+    n_trials: int = DEFAULT_TRIALS,
+    sampler: str | optuna.samplers.BaseSampler = DEFAULT_SAMPLER,
+    seed: int | None = DEFAULT_SEED,
     latency_budget_ms: float | None = None,
     weight_precisions: Iterable[str | Precision] | None = None,
     activation_precisions: Iterable[str | Precision] | None = None,
@@ -107,16 +159,17 @@ def search(
     mlflow_uri: str | None = None,
     track: bool = True,
     experiment: str = DEFAULT_EXPERIMENT,
-    batch_size: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
     quant: QuantSettings | None = None,
     evaluator_cache: bool = True,
     early_stop: bool = False,
     *,
-    strategy: str = "hybrid",
+    strategy: str = DEFAULT_STRATEGY,
     objectives: str | Sequence[str] | None = None,
     size_budget_mb: float | None = None,
     memory_budget_mb: float | None = None,
+    max_drop: float | str | None = None,
     ties: Iterable[Sequence[str]] = (),
     pins: Mapping[str, str | LayerChoice] | None = None,
     pin_first_last: bool = False,
@@ -125,11 +178,11 @@ def search(
     resume: bool = False,
     n_seeds: int | None = None,
     exhaustive_limit: int = EXHAUSTIVE_LIMIT,
-    backend: str = "local",
+    backend: str = DEFAULT_BACKEND,
     ray_address: str | None = None,
     workers: int | None = None,
-    worker_threads: int = 1,
-    retries: int = 1,
+    worker_threads: int = DEFAULT_WORKER_THREADS,
+    retries: int = DEFAULT_RETRIES,
     join: bool = False,
 ) -> SearchResult:
     """Search per-layer precisions for `task` on `target`; returns the SearchResult.
@@ -140,6 +193,13 @@ def search(
     (mpsearch.objectives; default metric,latency). Budgets (latency_budget_ms, size_budget_mb:
     weight memory, memory_budget_mb: weights plus peak activations) are constraints: a candidate
     over one is priced, never scored.
+    max_drop: how far below the FP32 metric the best trial's metric may be, in metric points (0.01)
+    or percent of the FP32 metric ("1%"); default: the evaluation set's own noise (one standard
+    error of an accuracy-like FP32 metric, at least one sample; else 1% of it). The best trial
+    (SearchResult.best) is the cheapest complete trial within every budget and this drop: the
+    fastest when latency is an objective, else the cheapest in the first cost objective; if none is
+    within the drop, the highest-metric one (mpsearch.selection). It does not change what is
+    searched or scored.
     strategy: hybrid (default: sensitivity-guided ILP solutions first, then the sampler), optuna,
     ilp, or exhaustive (mpsearch.strategy); n_seeds: the hybrid's ILP solutions (default a tenth
     of the trials).
@@ -171,6 +231,7 @@ def search(
     for name, v in (("latency", latency_budget_ms), ("size", size_budget_mb), ("memory", memory_budget_mb)):
         if v is not None and not v > 0:
             raise InvalidConfigError(f"the {name} budget must be positive, got {v!r}")
+    parse_max_drop(max_drop)  # refused before any work
     budgets = Budgets(latency_budget_ms, None if size_budget_mb is None else size_budget_mb * MB,
                       None if memory_budget_mb is None else memory_budget_mb * MB)
     objectives = parse_objectives(objectives)
@@ -189,8 +250,15 @@ def search(
         preflight(ray_address)
     if resume and out_dir is None and storage is None:
         raise InvalidConfigError("resume needs the output directory of the search to continue (or its storage)")
-    task_obj = load_task(task) if isinstance(task, str) else task
+    if isinstance(task, str):
+        with stage(progress, f"loading task {task}"):
+            task_obj = load_task(task)
+    else:
+        task_obj = task
     task_name = task if isinstance(task, str) else task_obj.name
+    n_samples = n_eval_samples(task_obj.eval_batches)
+    drop = drop_budget(max_drop, task_obj.fp32_metric, task_obj.metric_name, n_samples,
+                       is_proportion(task_obj.metric_fn, task_obj.metric_name, task_obj.fp32_metric))
 
     analysis = analyze(task_obj.model, task_obj.example_input)
     if analysis.unsupported:
@@ -216,9 +284,14 @@ def search(
     identity = {"task": task_name, "target": profile.name, "space": space_signature(space),
                 "objectives": list(objectives), "budgets": budgets.to_dict()}
 
-    evaluator = Evaluator(
-        task_obj, analysis, quant, cache_dir=cache_dir("evaluator") if evaluator_cache else None
-    )
+    n_calib, n_eval = len(task_obj.calib_batches), len(task_obj.eval_batches)
+    with stage(progress, "preparing the evaluator",
+               f" (activation ranges on {n_calib} calibration batch{'es' if n_calib != 1 else ''}, FP32 outputs "
+               f"on {n_eval} evaluation batch{'es' if n_eval != 1 else ''}; kept in the evaluator cache)"
+               if evaluator_cache else ""):
+        evaluator = Evaluator(
+            task_obj, analysis, quant, cache_dir=cache_dir("evaluator") if evaluator_cache else None
+        )
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study, study_name, previous = open_study(
@@ -226,7 +299,8 @@ def search(
             default_name=f"{_slug(task_name)}-{profile.name}", retries=retries if shared else None,
             launch=None if join else _launch(task, target, profile, n_trials, sampler, wp, ap, ties, pins,
                                              pin_first_last, batch_size, evaluator, early_stop, objectives,
-                                             latency_budget_ms, size_budget_mb, memory_budget_mb, evaluator_cache))
+                                             latency_budget_ms, size_budget_mb, memory_budget_mb, evaluator_cache,
+                                             max_drop))
         if previous and isinstance(sampler, str) and seed is not None:
             # a sampler reseeded as at the start would propose what the first run already tried
             study.sampler = make_sampler(sampler, seed + len(previous), n_trials)
@@ -247,6 +321,8 @@ def search(
             "latency_budget_ms": latency_budget_ms,
             "size_budget_mb": size_budget_mb,
             "memory_budget_mb": memory_budget_mb,
+            "max_drop": max_drop,
+            "drop_budget": drop.to_dict(),
             "batch_size": batch_size,
             "quant": evaluator.settings.to_dict(),
             "early_stop": early_stop,
@@ -277,6 +353,7 @@ def search(
                 "fp32_metric": task_obj.fp32_metric,
                 "fp32_latency_ms": fp32.latency_ms if fp32.feasible else None,
                 "fp32_weight_bytes": fp32.weight_bytes,
+                "eval_samples": n_samples,
             },
             trials=list(previous),
             layers=tuple(analysis.layers),
@@ -321,7 +398,7 @@ def search(
 
 
 def _launch(task, target, profile, n_trials, sampler, wp, ap, ties, pins, pin_first_last, batch_size,
-            evaluator, early_stop, objectives, latency_ms, size_mb, memory_mb, evaluator_cache) -> dict:
+            evaluator, early_stop, objectives, latency_ms, size_mb, memory_mb, evaluator_cache, max_drop) -> dict:
     """The search options a worker needs to join the study (JSON; paths made absolute)."""
 
     def absolute(ref: str) -> str:
@@ -348,11 +425,13 @@ def _launch(task, target, profile, n_trials, sampler, wp, ap, ties, pins, pin_fi
         "size_budget_mb": size_mb,
         "memory_budget_mb": memory_mb,
         "evaluator_cache": evaluator_cache,
+        "max_drop": max_drop,
     }
 
 
 def join_study(storage: str, study_name: str | None = None, *, out_dir: str | os.PathLike | None = None,
-               max_trials: int | None = None, progress: bool = True, retries: int = 1) -> SearchResult:
+               max_trials: int | None = None, progress: bool = True,
+               retries: int = DEFAULT_RETRIES) -> SearchResult:
     """Work on a study another process created with `search(..., storage=...)` (`mpsearch
     worker`): the same task, target and space, read from the study; trials until the study holds
     the search's n_trials (or this process ran max_trials). Each worker's sampler draws its own
@@ -376,9 +455,6 @@ def join_study(storage: str, study_name: str | None = None, *, out_dir: str | os
     return search(**launch, n_trials=max_trials or total, quant=quant, seed=None, storage=storage,
                   study_name=study_name, resume=True, join=True, track=False, out_dir=out_dir, progress=progress,
                   strategy="optuna", retries=retries)
-
-
-BACKENDS = ("local", "ray")
 
 
 def check_backend(backend: str, ray_address: str | None, workers: int | None, worker_threads: int,
@@ -493,7 +569,7 @@ def default_storage(out: Path) -> str:
     quarter of what SQLite costs per trial: ~15 ms against ~55 ms on digits here), or the SQLite
     OUT/study.db of a search made before it became the default."""
     old = out / "study.db"
-    return f"sqlite:///{old.resolve()}" if old.exists() else f"journal:///{(out / 'study.log').resolve()}"
+    return f"sqlite:///{old.resolve()}" if old.exists() else f"journal:///{(out / STUDY_FILE).resolve()}"
 
 
 def pick_study(store, study_name: str | None, when_empty: str) -> str:
@@ -615,7 +691,7 @@ def profile_config(
     *,
     precision: str = "fp32",
     config: str | os.PathLike | dict | Candidate | None = None,
-    batch_size: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> tuple[CostModel, Candidate]:
     """The cost model of `task` on `target` and the configuration to price: every layer at
     `precision` ("int8", or "weight/activation" such as "int4/int8"), or `config` (a Candidate,
@@ -697,11 +773,11 @@ def _cheapest_latency_ms(space: SearchSpace, cost_model: CostModel) -> float:
 def compare(
     task: Task | str,
     targets: str | Sequence[str | HardwareProfile],
-    n_trials: int = 50,
+    n_trials: int = DEFAULT_TRIALS,
     *,
-    objectives: str | Sequence[str] | None = "metric,bops",
+    objectives: str | Sequence[str] | None = COMPARE_OBJECTIVES,
     latency_budget_ms: float | Sequence[float] | None = None,
-    batch_size: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     **search_options,
 ):
     """One search, priced on every target (mpsearch.compare): returns a Comparison and writes

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from hw_models import Candidate, Cost, CostModel
+from mpsearch.defaults import SAMPLERS
 from mpsearch.errors import InvalidConfigError, MpsearchError, SearchInterrupted
 from mpsearch.evaluator import Evaluator, Score
 from mpsearch.executors import THIS_PROCESS, Executor, LocalExecutor, Outcome
@@ -31,7 +32,6 @@ from mpsearch.result import SearchResult, TrialRecord
 from mpsearch.tracking import Tracker
 from search_spaces import SearchSpace
 
-SAMPLERS = ("tpe", "nsga2", "nsga3", "random", "qmc", "gp")
 # Constraint values told to the study with every trial (> 0 means violated); Optuna's
 # constraint-aware samplers (TPE, NSGA-II/III, GP) rank infeasible trials below feasible ones.
 UNSUPPORTED = "unsupported_precision"  # 1.0 when the target cannot run a layer's precisions

@@ -19,12 +19,11 @@ from pathlib import Path
 
 from hw_models import Candidate, CostModel
 from mpsearch.controller import Budgets
+from mpsearch.defaults import STRATEGIES
 from mpsearch.errors import InvalidConfigError
 from mpsearch.evaluator import Evaluator
 from search_spaces import SearchSpace
 
-STRATEGIES = ("hybrid", "optuna", "ilp", "exhaustive")
-EXHAUSTIVE_LIMIT = 100_000
 # additive per-layer cost the ILP sweeps, per cost objective (activation memory is a peak, not a sum)
 SWEEP_KEY = {"latency": "latency_s", "weight_memory": "weight_bytes", "bops": "bops", "energy": "energy_j"}
 

@@ -14,9 +14,9 @@ import time
 import urllib.parse
 from typing import Any
 
+from mpsearch.defaults import DEFAULT_EXPERIMENT
 from mpsearch.result import SearchResult, TrialRecord
 
-DEFAULT_EXPERIMENT = "mpsearch"
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 CONNECT_TIMEOUT_S = 3.0
