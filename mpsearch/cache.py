@@ -29,12 +29,17 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
     """Write a file so that readers see the old or the new content, never a partial one.
-    durable: also survive a power cut (fsync; a killed process loses nothing either way)."""
+    durable: also survive a power cut (fsync; a killed process loses nothing either way).
+    An OSError names `path` (not the temporary file beside it)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # name the file the caller asked for, not the temporary one
+        tmp.unlink(missing_ok=True)
+        raise type(e)(e.errno, e.strerror, str(path)) from None

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mpsearch import defaults as D
 from mpsearch.errors import InvalidConfigError, MpsearchError, SearchInterrupted
 
 EXIT_USAGE = 2
@@ -16,8 +17,58 @@ EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + message
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    def error(self, message: str):  # one line with the one prefix of every user error, not usage + message
+        self.exit(EXIT_USAGE, f"mpsearch: error: {message} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help whose defaults come from the code: "%(default)s" is the flag's own default (a constant
+    of mpsearch.defaults), and an action with a `code_default` (a function, called only when help
+    is shown: it may import torch) has "{default}" and "{choices}" filled from where the API keeps
+    them (QuantSettings, calibrate)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        lookup = getattr(action, "code_default", None)
+        if lookup is not None and ("{default}" in text or "{choices}" in text):
+            try:
+                default, choices = lookup()
+            except Exception:  # noqa: BLE001 - help must show even if the module cannot load
+                default, choices = "see the Python API", ()
+            text = text.replace("{default}", str(default)).replace("{choices}", ", ".join(choices))
+        return text
+
+
+def _quant_default(field: str, choices: str | None = None):
+    """The default (and allowed values) of a QuantSettings field, for help."""
+
+    def lookup():
+        import dataclasses
+
+        from mpsearch import evaluator
+
+        default = {f.name: f.default for f in dataclasses.fields(evaluator.QuantSettings)}[field]
+        return ("none" if default is None else default), (getattr(evaluator, choices) if choices else ())
+
+    return lookup
+
+
+def _calibrate_default(param: str):
+    def lookup():
+        import inspect
+
+        from mpsearch.calibrate import calibrate
+
+        return inspect.signature(calibrate).parameters[param].default, ()
+
+    return lookup
+
+
+def _arg(group, *flags, code_default=None, **kw):
+    action = group.add_argument(*flags, **kw)
+    if code_default is not None:
+        action.code_default = code_default
+    return action
 
 
 def _int_at_least(low: int):
@@ -49,141 +100,205 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _max_drop(s: str) -> str:
+    from mpsearch.errors import InvalidConfigError
+    from mpsearch.selection import parse_max_drop
+
+    try:
+        parse_max_drop(s)
+    except InvalidConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("max drop: ")) from None
+    return s.strip()
+
+
+EXPORT_FORMATS = {".json": "json", ".onnx": "onnx"}  # output file extension -> export format
+TASK_HELP = "built-in name (see mpsearch tasks), package.module:function or path/file.py:function"
+DEFAULT_OUT = f"{D.OUT_ROOT}/<task>-<target>-<time>"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mpsearch", description="Mixed-precision quantization search.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from mpsearch import __version__
 
-    sub.add_parser("tasks", help="list built-in tasks")
-    sub.add_parser("targets", help="list hardware targets")
-    sub.add_parser("fetch-weights", help="fetch the pretrained weights built-in tasks need")
+    p = _Parser(prog="mpsearch", description="Mixed-precision quantization search.", formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"mpsearch {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                           help="one of these (mpsearch COMMAND --help: its options)")
 
-    pr = sub.add_parser("profile", help="per-layer cost table of a configuration on a target")
-    pr.add_argument("--task", required=True, help="built-in name, package.module:function or file.py:function")
-    pr.add_argument("--target", default="x86-vnni", help="hardware target or profile file (.toml)")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                              formatter_class=_Formatter)
+
+    command("tasks", "list built-in tasks")
+    command("targets", "list hardware targets")
+    command("fetch-weights", "fetch the pretrained weights built-in tasks need")
+
+    pr = command("profile", "per-layer cost table of a configuration on a target")
+    pr.add_argument("--task", required=True, help=TASK_HELP)
+    pr.add_argument("--target", default=D.DEFAULT_TARGET,
+                    help="hardware target (see mpsearch targets) or profile file (.toml); default %(default)s")
     how = pr.add_mutually_exclusive_group()
     how.add_argument("--precision", default="fp32", metavar="P",
-                     help="every layer at P (int8, fp32, ...) or WEIGHT/ACT (int4/int8); default fp32")
-    how.add_argument("--config", metavar="FILE", help="per-layer precisions: JSON {layer: {weight, activation}}")
-    pr.add_argument("--batch-size", type=_positive_int, default=1, help="batch size (default 1)")
+                     help="every layer at P (int8, fp32, ...) or WEIGHT/ACT (int4/int8); default %(default)s")
+    how.add_argument("--config", metavar="FILE",
+                     help="per-layer precisions: a config file of mpsearch export, a result.json trial or JSON "
+                          "{layer: {weight, activation}}")
+    pr.add_argument("--batch-size", type=_positive_int, default=D.DEFAULT_BATCH_SIZE,
+                    help="batch size priced (default %(default)s)")
 
-    c = sub.add_parser("calibrate", help="measure this machine and write a fitted profile (.toml)")
-    c.add_argument("--task", required=True, help="built-in name, package.module:function or file.py:function")
-    c.add_argument("--target", default="x86-vnni",
-                   help="the profile to fit: a CPU profile (ONNX Runtime) or a GPU one such as h100 (needs "
-                        "CUDA); default x86-vnni")
+    c = command("calibrate", "measure this machine and write a fitted profile (.toml)")
+    c.add_argument("--task", required=True, help=TASK_HELP)
+    _arg(c, "--target", help="the profile to fit: a CPU profile (ONNX Runtime) or a GPU one such as h100 (needs "
+                             "CUDA); default {default}", code_default=_calibrate_default("target"))
     c.add_argument("--out", required=True, metavar="FILE.toml", help="where to write the profile")
     c.add_argument("--name", help="the new profile's name (default <target>-calibrated)")
-    c.add_argument("--threads", type=_positive_int, help="CPU: intra-op threads (default: the profile's)")
-    c.add_argument("--batch-size", type=_positive_int, default=1, help="batch size measured (default 1)")
-    c.add_argument("--mixed", type=int, default=40, metavar="N",
-                   help="CPU: random mixed configurations timed end to end (default 40)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU: intra-op threads (default: the profile's)")
+    _arg(c, "--batch-size", type=_positive_int, help="batch size measured (default {default})",
+         code_default=_calibrate_default("batch_size"))
+    _arg(c, "--mixed", type=_natural_int, metavar="N",
+         help="CPU: random mixed configurations timed end to end, for the in-context layer table "
+              "(default {default})", code_default=_calibrate_default("n_mixed"))
+    _arg(c, "--seed", type=int, help="random seed of the mixed configurations (default {default})",
+         code_default=_calibrate_default("seed"))
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    _add_search_options(sub.add_parser("search", help="search per-layer precisions for a task on a target"))
-    _add_search_options(sub.add_parser("compare", help="one search, priced and compared on several targets"),
-                        compare=True)
+    _add_search_options(command("search", "search per-layer precisions for a task on a target"))
+    _add_search_options(command("compare", "one search, priced and compared on several targets"), compare=True)
 
-    ex = sub.add_parser("export", help="a trial's per-layer precisions as a config file (or an ONNX QDQ model)")
+    ex = command("export", "a trial's per-layer precisions as a config file, or an ONNX QDQ model")
     ex.add_argument("dir", metavar="DIR", help="the output directory of a search (its result.json)")
-    ex.add_argument("--trial", type=_int_at_least(0), metavar="N", help="the trial (default: the best)")
-    ex.add_argument("--out", required=True, metavar="FILE", help="where to write (config.json, or model.onnx)")
-    ex.add_argument("--format", default="json", choices=["json", "onnx"],
-                    help="json: the config (schema mpsearch.config/1); onnx: the model with QDQ nodes")
+    ex.add_argument("--trial", type=_int_at_least(0), metavar="N",
+                    help="the trial (default: the search's best, as its summary printed)")
+    ex.add_argument("--out", required=True, metavar="FILE",
+                    help="where to write: FILE.json (the config) or FILE.onnx (the model)")
+    ex.add_argument("--format", choices=sorted(set(EXPORT_FORMATS.values())),
+                    help="json: the config (schema mpsearch.config/1); onnx: the model with QDQ nodes (extra onnx); "
+                         "default: from the extension of --out")
 
-    rp = sub.add_parser("report", help="rebuild DIR/report.html (and PNG plots) from a search's result.json")
+    rp = command("report", "rebuild DIR/report.html (and PNG plots) from a search's result.json")
     rp.add_argument("dir", metavar="DIR", help="the output directory of a search or compare")
-    rp.add_argument("--no-png", action="store_true", help="the HTML report only")
+    rp.add_argument("--no-png", action="store_true", help="the HTML report only (the PNGs need matplotlib)")
 
-    w = sub.add_parser("worker", help="run trials of a study another search started (shared --storage)")
+    w = command("worker", "run trials of a study another search started (shared --storage)")
     w.add_argument("--storage", required=True, metavar="URL",
                    help="the search's Optuna storage: a database URL or journal:///file.log on a shared disk")
     w.add_argument("--study-name", metavar="NAME", help="the study (default: the only one in the storage)")
     w.add_argument("--trials", type=_positive_int, metavar="N",
                    help="at most N trials from this worker (default: until the study has the search's --trials)")
-    w.add_argument("--retries", type=_natural_int, default=1, metavar="N",
-                   help="runs of a trial whose process died (database storages) before it stays failed (default 1)")
-    w.add_argument("--out", metavar="DIR", help="where to write result.json (default mpsearch-out/<task>-<target>-<time>)")
+    w.add_argument("--retries", type=_natural_int, default=D.DEFAULT_RETRIES, metavar="N",
+                   help="runs of a trial whose process died (database storages) before it stays failed "
+                        "(default %(default)s)")
+    w.add_argument("--out", metavar="DIR", help=f"where to write result.json (default {DEFAULT_OUT})")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def _add_search_options(s: argparse.ArgumentParser, compare: bool = False) -> None:
-    s.add_argument("--task", required=True, help="built-in name, package.module:function or file.py:function")
+    from mpsearch.objectives import DEFAULT_OBJECTIVES, OBJECTIVES
+
+    s.add_argument("--task", required=True, help=TASK_HELP)
     if compare:
         s.add_argument("--targets", required=True, metavar="LIST",
                        help="targets (names or .toml profile files), comma-separated; the first one's space is searched")
     else:
-        s.add_argument("--target", default="x86-vnni",
-                       help="hardware target (see `mpsearch targets`) or a profile file (.toml)")
-    s.add_argument("--trials", type=_positive_int, default=50,
-                   help="number of trials (default 50; with --resume, in all)")
-    s.add_argument("--strategy", default="hybrid",
-                   help="hybrid (default: ILP over layer sensitivities first, then the sampler), optuna, ilp, "
-                        "or exhaustive")
-    s.add_argument("--sampler", default="tpe", help="tpe (default), nsga2, nsga3, random, qmc or gp")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    default_obj = "metric,bops" if compare else "metric,latency"
+        s.add_argument("--target", default=D.DEFAULT_TARGET,
+                       help="hardware target (see mpsearch targets) or a profile file (.toml); default %(default)s")
+    s.add_argument("--trials", type=_positive_int, default=D.DEFAULT_TRIALS, metavar="N",
+                   help="number of trials (default %(default)s; with --resume, in all)")
+    s.add_argument("--strategy", default=D.DEFAULT_STRATEGY, metavar="NAME",
+                   help=f"{', '.join(D.STRATEGIES)} (default %(default)s; hybrid: ILP solutions over layer "
+                        "sensitivities first, then the sampler)")
+    s.add_argument("--sampler", default=D.DEFAULT_SAMPLER, metavar="NAME",
+                   help=f"Optuna sampler: {', '.join(D.SAMPLERS)} (default %(default)s)")
+    s.add_argument("--seed", type=int, default=D.DEFAULT_SEED, help="random seed (default %(default)s)")
+    default_obj = D.COMPARE_OBJECTIVES if compare else ",".join(DEFAULT_OBJECTIVES)
     s.add_argument("--objectives", default=default_obj, metavar="LIST",
-                   help="metric and any of latency, weight_memory, activation_memory, bops, energy "
-                        f"(default {default_obj})")
+                   help=f"metric and any of {', '.join(o for o in OBJECTIVES if o != 'metric')}, comma-separated "
+                        "(default %(default)s)")
+    b = s.add_argument_group("budgets")
     if compare:
-        s.add_argument("--latency-budget", type=_positive_float, action="append", default=[], metavar="MS",
+        b.add_argument("--latency-budget", type=_positive_float, action="append", default=[], metavar="MS",
                        help="a latency budget (ms) for every target's table (repeatable)")
     else:
-        s.add_argument("--latency-budget", type=_positive_float, metavar="MS", help="latency budget in ms")
-    s.add_argument("--size-budget", type=_positive_float, metavar="MB", help="weight memory budget in MB")
-    s.add_argument("--memory-budget", type=_positive_float, metavar="MB",
+        b.add_argument("--latency-budget", type=_positive_float, metavar="MS",
+                       help="latency budget in ms (a constraint: configurations over it are priced, not scored)")
+    b.add_argument("--size-budget", type=_positive_float, metavar="MB", help="weight memory budget in MB")
+    b.add_argument("--memory-budget", type=_positive_float, metavar="MB",
                    help="weights plus peak activations budget in MB")
-    s.add_argument("--weight-precisions", metavar="LIST", help="e.g. int4,int8,fp32 (default int2..int8,fp32)")
-    s.add_argument("--activation-precisions", metavar="LIST", help="e.g. int8,fp32 (default)")
-    s.add_argument("--tie", action="append", default=[], metavar="L1,L2,...",
-                   help="layers that must share a precision (repeatable)")
-    s.add_argument("--pin", action="append", default=[], metavar="LAYER=W/A",
-                   help="fix a layer's precision, e.g. conv1=int8/int8 (repeatable)")
-    s.add_argument("--pin-first-last", action="store_true", help="first and last layers at int8/int8")
-    s.add_argument("--ilp-seeds", type=_positive_int, metavar="N",
-                   help="ILP solutions a hybrid search starts from (default a tenth of the trials, at least 2)")
-    s.add_argument("--exhaustive-limit", type=_positive_int, default=100_000, metavar="N",
-                   help="largest space --strategy exhaustive enumerates (default 100000)")
+    b.add_argument("--max-drop", type=_max_drop, metavar="D",
+                   help="how far below FP32 the best configuration's metric may be: metric points (0.01) or "
+                        "percent of the FP32 metric (1%%); best is the fastest within it (the cheapest in the first "
+                        "cost objective without latency). Default: one standard error of an accuracy-like FP32 "
+                        "metric on the evaluation set (at least one sample), else 1%% of it")
+    sp = s.add_argument_group("search space")
+    sp.add_argument("--weight-precisions", metavar="LIST",
+                    help="weight precisions to search, e.g. int4,int8,fp32 (default: every one the target runs)")
+    sp.add_argument("--activation-precisions", metavar="LIST",
+                    help="activation precisions to search, e.g. int8,fp32 (default: every one the target runs)")
+    sp.add_argument("--tie", action="append", default=[], metavar="L1,L2,...",
+                    help="layers that must share a precision (repeatable)")
+    sp.add_argument("--pin", action="append", default=[], metavar="LAYER=W/A",
+                    help="fix a layer's precision, e.g. conv1=int8/int8 (repeatable)")
+    sp.add_argument("--pin-first-last", action="store_true", help="first and last layers at int8/int8")
+    sp.add_argument("--ilp-seeds", type=_positive_int, metavar="N",
+                    help="ILP solutions a hybrid search starts from (default a tenth of the trials, at least 2)")
+    sp.add_argument("--exhaustive-limit", type=_positive_int, default=D.EXHAUSTIVE_LIMIT, metavar="N",
+                    help="largest space --strategy exhaustive enumerates (default %(default)s)")
+    sp.add_argument("--batch-size", type=_positive_int, default=D.DEFAULT_BATCH_SIZE, metavar="B",
+                    help="batch size for pricing (default %(default)s)")
     r = s.add_argument_group("study storage and resume")
     r.add_argument("--storage", metavar="URL",
                    help="Optuna storage: sqlite:///file.db, another database URL, or journal:///file.log "
-                        "(default sqlite in the output directory)")
+                        f"(default: the journal file {D.STUDY_FILE} in the output directory)")
     r.add_argument("--study-name", metavar="NAME", help="study name (default <task>-<target>-<time>)")
     r.add_argument("--resume", action="store_true",
                    help="continue the study in --out / --storage up to --trials trials in all")
     d = s.add_argument_group("distributed search (see also: mpsearch worker)")
-    d.add_argument("--backend", default="local", choices=["local", "ray"],
-                   help="local (default): score in this process; ray: on Ray workers")
+    d.add_argument("--backend", default=D.DEFAULT_BACKEND, choices=D.BACKENDS,
+                   help="local: score in this process; ray: on Ray workers (default %(default)s)")
     d.add_argument("--ray-address", metavar="ADDR",
                    help="join the Ray cluster at HOST:PORT or auto (default: start a local Ray instance)")
     d.add_argument("--workers", type=_positive_int, metavar="N", help="Ray workers (default: one per CPU)")
-    d.add_argument("--worker-threads", type=_positive_int, default=1, metavar="N",
-                   help="torch threads (and Ray CPUs) per worker (default 1)")
-    d.add_argument("--retries", type=_natural_int, default=1, metavar="N",
-                   help="runs of a trial whose worker died before it is recorded as failed (default 1)")
-    s.add_argument("--batch-size", type=_positive_int, default=1, help="batch size for pricing (default 1)")
-    q = s.add_argument_group("quantizer (how candidates are scored)")
-    q.add_argument("--weight-granularity", default="per_channel", choices=["per_channel", "per_tensor"])
-    q.add_argument("--weight-clipping", default="auto", choices=["auto", "minmax", "mse"],
-                   help="auto: MSE-optimal at 4 bits and below, min-max above")
-    q.add_argument("--group-size", type=_positive_int, metavar="N", help="group-wise scales for Linear weights")
-    q.add_argument("--act-range", default="minmax", choices=["minmax", "percentile", "mse"])
-    q.add_argument("--act-percentile", type=float, default=99.99, metavar="P")
-    q.add_argument("--bias-correction", default="auto", choices=["auto", "on", "off"],
-                   help="auto: for integer weights of 6 bits and below")
-    q.add_argument("--weight-rounding", default="nearest", choices=["nearest", "adaround"],
-                   help="adaround: learned rounding for weights of 4 bits and fewer (computed once, cached)")
+    d.add_argument("--worker-threads", type=_positive_int, default=D.DEFAULT_WORKER_THREADS, metavar="N",
+                   help="torch threads (and Ray CPUs) per worker (default %(default)s)")
+    d.add_argument("--retries", type=_natural_int, default=D.DEFAULT_RETRIES, metavar="N",
+                   help="runs of a trial whose worker died before it is recorded as failed (default %(default)s)")
+    q = s.add_argument_group("quantizer (how candidates are scored; defaults of mpsearch.evaluator.QuantSettings)")
+    _arg(q, "--weight-granularity", metavar="G", code_default=_quant_default("weight_granularity", "WEIGHT_GRANULARITIES"),
+         help="symmetric integer weights with one scale per output channel or per tensor: {choices} "
+              "(default {default})")
+    _arg(q, "--weight-clipping", metavar="C", code_default=_quant_default("weight_clipping", "WEIGHT_CLIPPINGS"),
+         help="weight range: {choices}; auto: MSE-optimal at 4 bits and below, min-max above (default {default})")
+    _arg(q, "--group-size", type=_positive_int, metavar="N", code_default=_quant_default("group_size"),
+         help="Linear weights get one scale per group of N input columns (default {default}: per channel)")
+    _arg(q, "--act-range", metavar="R", code_default=_quant_default("act_range", "ACT_RANGES"),
+         help="activation ranges from the calibration batches: {choices} (default {default})")
+    _arg(q, "--act-percentile", type=float, metavar="P", code_default=_quant_default("act_percentile"),
+         help="the percentile of --act-range percentile, in (50, 100] (default {default})")
+    _arg(q, "--bias-correction", metavar="B", code_default=_quant_default("bias_correction", "BIAS_CORRECTIONS"),
+         help="subtract the output shift weight quantization causes: {choices}; auto: integer weights of 6 bits "
+              "and below (default {default})")
+    _arg(q, "--weight-rounding", metavar="R", code_default=_quant_default("weight_rounding", "WEIGHT_ROUNDINGS"),
+         help="{choices}; adaround: learned rounding for weights of 4 bits and fewer, computed once and cached "
+              "(default {default})")
     q.add_argument("--early-stop", action="store_true",
                    help="multi-fidelity: stop scoring a candidate part-way once it clearly cannot matter")
-    q.add_argument("--no-evaluator-cache", action="store_true", help="do not keep the evaluator cache on disk")
-    s.add_argument("--out", metavar="DIR", help="output directory (default mpsearch-out/<task>-<target>-<time>)")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (else MLFLOW_TRACKING_URI, else local)")
+    q.add_argument("--no-evaluator-cache", action="store_true",
+                   help="do not keep the evaluator's calibration and quantized weights on disk")
+    o = s.add_argument_group("output and tracking")
+    o.add_argument("--out", metavar="DIR", help=f"output directory (default {DEFAULT_OUT})")
+    g = o.add_mutually_exclusive_group()
+    g.add_argument("--mlflow-uri", metavar="URI",
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's local store)")
     g.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow")
-    s.add_argument("--experiment", default="mpsearch", help="MLflow experiment name (default mpsearch)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--experiment", default=D.DEFAULT_EXPERIMENT, metavar="NAME",
+                   help="MLflow experiment name (default %(default)s)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines on stderr")
+
+
+QUANT_FLAGS = ("weight_granularity", "weight_clipping", "group_size", "act_range", "act_percentile",
+               "bias_correction", "weight_rounding")
 
 
 def _cmd_tasks(args) -> int:
@@ -245,32 +360,37 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+def _given(args, names: dict[str, str]) -> dict:
+    """API keyword -> value for the flags the user gave (None: not given, the API's default)."""
+    return {kw: getattr(args, dest) for dest, kw in names.items() if getattr(args, dest) is not None}
+
+
 def _cmd_calibrate(args) -> int:
     from mpsearch.calibrate import calibrate, write_profile
 
     if not args.out.endswith(".toml"):
         raise InvalidConfigError(f"--out must name a .toml file, got {args.out}")
-    cal = calibrate(args.task, args.target, name=args.name, threads=args.threads, batch_size=args.batch_size,
-                    n_mixed=max(0, args.mixed), seed=args.seed, progress=not args.no_progress)
+    given = _given(args, {"target": "target", "batch_size": "batch_size", "mixed": "n_mixed", "seed": "seed"})
+    cal = calibrate(args.task, name=args.name, threads=args.threads, progress=not args.no_progress, **given)
     path = write_profile(cal, args.out)
     print(cal.summary())
     print(f"\nwrote {path}; use it with --target {path}")
     return 0
 
 
-def _search_kwargs(args) -> dict:
-    """The search options the search and compare commands share, as API keywords."""
+def _quant(args):
+    """QuantSettings from the quantizer flags given (the others keep QuantSettings' defaults)."""
     from mpsearch.evaluator import QuantSettings
 
-    quant = QuantSettings(
-        weight_granularity=args.weight_granularity,
-        weight_clipping=args.weight_clipping,
-        group_size=args.group_size,
-        act_range=args.act_range,
-        act_percentile=args.act_percentile,
-        bias_correction=args.bias_correction,
-        weight_rounding=args.weight_rounding,
-    )
+    try:
+        return QuantSettings(**_given(args, {f: f for f in QUANT_FLAGS}))
+    except InvalidConfigError as e:  # name the flag, not the field
+        field, _, rest = str(e).partition(" ")
+        raise InvalidConfigError(f"--{field.replace('_', '-')} {rest}") from None
+
+
+def _search_kwargs(args) -> dict:
+    """The search options the search and compare commands share, as API keywords."""
     pins = {}
     for item in args.pin:
         layer, eq, pair = item.partition("=")
@@ -289,13 +409,14 @@ def _search_kwargs(args) -> dict:
         "experiment": args.experiment,
         "batch_size": args.batch_size,
         "progress": not args.no_progress,
-        "quant": quant,
+        "quant": _quant(args),
         "evaluator_cache": not args.no_evaluator_cache,
         "early_stop": args.early_stop,
         "strategy": args.strategy,
         "objectives": args.objectives,
         "size_budget_mb": args.size_budget,
         "memory_budget_mb": args.memory_budget,
+        "max_drop": args.max_drop,
         "ties": [[x.strip() for x in t.split(",") if x.strip()] for t in args.tie],
         "pins": pins,
         "pin_first_last": args.pin_first_last,
@@ -316,8 +437,8 @@ def _cmd_search(args) -> int:
     from mpsearch.api import search
 
     result = search(args.task, args.target, latency_budget_ms=args.latency_budget, **_search_kwargs(args))
-    _pngs(Path(result.settings["out_dir"]), result.tracking)
     _summary(result)
+    _pngs(Path(result.settings["out_dir"]), result.tracking)
     return 0
 
 
@@ -330,27 +451,53 @@ def _cmd_compare(args) -> int:
                   batch_size=kw.pop("batch_size"), latency_budget_ms=args.latency_budget, **kw)
     print(compare_table(cmp))
     out = Path(cmp.result.settings["out_dir"])
-    _pngs(out, cmp.result.tracking)
     print(f"\nresults: {out / 'compare.json'} (the search: result.json beside it); report: {out / 'report.html'}")
+    first = cmp.targets[0]
+    print(_next_steps(cmp.result, cmp.view(first).best, f"{first}'s best configuration"))
+    _pngs(out, cmp.result.tracking)
     return 0
 
 
 def _pngs(out: Path, tracking: dict) -> None:
-    """The report's PNGs (matplotlib: the API writes report.html alone), also to MLflow."""
+    """The report's PNGs (matplotlib, an optional dependency: the API writes report.html alone),
+    also to MLflow; without matplotlib, one line on stderr and no PNGs (the search is done and
+    written: a missing plotting library must not fail it)."""
+    from mpsearch.errors import MissingDependencyError
     from mpsearch.report_html import write_report
     from mpsearch.tracking import Tracker
 
-    files = write_report(out, png=True)
+    try:
+        files = write_report(out, png=True)
+    except MissingDependencyError as e:
+        print(f"mpsearch: PNG plots skipped: {e}; {out / 'report.html'} has the same views", file=sys.stderr)
+        return
     tracker = Tracker.resume(tracking)
     if tracker is not None:
         tracker.log_files(files)
 
 
+def _export_format(args) -> str:
+    """--format, else the one --out's extension names; refuses a --format the extension contradicts."""
+    suffix = Path(args.out).suffix.lower()
+    implied = EXPORT_FORMATS.get(suffix)
+    if args.format is None:
+        if implied is None:
+            known = " or ".join(f"FILE{ext}" for ext in EXPORT_FORMATS)
+            raise InvalidConfigError(f"cannot tell the format of --out {args.out} from its extension: name {known}, "
+                                     "or give --format")
+        return implied
+    if implied is not None and implied != args.format:
+        raise InvalidConfigError(f"--format {args.format} contradicts --out {args.out} (a {suffix} file is "
+                                 f"{implied}): drop --format or name a .{args.format} file")
+    return args.format
+
+
 def _cmd_export(args) -> int:
     from mpsearch.export import export_config, export_onnx, write_config
 
+    fmt = _export_format(args)
     config = export_config(args.dir, args.trial)
-    if args.format == "onnx":
+    if fmt == "onnx":
         proto = export_onnx(config["task"], config, args.out)
         dq = sum(n.op_type == "DequantizeLinear" for n in proto.graph.node)
         print(f"wrote {args.out}: trial {config['trial']} of {config['task']} as ONNX QDQ ({dq} DequantizeLinear)")
@@ -362,9 +509,15 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from mpsearch.errors import MissingDependencyError
     from mpsearch.report_html import write_report
 
-    for path in write_report(Path(args.dir), png=not args.no_png):
+    try:
+        files = write_report(Path(args.dir), png=not args.no_png)
+    except MissingDependencyError as e:
+        files = write_report(Path(args.dir))
+        print(f"mpsearch: PNG plots skipped: {e}", file=sys.stderr)
+    for path in files:
         print(path)
     return 0
 
@@ -374,11 +527,18 @@ def _cmd_worker(args) -> int:
 
     result = join_study(args.storage, args.study_name, out_dir=args.out, max_trials=args.trials,
                         progress=not args.no_progress, retries=args.retries)
-    _summary(result)
+    _summary(result, next_steps=False)
     return 0
 
 
-def _summary(result) -> None:
+def _trial_rate(n: int, seconds: float) -> str:
+    """Trials per second, or seconds per trial when a trial takes over a second (n > 0)."""
+    if seconds / n > 1:
+        return f"{seconds / n:.1f} s a trial"
+    return f"{n / seconds:.1f} a second"
+
+
+def _summary(result, next_steps: bool = True) -> None:
     from mpsearch.report import pareto_table
 
     print(pareto_table(result))
@@ -390,15 +550,44 @@ def _summary(result) -> None:
               + "".join(f", {k.removesuffix('_s')} {v:.1f} s" for k, v in timing.items()
                         if k not in ("sampler_s", "pricing_s", "scoring_s")))
     ran, loop = result.settings.get("resumed_trials", 0), result.settings.get("search_s")
-    if loop:
-        n = len(result.trials) - ran
-        print(f"{n} trial{'s' if n != 1 else ''} in {loop:.1f} s ({n / loop:.1f} a second"
+    n = len(result.trials) - ran
+    if loop and n:
+        print(f"{n} trial{'s' if n != 1 else ''} in {loop:.1f} s ({_trial_rate(n, loop)}"
               + (f", {result.settings['workers']} Ray workers" if result.settings.get("backend") == "ray" else "") + ")")
     print(f"\nresults: {out / 'result.json'} (Optuna study {result.settings['study_name']!r} in "
           f"{result.settings['storage']}); report: {out / 'report.html'}")
     if result.tracking.get("run_id"):
         print(f"MLflow: {result.tracking['mlflow_uri']} experiment {result.tracking['experiment']!r}, "
               f"run {result.tracking['run_id']}")
+    if next_steps:
+        print(_next_steps(result))
+
+
+def _next_steps(result, trial: int | None = None, what: str = "") -> str:
+    """What to do with a finished search: export its best configuration (or `trial`, `what`), open
+    its MLflow runs and its Optuna study."""
+    import shlex
+
+    out = shlex.quote(result.settings["out_dir"])
+    lines = ["\nnext steps:"]
+    best = result.best if trial is None else trial
+    if best is not None:
+        pick = "" if trial is None or trial == result.best else f" --trial {trial}"
+        lines.append(f"  mpsearch export {out}{pick} --out best.onnx    # {what or 'the best configuration'} (trial "
+                     f"{best}) as an ONNX QDQ model (extra onnx); --out best.json for its precisions")
+    uri = result.tracking.get("mlflow_uri") if result.tracking.get("run_id") else None
+    if uri:
+        if uri.startswith(("http://", "https://")):
+            lines.append(f"  open {uri}    # the MLflow runs (experiment {result.tracking['experiment']!r})")
+        else:
+            lines.append(f"  mlflow ui --backend-store-uri {shlex.quote(uri)}    # the MLflow runs, one per trial")
+    storage = result.settings.get("storage", "")
+    dashboard = storage.removeprefix("journal:///") if storage.startswith("journal:///") else storage
+    if dashboard:
+        secret = " with your password for ***" if "***" in dashboard else ""
+        lines.append(f"  optuna-dashboard {shlex.quote(dashboard)}    # the Optuna study{secret} "
+                     "(pip install optuna-dashboard)")
+    return "\n".join(lines)
 
 
 COMMANDS = {
@@ -421,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except MpsearchError as e:
         print(f"mpsearch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a file the user named cannot be read or written
+        where = f": {e.filename}" if e.filename else ""
+        print(f"mpsearch: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_USAGE
     except SearchInterrupted as e:
         print(f"mpsearch: interrupted; {e}", file=sys.stderr)

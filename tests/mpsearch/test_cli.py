@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from mpsearch.api import make_storage
 from mpsearch.cli import main
-from mpsearch.result import SearchResult, best_trial, pareto_front
+from mpsearch.result import SearchResult, pareto_front
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,8 +65,21 @@ def test_search_end_to_end_with_mlflow(tmp_path):
         assert set(t["config"][layers[0]]) == {"weight", "activation"}
     result = SearchResult.read(out / "result.json")
     assert d["pareto"] == pareto_front(result.trials) and d["pareto"]
-    assert d["best"] == best_trial(result.trials)
+    # best: the fastest complete trial within one standard error of FP32's accuracy on 360 samples
+    p32, n = ref["fp32_metric"], ref["eval_samples"]
+    assert n == 360 and d["settings"]["max_drop"] is None
+    drop = math.sqrt(p32 * (1 - p32) / n)
+    assert d["settings"]["drop_budget"]["points"] == pytest.approx(drop) and d["selection"]["within_drop"]
+    within = [t for t in d["trials"] if t["state"] == "complete" and t["metric"] >= p32 - drop - 1e-9]
+    best = min(within, key=lambda t: (t["latency_ms"], -t["metric"], t["number"]))
+    assert d["best"] == best["number"] == result.best
+    assert f"best: trial {best['number']}, accuracy {best['metric']:.4f}, {best['latency_ms']:.4g} ms (" in p.stdout
     assert (out / "study.log").exists()
+    # what to do next, with this search's own paths
+    steps = p.stdout[p.stdout.index("next steps:"):]
+    assert f"mpsearch export {out} --out best.onnx" in steps
+    assert f"mlflow ui --backend-store-uri {uri}" in steps
+    assert f"optuna-dashboard {(out / 'study.log').resolve()}" in steps
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("e2e")
@@ -84,6 +101,8 @@ def test_search_end_to_end_with_mlflow(tmp_path):
         cfg = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path))).read_text())
         assert cfg == t["config"]
     assert parent[0].data.metrics["n_trials"] == 6
+    assert parent[0].data.metrics["best_latency_ms"] == pytest.approx(best["latency_ms"])
+    assert parent[0].data.metrics["best_metric"] == pytest.approx(best["metric"])
     assert parent[0].info.status == "FINISHED"
 
 
@@ -121,11 +140,15 @@ def test_restricted_precisions(tmp_path):
     assert r.space["size"] == 2**8
 
 
+STAGE_LINE = re.compile(r"mpsearch: [^:]+(: done in [0-9.]+ s| \.\.\.)$")  # progress of a slow stage
+
+
 def one_line_error(rc, err, *needles):
     assert rc == 2
-    lines = [x for x in err.splitlines() if x.strip()]
+    lines = [x for x in err.splitlines() if x.strip() and not STAGE_LINE.match(x)]
     assert len(lines) == 1, err
     assert "Traceback" not in err
+    assert lines[0].startswith("mpsearch: error: "), lines[0]  # one prefix, subcommands included
     for n in needles:
         assert n in lines[0], lines[0]
 
@@ -150,6 +173,14 @@ def build():
         (["search", "--task", "digits", "--target", "/nonexistent/cpu.toml"], ["/nonexistent/cpu.toml", "no such"]),
         (["profile", "--task", "digits", "--precision", "int5"], ["int5"]),
         (["profile", "--task", "digits", "--config", "/nonexistent/c.json"], ["/nonexistent/c.json"]),
+        (["search", "--task", "digits", "--max-drop", "lots"], ["--max-drop", "'lots'", "1%"]),
+        (["search", "--task", "digits", "--max-drop", "150%"], ["--max-drop", "at most 100%"]),
+        (["search", "--task", "digits", "--max-drop", "-0.1"], ["--max-drop", "at least 0"]),
+        (["search", "--task", "digits", "--weight-granularity", "per_row", "--no-mlflow"],
+         ["--weight-granularity 'per_row' is not one of per_channel, per_tensor"]),
+        (["search", "--task", "digits", "--act-percentile", "20", "--no-mlflow"], ["--act-percentile", "(50, 100]"]),
+        (["export", "/nonexistent/dir", "--out", "c.json"], ["/nonexistent/dir", "no such file"]),
+        (["search", "--task", "digits", "--bogus"], ["--bogus", "--help"]),
     ],
 )
 def test_bad_input_one_line_exit_2(capsys, argv, needles):
@@ -234,3 +265,157 @@ def test_ctrl_c_keeps_finished_trials(tmp_path):
     assert len(complete) == len(d["trials"])
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)
     assert os.path.exists(out / "study.log")
+
+
+def test_version_is_the_package_version():
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    p = cli("--version")
+    assert p.returncode == 0 and p.stdout == f"mpsearch {version}\n"
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_flag_has_help_and_its_default_comes_from_the_code(monkeypatch):
+    from mpsearch import cli as cli_module
+    from mpsearch import defaults
+    from mpsearch.calibrate import calibrate
+    from mpsearch.evaluator import QuantSettings
+
+    parser = cli_module.build_parser()
+    assert all(a.help for a in parser._actions)
+    helps = {}
+    for name, sub in _subparsers(parser).items():
+        for a in sub._actions:
+            assert a.help and a.help != argparse.SUPPRESS, (name, a.option_strings or a.dest)
+        helps[name] = " ".join(sub.format_help().split())
+        assert "{default}" not in helps[name] and "{choices}" not in helps[name] and "see the Python API" not in \
+            helps[name], name
+    search = helps["search"]
+    q = QuantSettings()
+    assert f"per_channel, per_tensor (default {q.weight_granularity})" in search
+    assert f"(default {q.act_percentile})" in search and f"(default {q.act_range})" in search
+    assert f"journal file {defaults.STUDY_FILE} in the output directory" in search and "sqlite in" not in search
+    assert f"(default {defaults.DEFAULT_TRIALS}; with --resume" in search
+    assert "(default metric,bops)" in helps["compare"] and "(default metric,latency)" in search
+    sig = inspect.signature(calibrate).parameters
+    assert f"(default {sig['n_mixed'].default})" in helps["calibrate"]
+    assert f"(default {sig['seed'].default})" in helps["calibrate"]
+    # the defaults are read from mpsearch.defaults, not retyped: change one, the flag and its help follow
+    monkeypatch.setattr(defaults, "DEFAULT_TRIALS", 77)
+    parser = cli_module.build_parser()
+    assert parser.parse_args(["search", "--task", "digits"]).trials == 77
+    assert "(default 77;" in " ".join(_subparsers(parser)["search"].format_help().split())
+    # quantizer and calibration flags left out are left to the API's own defaults
+    args = parser.parse_args(["search", "--task", "digits", "--act-range", "mse"])
+    assert cli_module._quant(args) == QuantSettings(act_range="mse")
+
+
+def test_rate_is_per_second_or_seconds_per_trial():
+    from mpsearch.cli import _trial_rate
+
+    assert _trial_rate(10, 2.0) == "5.0 a second"
+    assert _trial_rate(3, 7.5) == "2.5 s a trial"  # not "0.4 a second", and never "0.0 a second"
+    assert _trial_rate(1, 300.0) == "300.0 s a trial"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished digits search (the API, no MLflow) with a 1% drop budget."""
+    import mpsearch
+
+    out = tmp_path_factory.mktemp("finished")
+    r = mpsearch.search("digits", n_trials=6, seed=2, strategy="optuna", max_drop="1%", out_dir=out, track=False,
+                        progress=False)
+    return out, r
+
+
+def test_max_drop_in_percent_reaches_result_json(finished):
+    out, r = finished
+    d = json.loads((out / "result.json").read_text())
+    fp32 = d["reference"]["fp32_metric"]
+    assert d["settings"]["max_drop"] == "1%"
+    assert d["settings"]["drop_budget"]["points"] == pytest.approx(0.01 * fp32)
+    assert d["settings"]["drop_budget"]["source"] == "given: 1% of the FP32 accuracy"
+    within = [t for t in d["trials"] if t["state"] == "complete" and t["metric"] >= 0.99 * fp32 - 1e-9]
+    expected = (min(within, key=lambda t: (t["latency_ms"], -t["metric"], t["number"])) if within else
+                max(d["trials"], key=lambda t: (t["metric"], -t["latency_ms"], -t["number"])))
+    assert d["best"] == r.best == expected["number"]
+    assert json.loads((out / "best_config.json").read_text())["trial"] == d["best"]
+
+
+def test_export_format_follows_the_extension(finished, tmp_path):
+    pytest.importorskip("onnx")
+    out, r = finished
+    p = cli("export", str(out), "--out", str(tmp_path / "best.onnx"))
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "best.onnx").read_bytes()[:1] != b"{"  # a protobuf, not JSON
+    import onnx
+
+    assert onnx.load(str(tmp_path / "best.onnx")).graph.node
+    assert f"trial {r.best} of digits as ONNX QDQ" in p.stdout
+    p = cli("export", str(out), "--out", str(tmp_path / "best.json"))
+    assert p.returncode == 0 and json.loads((tmp_path / "best.json").read_text())["trial"] == r.best
+    p = cli("export", str(out), "--out", str(tmp_path / "x.cfg"), "--format", "json")  # unknown extension, told
+    assert p.returncode == 0 and json.loads((tmp_path / "x.cfg").read_text())["trial"] == r.best
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--out", "x.onnx", "--format", "json"], ["--format json contradicts --out x.onnx", "onnx"]),
+    (["--out", "x.json", "--format", "onnx"], ["--format onnx contradicts --out x.json"]),
+    (["--out", "x.cfg"], ["cannot tell the format of --out x.cfg", "FILE.json or FILE.onnx", "--format"]),
+    (["--out", "/nonexistent/dir/x.json"], ["No such file or directory", "/nonexistent/dir/x.json"]),
+])
+def test_export_refuses_a_format_its_file_contradicts(finished, tmp_path, capsys, monkeypatch, argv, needles):
+    out, _ = finished
+    monkeypatch.chdir(tmp_path)
+    rc, _out, err = run_main(capsys, "export", str(out), *argv)
+    one_line_error(rc, err, *needles)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+FAKE_MATPLOTLIB = """
+import sys
+print("IMPORTING-MATPLOTLIB", flush=True)  # on stdout, after whatever was printed before
+raise ImportError("No module named 'matplotlib'")
+"""
+
+
+def test_missing_matplotlib_skips_the_pngs_after_the_summary(tmp_path):
+    fake = tmp_path / "fake"
+    (fake / "matplotlib").mkdir(parents=True)
+    (fake / "matplotlib" / "__init__.py").write_text(FAKE_MATPLOTLIB)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    p = cli("search", "--task", "digits", "--trials", "3", "--strategy", "optuna", "--out", str(out), "--no-mlflow",
+            "--no-progress", env=env)
+    assert p.returncode == 0, p.stderr
+    # the summary and the next steps come first, then the optional PNGs are tried
+    assert p.stdout.index("Pareto front") < p.stdout.index("next steps:") < p.stdout.index("IMPORTING-MATPLOTLIB")
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mpsearch: PNG plots skipped: ") and "matplotlib" in lines[0]
+    assert (out / "result.json").exists() and (out / "report.html").exists() and not list(out.glob("*.png"))
+
+
+def test_slow_stages_say_what_they_do_and_quick_ones_stay_quiet(tmp_path, capsys, monkeypatch):
+    import mpsearch
+    from mpsearch import api
+
+    monkeypatch.setattr(api, "STAGE_QUIET_S", 0.0)  # every stage counts as slow
+    mpsearch.search("digits", n_trials=1, strategy="optuna", out_dir=tmp_path / "a", track=False, progress=True)
+    err = capsys.readouterr().err
+    stages = [ln for ln in err.splitlines() if STAGE_LINE.match(ln)]
+    assert stages[0] == "mpsearch: loading task digits ..."
+    assert re.fullmatch(r"mpsearch: loading task digits: done in [0-9]+\.[0-9] s", stages[1])
+    assert stages[2] == ("mpsearch: preparing the evaluator (activation ranges on 4 calibration batches, FP32 outputs "
+                         "on 3 evaluation batches; kept in the evaluator cache) ...")
+    assert re.fullmatch(r"mpsearch: preparing the evaluator: done in [0-9]+\.[0-9] s", stages[3])
+    monkeypatch.setattr(api, "STAGE_QUIET_S", 60.0)  # quick stages say nothing, and --no-progress nothing at all
+    with api.stage(True, "a quick stage"):
+        pass
+    with api.stage(False, "anything"):
+        pass
+    assert capsys.readouterr().err == ""
