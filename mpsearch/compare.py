@@ -152,11 +152,13 @@ def _ratio(ref_ms: float | None, t: TrialRecord | None) -> float | None:
 def compare_table(cmp: Comparison) -> str:
     """Per target and budget: the best metric within it, latency, weights and speedups."""
     name = cmp.result.reference["metric_name"]
-    header = ["target", "budget", "budget_ms", "trial", name, "latency_ms", "vs_fp32", "vs_int8", "weights_KiB"]
+    header = ["target", "budget", "budget_ms (vs_fp32)", "trial", name, "latency_ms", "vs_fp32", "vs_int8",
+              "weights_KiB"]
     rows = []
     for target in cmp.targets:
+        fp32 = cmp.per_target[target]["reference"]["fp32_latency_ms"]
         for r in cmp.per_target[target]["table"]:
-            rows.append([target, r["budget"], f"{r['budget_ms']:.4g}",
+            rows.append([target, r["budget"], f"{r['budget_ms']:.4g}" + (f" ({fp32 / r['budget_ms']:.2f}x)" if fp32 else ""),
                          "-" if r["trial"] is None else str(r["trial"]),
                          "-" if r["metric"] is None else f"{r['metric']:.4f}",
                          "-" if r["latency_ms"] is None else f"{r['latency_ms']:.4g}",

@@ -72,6 +72,22 @@ def test_budget_table_by_hand(cmp):
         assert [r["budget"] for r in pt["table"]][-1] == "0.03 ms"
     text = compare_table(cmp)
     assert all(name in text for name in TARGETS)
+    # every latency has its speed-up over FP32 beside it, the budgets' too
+    x86 = cmp.per_target["x86-vnni"]
+    fp32, int8 = x86["reference"]["fp32_latency_ms"], x86["reference"]["int8_latency_ms"]
+    row = next(ln.split() for ln in text.splitlines() if ln.startswith("x86-vnni") and "int8 latency" in ln)
+    assert row[3:5] == [f"{int8:.4g}", f"({fp32 / int8:.2f}x)"]
+    fastest = next(r for r in x86["table"] if r["budget"].startswith("fastest"))
+    row = next(ln.split() for ln in text.splitlines() if ln.startswith("x86-vnni") and "fastest" in ln)
+    assert row[7:9] == [f"{fastest['latency_ms']:.4g}", f"{fp32 / fastest['latency_ms']:.2f}x"]
+    # each target's best: the fastest within the drop budget on that target
+    for name in TARGETS:
+        view = cmp.view(name)
+        drop = view.settings["drop_budget"]
+        within = [t for t in view.trials if t.state == "complete" and t.feasible and t.metric >= drop["min_metric"]]
+        if within:
+            b = min(within, key=lambda t: (t.latency_ms, -t.metric, t.number))
+            assert f"  {name}: best: trial {b.number}, accuracy {b.metric:.4f}, {b.latency_ms:.4g} ms" in text
 
 
 def test_compare_json_round_trip(cmp):
