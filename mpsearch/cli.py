@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", help="the new profile's name (default <target>-calibrated)")
     c.add_argument("--threads", type=_positive_int, metavar="N",
                    help="CPU: intra-op threads (default: the profile's)")
-    _arg(c, "--batch-size", type=_positive_int, help="batch size measured (default {default})",
+    _arg(c, "--batch-size", type=_positive_int, metavar="B", help="batch size measured (default {default})",
          code_default=_calibrate_default("batch_size"))
     _arg(c, "--mixed", type=_natural_int, metavar="N",
          help="CPU: random mixed configurations timed end to end, for the in-context layer table "

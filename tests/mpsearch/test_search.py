@@ -16,7 +16,7 @@ import pytest
 import mpsearch
 from hw_models import ExecRule, LayerChoice, Precision, get_profile, weight_bytes
 from mpsearch.analysis import analyze
-from mpsearch.api import make_storage
+from mpsearch.api import make_storage, profile_config
 from mpsearch.cli import main
 from mpsearch.errors import BudgetError, InvalidConfigError
 from mpsearch.objectives import hypervolume, pareto_front
@@ -136,11 +136,11 @@ def test_other_samplers_run(tmp_path, sampler):
 
 def test_ties_and_pins_reach_the_trials(tmp_path):
     r = run(tmp_path, "tie", strategy="optuna", sampler="random", n_trials=6, seed=4,
-            ties=[["features.0", "classifier.3"]], pin_first_last=False, pins={"features.4": "int8/fp32"})
-    assert r.space["ties"] == [["features.0", "classifier.3"]] and r.space["pins"] == {"features.4": "int8/fp32"}
+            ties=[["features.0", "classifier.3"]], pin_first_last=False, pins={"features.4": "int4/int8"})
+    assert r.space["ties"] == [["features.0", "classifier.3"]] and r.space["pins"] == {"features.4": "int4/int8"}
     for t in r.trials:
         assert t.config["features.0"] == t.config["classifier.3"]
-        assert t.config["features.4"] == LayerChoice(P.INT8, P.FP32)
+        assert t.config["features.4"] == LayerChoice(P.INT4, P.INT8)
     f = run(tmp_path, "fl", strategy="optuna", n_trials=2, pin_first_last=True)
     for t in f.trials:
         assert t.config[LAYERS[0]] == W8A8 and t.config[LAYERS[-1]] == W8A8
@@ -227,7 +227,11 @@ def test_ilp_solutions_fit_a_latency_budget_once_conversions_are_priced(tmp_path
     # the ILP sums per-layer latencies; the cost model adds int8 <-> fp32 conversions, so an
     # unchecked solution can land over the budget. Every ILP trial must be within it.
     probe = run(tmp_path, "p", strategy="optuna", n_trials=1)
-    budget = (probe.space["min_latency_ms"] + probe.reference["fp32_latency_ms"]) / 2
+    # halfway between FP32 and every layer on int8 kernels (int4 weights): a budget some
+    # configurations meet (space.min_latency_ms, the sum of each layer's cheapest, leaves out
+    # conversions and storage and may be met by none)
+    cost_model, int8_kernels = profile_config("digits", precision="int4/int8")
+    budget = (cost_model.price(int8_kernels).latency_ms + probe.reference["fp32_latency_ms"]) / 2
     r = run(tmp_path, "b", strategy="ilp", n_trials=8, latency_budget_ms=budget)
     assert r.trials and r.settings["ilp_solutions"] == len(r.trials)
     for t in r.trials:
