@@ -18,11 +18,14 @@ _PUBLIC = {
     "apply": "mpsearch.export",
     "compare": "mpsearch.api",
     "search": "mpsearch.api",
+    "verify": "mpsearch.deploy.verify",
 }
-__all__ = ["MpsearchError", "SearchResult", "Task", "TrialRecord", "__version__", "apply", "compare", "search"]
+__all__ = ["MpsearchError", "SearchResult", "Task", "TrialRecord", "__version__", "apply", "compare", "search",
+           "verify"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from mpsearch.api import compare, search
+    from mpsearch.deploy.verify import verify
     from mpsearch.errors import MpsearchError
     from mpsearch.export import apply
     from mpsearch.result import SearchResult, TrialRecord

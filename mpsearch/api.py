@@ -335,6 +335,10 @@ def search(
             "setup_s": plan.setup_s,
             **plan.info,
             "backend": backend,
+            # what `mpsearch verify` reloads and checks (mpsearch.deploy.verify)
+            "task_ref": _task_ref(task),
+            "target_ref": _target_ref(target, profile),
+            "evaluator_key": evaluator.cache_key(),
         }
         executor = None
         if backend == "ray":
@@ -397,19 +401,28 @@ def search(
         evaluator.close()
 
 
+def _task_ref(task) -> str | None:
+    """A task reference another process can load: a `file.py:function` made absolute; None for a
+    Task object."""
+    if not isinstance(task, str):
+        return None
+    where, sep, fn = task.rpartition(":")
+    return f"{Path(where).resolve()}:{fn}" if sep and where.endswith(".py") and Path(where).is_file() else task
+
+
+def _target_ref(target, profile) -> str:
+    """A target reference another process can resolve: a profile file made absolute, else its name."""
+    if isinstance(target, str) and target.endswith(".toml") and Path(target).is_file():
+        return str(Path(target).resolve())
+    return target if isinstance(target, str) else profile.name
+
+
 def _launch(task, target, profile, n_trials, sampler, wp, ap, ties, pins, pin_first_last, batch_size,
             evaluator, early_stop, objectives, latency_ms, size_mb, memory_mb, evaluator_cache, max_drop) -> dict:
     """The search options a worker needs to join the study (JSON; paths made absolute)."""
-
-    def absolute(ref: str) -> str:
-        where, sep, fn = ref.rpartition(":")
-        return f"{Path(where).resolve()}:{fn}" if sep and where.endswith(".py") and Path(where).is_file() else ref
-
-    if isinstance(target, str) and target.endswith(".toml") and Path(target).is_file():
-        target = str(Path(target).resolve())
     return {
-        "task": absolute(task) if isinstance(task, str) else None,
-        "target": target if isinstance(target, str) else profile.name,
+        "task": _task_ref(task),
+        "target": _target_ref(target, profile),
         "n_trials": n_trials,
         "sampler": sampler if isinstance(sampler, str) else "tpe",
         "weight_precisions": None if wp is None else [p.value for p in wp],

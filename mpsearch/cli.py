@@ -166,15 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_options(command("search", "search per-layer precisions for a task on a target"))
     _add_search_options(command("compare", "one search, priced and compared on several targets"), compare=True)
 
-    ex = command("export", "a trial's per-layer precisions as a config file, or an ONNX QDQ model")
+    ex = command("export", "a trial's per-layer precisions as a config file, or its deployed ONNX QDQ graph")
     ex.add_argument("dir", metavar="DIR", help="the output directory of a search (its result.json)")
     ex.add_argument("--trial", type=_int_at_least(0), metavar="N",
                     help="the trial (default: the search's best, as its summary printed)")
     ex.add_argument("--out", required=True, metavar="FILE",
                     help="where to write: FILE.json (the config) or FILE.onnx (the model)")
     ex.add_argument("--format", choices=sorted(set(EXPORT_FORMATS.values())),
-                    help="json: the config (schema mpsearch.config/1); onnx: the model with QDQ nodes (extra onnx); "
+                    help="json: the config (schema mpsearch.config/1); onnx: the deployed graph with QDQ nodes; "
                          "default: from the extension of --out")
+
+    v = command("verify", "measure a search's best and front configurations as deployed graphs on real hardware")
+    v.add_argument("dir", metavar="DIR", help="the output directory of a search (its result.json)")
+    _add_verify_options(v)
+    v.add_argument("--backend", default=D.DEFAULT_BACKEND, choices=D.BACKENDS,
+                   help="local: measure on this machine; ray: on a node of the Ray cluster carrying a resource "
+                        "named after the target (default %(default)s)")
+    v.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster, HOST:PORT or auto (with --backend ray)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     rp = command("report", "rebuild DIR/report.html (and PNG plots) from a search's result.json")
     rp.add_argument("dir", metavar="DIR", help="the output directory of a search or compare")
@@ -192,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", metavar="DIR", help=f"where to write result.json (default {DEFAULT_OUT})")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _add_verify_options(v) -> None:
+    """verify's measurement options."""
+    from mpsearch.deploy.verify import DEFAULT_ROUNDS, DEFAULT_TOP
+
+    v.add_argument("--top", type=_natural_int, default=DEFAULT_TOP, metavar="N",
+                   help="front configurations to measure, those with the highest metric, besides the best "
+                        "(default %(default)s)")
+    v.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="ONNX Runtime intra-op threads (default: the target profile's)")
+    v.add_argument("--batch-size", type=_positive_int, metavar="B", help="batch size timed (default: the search's)")
+    v.add_argument("--rounds", type=_positive_int, default=DEFAULT_ROUNDS, metavar="N",
+                   help="interleaved timing rounds (default %(default)s)")
 
 
 def _add_search_options(s: argparse.ArgumentParser, compare: bool = False) -> None:
@@ -295,6 +318,11 @@ def _add_search_options(s: argparse.ArgumentParser, compare: bool = False) -> No
     o.add_argument("--experiment", default=D.DEFAULT_EXPERIMENT, metavar="NAME",
                    help="MLflow experiment name (default %(default)s)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines on stderr")
+    if not compare:
+        o.add_argument("--verify", type=_natural_int, default=0, metavar="N",
+                       help="after the search, measure its best and the N front configurations with the highest "
+                            "metric as deployed graphs on this machine, beside FP32 and all-int8 (mpsearch verify; "
+                            "default %(default)s: not at all)")
 
 
 QUANT_FLAGS = ("weight_granularity", "weight_clipping", "group_size", "act_range", "act_percentile",
@@ -438,7 +466,26 @@ def _cmd_search(args) -> int:
 
     result = search(args.task, args.target, latency_budget_ms=args.latency_budget, **_search_kwargs(args))
     _summary(result)
-    _pngs(Path(result.settings["out_dir"]), result.tracking)
+    out = Path(result.settings["out_dir"])
+    if args.verify:
+        from mpsearch.deploy.verify import summary, verify
+
+        print(f"\nverifying the best and {args.verify} front configuration(s) as deployed graphs:")
+        print(summary(verify(out, top=args.verify, backend=args.backend, ray_address=args.ray_address,
+                             progress=not args.no_progress)))
+    _pngs(out, result.tracking)
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from mpsearch.deploy.verify import summary, verify
+
+    if args.ray_address and args.backend != "ray":
+        raise InvalidConfigError("--ray-address needs --backend ray")
+    v = verify(args.dir, top=args.top, threads=args.threads, batch_size=args.batch_size, rounds=args.rounds,
+               backend=args.backend, ray_address=args.ray_address, progress=not args.no_progress)
+    print(summary(v))
+    print(f"\nwritten to {Path(args.dir) / 'result.json'} (\"verification\") and {Path(args.dir) / 'report.html'}")
     return 0
 
 
@@ -498,9 +545,18 @@ def _cmd_export(args) -> int:
     fmt = _export_format(args)
     config = export_config(args.dir, args.trial)
     if fmt == "onnx":
+        import json
+
         proto = export_onnx(config["task"], config, args.out)
-        dq = sum(n.op_type == "DequantizeLinear" for n in proto.graph.node)
-        print(f"wrote {args.out}: trial {config['trial']} of {config['task']} as ONNX QDQ ({dq} DequantizeLinear)")
+        runtime = json.loads({p.key: p.value for p in proto.metadata_props}["mpsearch.runtime"])
+        storage = {}
+        for fqn, how in runtime["storage"].items():
+            storage.setdefault(how, []).append(fqn)
+        stored = "; ".join(f"{len(v)} weight(s) stored as {k}" for k, v in sorted(storage.items())) or "fp32 weights"
+        print(f"wrote {args.out}: trial {config['trial']} of {config['task']} as its deployed ONNX QDQ graph "
+              f"({stored})")
+        for fqn, note in runtime["notes"].items():
+            print(f"  {fqn}: {note}")
     else:
         write_config(config, args.out)
         print(f"wrote {args.out}: trial {config['trial']}, {config['metric_name']} {config['metric']:.4f}, "
@@ -574,7 +630,9 @@ def _next_steps(result, trial: int | None = None, what: str = "") -> str:
     if best is not None:
         pick = "" if trial is None or trial == result.best else f" --trial {trial}"
         lines.append(f"  mpsearch export {out}{pick} --out best.onnx    # {what or 'the best configuration'} (trial "
-                     f"{best}) as an ONNX QDQ model (extra onnx); --out best.json for its precisions")
+                     f"{best}) as its deployed ONNX QDQ graph; --out best.json for its precisions")
+        if trial is None:
+            lines.append(f"  mpsearch verify {out}    # measure it and the front on this machine, as deployed graphs")
     uri = result.tracking.get("mlflow_uri") if result.tracking.get("run_id") else None
     if uri:
         if uri.startswith(("http://", "https://")):
@@ -597,6 +655,7 @@ COMMANDS = {
     "search": _cmd_search,
     "compare": _cmd_compare,
     "report": _cmd_report,
+    "verify": _cmd_verify,
     "export": _cmd_export,
     "worker": _cmd_worker,
     "profile": _cmd_profile,

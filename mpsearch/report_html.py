@@ -213,6 +213,44 @@ th.v { writing-mode: vertical-rl; }
 </style>"""
 
 
+def verification_html(result: SearchResult) -> str:
+    """`mpsearch verify`'s figures: measured beside predicted, and the front of each."""
+    v = getattr(result, "verification", None)
+    if not v:
+        return ""
+    name = result.reference["metric_name"]
+    w = v["where"]
+    where = (f"Measured on {w['host']} ({w['cpu']}; {', '.join(w['features']) or 'no int8 dot-product features'}), "
+             f"{w['threads']} thread(s), batch {w['batch_size']}, ONNX Runtime: {w['placement']}.")
+    rows = []
+    for k, r in v["references"].items():
+        rows.append(f"<tr><td>{html.escape(k)}</td><td></td><td>{r['latency_ms']:.4g}</td><td></td>"
+                    f"<td>{r['measured_speedup']:.2f}x</td><td>{r['sim_metric']:.4f}</td><td>{r['metric']:.4f}</td>"
+                    f"<td>{r['int8_kernels']}</td></tr>")
+    pred_pts, meas_pts = [], []
+    for n, t in v["trials"].items():
+        rec = result.trial(int(n))
+        ps = "-" if t["predicted_speedup"] is None else f"{t['predicted_speedup']:.2f}x"
+        tag = " (best)" if t["best"] else ""
+        rows.append(f"<tr><td>trial {html.escape(n)}{tag}</td><td>{t['predicted_latency_ms']:.4g}</td>"
+                    f"<td>{t['latency_ms']:.4g}</td><td>{ps}</td><td>{t['measured_speedup']:.2f}x</td>"
+                    f"<td>{t['predicted_metric']:.4f}</td><td>{t['metric']:.4f}</td><td>{t['int8_kernels']}</td></tr>")
+        pred_pts.append((t["predicted_latency_ms"], t["predicted_metric"], rec))
+        meas_pts.append((t["latency_ms"], t["metric"], rec))
+    measured_front = set(v["measured_front"])
+    series = [
+        {"target": "predicted (cost model, simulated metric)", "color": COLORS[0], "points": pred_pts,
+         "front": sorted(pred_pts, key=lambda p: p[0])},
+        {"target": "measured (ONNX Runtime latency and metric)", "color": COLORS[1], "points": meas_pts,
+         "front": sorted((p for p in meas_pts if p[2].number in measured_front), key=lambda p: p[0])},
+    ]
+    table = (f"<table><tr><th>configuration</th><th>predicted ms</th><th>measured ms</th><th>predicted vs fp32</th>"
+             f"<th>measured vs fp32</th><th>simulated {html.escape(name)}</th><th>ONNX Runtime {html.escape(name)}</th>"
+             f"<th>int8 kernels</th></tr>{''.join(rows)}</table>")
+    return (f"<h2>Verified on hardware</h2><p>{html.escape(where)}</p>{table}"
+            f"{pareto_svg(series, name)}")
+
+
 def render(result: SearchResult, compare: dict | None) -> str:
     series = _series(result, compare)
     name = result.reference["metric_name"]
@@ -238,7 +276,7 @@ def render(result: SearchResult, compare: dict | None) -> str:
     return "\n".join([
         "<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>", _STYLE,
         _SCRIPT, "</head><body>", f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(summary)}</p>", table,
-        "<h2>Pareto fronts</h2>", pareto_svg(series, name),
+        "<h2>Pareto fronts</h2>", pareto_svg(series, name), verification_html(result),
         f"<h2>Precisions on the front ({html.escape(series[0]['target'])})</h2>", precision_map_html(result, front),
         "<h2>Per-layer latency of the best configuration</h2>", breakdown_svg(series),
         "<h2>Search history</h2>", history_svg(result), "<h2>Trials</h2>", trials_table(result),

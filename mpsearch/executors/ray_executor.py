@@ -278,3 +278,32 @@ def _first_line(e: BaseException) -> str:
         if line and not line.startswith(("Traceback", "File ", "ray::")):
             return line[:300]
     return type(e).__name__
+
+
+def run_on_resource(fn, args: tuple, kwargs: dict, *, resource: str, address: str | None,
+                    cpus: int | None) -> tuple[object, str]:
+    """fn(*args, **kwargs) on a node of the Ray cluster at `address` that carries a custom resource
+    named `resource` (a target name: `ray start ... --resources '{"x86-vnni": 1}'` on the machines
+    of that kind), holding `cpus` of its CPUs; returns (fn's result, where it ran). Without a
+    cluster address, or when no node carries the resource, fn runs in this process and the second
+    value says so. `mpsearch verify --backend ray` measures deployed graphs this way."""
+    if address is None:
+        return fn(*args, **kwargs), "this machine (no --ray-address: no cluster of target machines to measure on)"
+    ray = _import_ray()
+    owns = connect(address, None)
+    try:
+        if ray.cluster_resources().get(resource, 0) >= 1:
+            remote = ray.remote(num_cpus=cpus or 1, resources={resource: 1}, max_retries=0)(fn)
+            try:
+                out = ray.get(remote.remote(*args, **kwargs))
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                raise cause from None
+            host = out.get("where", {}).get("host", "?") if isinstance(out, dict) else "?"
+            return out, f"Ray node {host}, which carries the resource {resource!r}"
+        note = (f"this machine: no node of the Ray cluster at {address} carries a resource named {resource!r} "
+                f"(start target machines with --resources '{{\"{resource}\": 1}}')")
+    finally:
+        if owns and ray.is_initialized():
+            ray.shutdown()
+    return fn(*args, **kwargs), note

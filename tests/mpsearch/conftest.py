@@ -8,8 +8,16 @@ CLI subprocesses some tests start.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +47,43 @@ def free_port():
             return s.getsockname()[1]
 
     return pick
+
+
+@pytest.fixture(scope="session")
+def ray_head_factory():
+    """`ray_head` for test modules (conftest is not importable under --import-mode=importlib)."""
+    return ray_head
+
+
+@contextlib.contextmanager
+def ray_head(port: int, env: dict[str, str] | None = None, cpus: int = 2, resources: dict | None = None):
+    """A real Ray head (`ray start --head --block` as a subprocess, stopped by its PID), with token
+    authentication, its own token file and temp dir; yields (address, the environment a driver
+    needs to join it: the token's path but not RAY_AUTH_MODE, which mpsearch turns on itself)."""
+    temp = tempfile.mkdtemp(prefix="mpsr", dir="/tmp")  # short: Ray's unix sockets live there
+    token = Path(temp) / "token"
+    token.write_text("mpsearch-test-" + os.urandom(16).hex())
+    head_env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    args = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+            f"--num-cpus={cpus}", f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"]
+    if resources:
+        args.append(f"--resources={json.dumps(resources)}")
+    log = Path(temp) / "head.log"
+    with log.open("w") as out:
+        head = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=head_env)
+    try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        driver_env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+        driver_env |= {"RAY_AUTH_TOKEN_PATH": str(token), "PYTHONUNBUFFERED": "1"}
+        yield f"127.0.0.1:{port}", driver_env
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=30)
+        subprocess.run(["rm", "-rf", temp], check=False)

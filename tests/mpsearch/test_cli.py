@@ -356,7 +356,7 @@ def test_export_format_follows_the_extension(finished, tmp_path):
     import onnx
 
     assert onnx.load(str(tmp_path / "best.onnx")).graph.node
-    assert f"trial {r.best} of digits as ONNX QDQ" in p.stdout
+    assert f"trial {r.best} of digits as its deployed ONNX QDQ graph" in p.stdout
     p = cli("export", str(out), "--out", str(tmp_path / "best.json"))
     assert p.returncode == 0 and json.loads((tmp_path / "best.json").read_text())["trial"] == r.best
     p = cli("export", str(out), "--out", str(tmp_path / "x.cfg"), "--format", "json")  # unknown extension, told

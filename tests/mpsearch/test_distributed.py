@@ -21,39 +21,12 @@ CLI = [sys.executable, "-m", "mpsearch.cli"]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, free_port):
-    """A 2-CPU Ray head with token authentication, its own token file and temp dir; yields
-    (address, the environment a driver needs to join it, the folder workers mark their pids in)."""
-    temp = tempfile.mkdtemp(prefix="mpsr", dir="/tmp")  # short: Ray's unix sockets live there
+def cluster(tmp_path_factory, free_port, ray_head_factory):
+    """A 2-CPU Ray head with token authentication (conftest.ray_head); yields (address, the
+    environment a driver needs to join it, the folder workers mark their pids in)."""
     marks = tmp_path_factory.mktemp("pids")
-    token = Path(temp) / "token"
-    token.write_text("mpsearch-test-" + os.urandom(16).hex())
-    port = free_port()
-    head_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-                "MPSEARCH_TEST_PIDS": str(marks)}
-    log = Path(temp) / "head.log"
-    with log.open("w") as out:
-        head = subprocess.Popen(
-            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
-             "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
-            stdout=out, stderr=subprocess.STDOUT, env=head_env)
-    try:
-        deadline = time.time() + 120
-        while "Ray runtime started" not in log.read_text():
-            assert head.poll() is None and time.time() < deadline, log.read_text()[-2000:]
-            time.sleep(0.5)
-        # the driver gets the token's path but not RAY_AUTH_MODE: mpsearch turns token mode on
-        driver_env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-        driver_env |= {"RAY_AUTH_TOKEN_PATH": str(token), "PYTHONUNBUFFERED": "1"}
-        yield f"127.0.0.1:{port}", driver_env, marks
-    finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait(timeout=30)
-        subprocess.run(["rm", "-rf", temp], check=False)
+    with ray_head_factory(free_port(), env={"MPSEARCH_TEST_PIDS": str(marks)}) as (address, env):
+        yield address, env, marks
 
 
 def search(*args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
