@@ -5,9 +5,9 @@
 
 For each task: `mpsearch.calibrate.calibrate` fits the x86-vnni profile on this machine (its own
 seeded configurations); then N random per-layer {fp32, int8} configurations (another seed, so
-held out from the fit) are each built as a real mixed model in ONNX Runtime (int8 QDQ on the
-int8 layers, fp32 elsewhere; mpsearch.measure.build_session; two sessions of each, built
-separately, whose mean is the configuration's latency), timed interleaved against the
+held out from the fit) are each built as its deployed graph in ONNX Runtime (mpsearch.deploy.build
+through mpsearch.measure.build_session: the graph `export --format onnx` writes; two sessions of
+each, built separately, whose mean is the configuration's latency), timed interleaved against the
 all-fp32 model (median over rounds of the ratio to the reference timed around it, times the
 reference's median: drift cancels; each timing the median of enough back-to-back runs to last
 2 ms), and priced by the uncalibrated x86-vnni profile, by the
@@ -20,8 +20,8 @@ run: 40 each, 7 rounds.
 JSON keys (one entry per task under "tasks"):
   n_configs            configurations measured
   int8_layers          per configuration, layers requested in int8
-  int8_kernels         per configuration, int8 kernels in ONNX Runtime's optimized graph (an int8
-                       layer whose output is not quantized runs as a float convolution)
+  int8_kernels         per configuration, int8 kernels in ONNX Runtime's optimized graph (one per
+                       int8 layer in a deployed graph)
   measured_s           per configuration, measured latency (seconds): the mean of two separately
                        built ONNX Runtime sessions of it (on a ~40 us model, identical sessions
                        differ by up to ~15%: memory placement), each timed interleaved
@@ -165,7 +165,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     ap.add_argument("--batch-size", type=int, default=1)
     args = ap.parse_args()
-    results = {"quick": args.quick, "tasks": {}}
+    from mpsearch.deploy.verify import cpu_info
+
+    cpu = cpu_info()
+    print(f"CPU: {cpu['cpu']} ({cpu['machine']}, {cpu['cores']} cores); features: {', '.join(cpu['features']) or 'none'}")
+    results = {"quick": args.quick, "cpu": cpu, "tasks": {}}
     for name in args.tasks.split(","):
         n = (30 if name == "digits" else 12) if args.quick else 40
         results["tasks"][name] = bench_task(name, n, 5 if args.quick else 7, args.threads, args.batch_size)

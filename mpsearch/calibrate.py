@@ -3,13 +3,15 @@
 GPU profiles (kind "gpu", e.g. h100) are measured differently: matrix products on a CUDA GPU
 (`mpsearch.gpu_calibrate`). What follows is the CPU calibration.
 
-What is measured (ONNX Runtime on the CPU, fixed thread count; mpsearch.measure):
+What is measured (ONNX Runtime on the CPU, fixed thread count; mpsearch.measure): the deployed
+graphs of the configurations (mpsearch.deploy.build: the graph `export --format onnx` writes), so
+the profile prices what a user ships.
 
-* sessions of the task's model with all layers FP32, all layers int8 (QDQ), two alternating
+* sessions of the task's model with all layers FP32, all layers int8, two alternating
   configurations (even / odd layers int8) and `n_mixed` random mixtures;
 * per layer, ONNX Runtime's profiler on the all-FP32, all-int8 and alternating sessions: each
   layer's FP32 time, its int8 time, and its time as an int8 layer followed by an FP32 one
-  ("int8@exit": ONNX Runtime then runs it as a float convolution on dequantized weights);
+  ("int8@exit": its int8 kernel and the DequantizeLinear of its output);
 * end to end, every session timed interleaved against the all-FP32 one (drift cancels).
 
 What is fitted:

@@ -113,7 +113,7 @@ else
     for script in "$deps"/bin/*; do
         name="$(basename "$script")"
         [[ -f "$script" && ! -e ".venv/bin/$name" ]] || continue
-        case "$name" in activate*|python*|pip*|Activate.ps1) continue ;; esac
+        case "$name" in activate*|python*|Activate.ps1) continue ;; esac
         if [[ "$(head -c 2 "$script")" == "#!" ]] && head -n 1 "$script" | grep -q "^#!$deps/bin/python"; then
             { echo "#!$repo/.venv/bin/python"; tail -n +2 "$script"; } >".venv/bin/$name"
             chmod +x ".venv/bin/$name"
