@@ -27,8 +27,14 @@ NUMERICS_TESTS := $(addprefix tests/mpsearch/test_,evaluator.py quant.py folding
 	builtin_tasks.py sensitivity.py ilp.py search.py early_stop.py compare.py analysis.py export.py \
 	faithfulness.py measure.py gpu_calibrate.py) tests/search_spaces
 test-cpus: setup
-	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MPSEARCH_TEST_VNNI=0 $(BIN)/python -m pytest -q $(NUMERICS_TESTS)
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MPSEARCH_TEST_VNNI=0 $(BIN)/python -m pytest -q $(NUMERICS_TESTS)
+	@status=0; \
+	echo "test-cpus: portable kernels (ATEN_CPU_CAPABILITY=default, oneDNN SSE4.1), no VNNI"; \
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MPSEARCH_TEST_VNNI=0 \
+		$(BIN)/python -m pytest -q $(NUMERICS_TESTS) || status=1; \
+	echo "test-cpus: AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, oneDNN AVX2), no VNNI"; \
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MPSEARCH_TEST_VNNI=0 \
+		$(BIN)/python -m pytest -q $(NUMERICS_TESTS) || status=1; \
+	exit $$status
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
