@@ -25,7 +25,7 @@ test: setup
 # Runtime graphs built as for an x86 CPU without VNNI (uint8 weights; tests/mpsearch/conftest.py).
 NUMERICS_TESTS := $(addprefix tests/mpsearch/test_,evaluator.py quant.py folding.py adaround.py tasks.py \
 	builtin_tasks.py sensitivity.py ilp.py search.py early_stop.py compare.py analysis.py export.py \
-	faithfulness.py measure.py verify.py gpu_calibrate.py) tests/search_spaces
+	faithfulness.py measure.py verify.py deploy.py gpu_calibrate.py) tests/search_spaces
 test-cpus: setup
 	@status=0; \
 	echo "test-cpus: portable kernels (ATEN_CPU_CAPABILITY=default, oneDNN SSE4.1), no VNNI"; \

@@ -338,7 +338,7 @@ def search(
             # what `mpsearch verify` reloads and checks (mpsearch.deploy.verify)
             "task_ref": _task_ref(task),
             "target_ref": _target_ref(target, profile),
-            "evaluator_key": evaluator.cache_key(),
+            "evaluator_key": evaluator.fingerprint(),
         }
         executor = None
         if backend == "ray":

@@ -53,6 +53,7 @@ from hw_models.profile_file import dump_profile
 from hw_models.profiles import LayerTable
 from mpsearch.analysis import ModelAnalysis, analyze
 from mpsearch.cache import atomic_write_bytes, cache_dir
+from mpsearch.defaults import DEFAULT_TARGET
 from mpsearch.errors import InvalidConfigError
 from mpsearch.evaluator import Evaluator
 from mpsearch.fit import fidelity, fit_roofline
@@ -155,7 +156,7 @@ def random_configs(fqns: tuple[str, ...], n: int, seed: int) -> list[frozenset[s
 
 def calibrate(
     task: Task | str,
-    target: str | HardwareProfile = "x86-vnni",
+    target: str | HardwareProfile = DEFAULT_TARGET,
     *,
     name: str | None = None,
     threads: int | None = None,

@@ -175,6 +175,7 @@ class Evaluator:
         self._active_out: dict[str, ActQuantParams] = {}  # module -> its output quantizer
         self._plans: dict[Candidate, Plan] = {}
         self._fp32_onnx = None
+        self._fingerprint: str | None = None
         self._fp32_layout = None
         self.deploy_graph: DeployGraph | None = None
         self.deploy_note = ""
@@ -459,7 +460,21 @@ class Evaluator:
 
     # -- disk cache ----------------------------------------------------------------------
     def cache_key(self) -> str:
-        """Hash of the model's parameters and buffers, the data, the quantizer settings."""
+        """`fingerprint()`, the torch version and the CPU kernels torch runs here (its CPU
+        capability): the cached numbers depend on all of them (weight scales found by an MSE search,
+        activation ranges, reference outputs differ in their last bits from one kernel set to the
+        next), so a cache written under other kernels is not read."""
+        h = hashlib.sha256(self.fingerprint().encode())
+        h.update(torch.__version__.encode())
+        h.update(torch.backends.cpu.get_cpu_capability().encode())
+        return h.hexdigest()[:24]
+
+    def fingerprint(self) -> str:
+        """Hash of the model's parameters and buffers, the data and the quantizer settings: what a
+        search's result stands on, whatever machine computes it (result.json's
+        settings.evaluator_key; `mpsearch verify` checks it)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256(f"mpsearch-evaluator/{CACHE_VERSION}".encode())
         h.update(json.dumps(self.settings.to_dict(), sort_keys=True).encode())
         for name, t in sorted(self.model.state_dict().items()):
@@ -472,7 +487,8 @@ class Evaluator:
             if isinstance(target, torch.Tensor):
                 _hash_tensor(h, target)
         h.update(",".join(self.analysis.fqns).encode())
-        return h.hexdigest()[:24]
+        self._fingerprint = h.hexdigest()[:24]
+        return self._fingerprint
 
     def save_cache(self) -> Path | None:
         """Write the candidate-independent caches to disk (atomically); returns the path.

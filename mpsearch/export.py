@@ -102,8 +102,8 @@ def export_config(result: str | Path, trial: int | None = None) -> dict[str, Any
     """The configuration of trial `trial` of a finished search (module doc: the keys).
 
     result: the search's output directory (its result.json is read) or the result.json path.
-    trial: a trial number; None: the search's best trial (highest metric among the complete,
-    feasible trials). Raises InvalidConfigError when result.json cannot be read, when there is
+    trial: a trial number; None: the search's best trial (`SearchResult.best`: the fastest within
+    its drop budget, see mpsearch.selection). Raises InvalidConfigError when result.json cannot be read, when there is
     no such trial, or when the trial is not complete (its state and reason are named).
     """
     path = Path(result)

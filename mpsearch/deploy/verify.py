@@ -79,7 +79,7 @@ def measure_candidates(
 
     Returns {"where": cpu_info + threads + batch_size, "configs": {name: {latency_ms, metric,
     sim_agreement, int8_kernels, storage, notes}}}. Raises InvalidConfigError when the task's model
-    is not the one the candidates were searched on (`fingerprint`, Evaluator.cache_key) or its
+    is not the one the candidates were searched on (`fingerprint`, Evaluator.fingerprint) or its
     layers differ."""
     from tqdm import tqdm
 
@@ -103,9 +103,9 @@ def measure_candidates(
     settings = QuantSettings(**quant) if quant else QuantSettings()
     ev = Evaluator(task, analysis, settings, cache_dir=cache_dir("evaluator"))
     try:
-        if fingerprint is not None and ev.cache_key() != fingerprint:
+        if fingerprint is not None and ev.fingerprint() != fingerprint:
             raise InvalidConfigError(f"the search ran on another model or data than task {task.name} gives now "
-                                     f"(fingerprint {fingerprint}, now {ev.cache_key()})")
+                                     f"(fingerprint {fingerprint}, now {ev.fingerprint()})")
         runners = {}
         bar = tqdm(candidates.items(), desc="building deployed graphs", unit="graph", file=sys.stderr,
                    disable=not progress)

@@ -39,11 +39,13 @@ class Tiny(nn.Module):
         return self.fc(torch.flatten(F.relu(self.bn(self.conv(x))), 1))
 
 
-def _tiny_case(bn: bool = False, fold: bool = True):
+def _tiny_case(bn: bool = False, fold: bool = True, seed: int = 0):
     """A tiny task and its evaluator; with bn and fold=False the evaluator keeps the batch norm and
     the ONNX exporter folds it into the convolution (weights k_c * w_c, k_c < 0 for two channels)."""
     g = torch.Generator().manual_seed(0)
-    model = Tiny(bn).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Tiny(bn).eval()
     if bn:  # a negative gamma flips the sign of a folded channel
         model.bn.weight.data = torch.tensor([1.5, -0.7, 0.3, -1.0])
         model.bn.bias.data = torch.tensor([0.1, -0.2, 0.05, 0.3])
@@ -57,11 +59,14 @@ def _tiny_case(bn: bool = False, fold: bool = True):
     return task, analysis, ev, xs[2]
 
 
-def _one_step_bound(ev: Evaluator, x: torch.Tensor) -> torch.Tensor:
-    """Per output: one input of fc one activation step off, plus the int32 bias rounding."""
+def _one_step_bound(ev: Evaluator, x: torch.Tensor, flips: int = 2) -> torch.Tensor:
+    """Per output: `flips` inputs of fc one activation step off, plus the int32 bias rounding. A
+    convolution output within float rounding of a quantization boundary lands on either side of
+    it depending on the summation order (ORT's kernels against torch's): with the model seeded 0..29
+    at most two of fc's 100 inputs of one sample do (seed 18), most often none."""
     step = ev.act_params("fc", Precision.INT8).scale
     w = ev.weight("fc", Precision.INT8).abs()
-    return step * w.amax(1) + 0.5 * step * w.amax(1) / 127 + 1e-4
+    return flips * step * w.amax(1) + 0.5 * step * w.amax(1) / 127 + 1e-4
 
 
 @pytest.mark.parametrize("bn,fold", [(False, True), (True, True), (True, False)],
