@@ -84,7 +84,7 @@ INT8_KERNEL_OPS = (
 )
 
 _RESHAPES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
-_INSTALL = "pip install 'mpsearch[onnx]'"
+_INSTALL = "pip install onnx onnxruntime onnxscript (dependencies of mpsearch)"
 _FOLD_RTOL = 1e-4  # a folded weight must equal k_c * weight_c to this relative tolerance
 
 
