@@ -96,7 +96,7 @@ def bench_task(name: str, n: int, rounds: int, threads: int, batch_size: int) ->
     models = {}
     for key, prof in (("uncalibrated", base), ("calibrated_roofline", roofline_only),
                       ("calibrated_table", cal.profile)):
-        cm = CostModel(analysis.layers, prof, batch_size)
+        cm = CostModel(analysis.layers, prof, batch_size, cal.graph)  # conversions where the deployed graph has them
         pred = [cm.price(config_candidate(analysis, c)).latency_s for c in configs]
         # relative to the fp32 reference timed alongside: drift since calibration cancels
         scale = measured["fp32"] / cm.price(config_candidate(analysis, frozenset())).latency_s

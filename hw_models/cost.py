@@ -10,11 +10,13 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from hw_models.graph import Boundary, DeployGraph
 from hw_models.layers import Candidate, LayerChoice, LayerSpec
 from hw_models.precision import Precision
 from hw_models.profiles import HardwareProfile
 
 SCALE_BYTES = 4  # one fp32 scale per output channel (integer) or per tensor (fp8)
+GRAPH_KINDS = ("int8", "fp32")  # compute kinds the deployed-graph mode prices (hw_models.graph's rule)
 
 
 def weight_bytes(layer: LayerSpec, precision: Precision) -> int:
@@ -97,6 +99,14 @@ class CostModel:
     model's input and output), the activation handed over is converted, at
     transition_overhead_s + batch x elements x transition_bytes_per_elem / bandwidth.
 
+    Deployed-graph mode: given the model's DeployGraph (hw_models.graph) and a candidate whose
+    layers all compute in int8 or fp32, the conversions are those the deployed graph really has:
+    a QuantizeLinear on each int8 layer reading a float tensor, a DequantizeLinear on each int8
+    tensor a float op reads (residual Adds and poolings included: one left float between int8
+    layers costs its conversions), each at transition_overhead_s + batch x elements x
+    quantize_bytes_per_elem (dequantize_bytes_per_elem) / bandwidth; layers cost their own
+    (measured) latency, without the chain's in-context entries.
+
     Peak activation memory: the largest (input at its precision + output at the precision the
     next layer reads) over the execution order, times the batch (tensors kept alive by
     residual connections are not counted). Energy (when the profile has per-MAC figures):
@@ -115,12 +125,14 @@ class CostModel:
     layer's whole contribution, conversions included (`in_context`).
     """
 
-    def __init__(self, layers: Sequence[LayerSpec], profile: HardwareProfile, batch_size: int = 1):
+    def __init__(self, layers: Sequence[LayerSpec], profile: HardwareProfile, batch_size: int = 1,
+                 graph: DeployGraph | None = None):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.layers = tuple(layers)
         self.profile = profile
         self.batch_size = batch_size
+        self.graph = graph
         t = profile.layer_table
         self.measured = (
             t is not None
@@ -148,6 +160,25 @@ class CostModel:
         # conversion of each layer's input, and of the model's output
         self._in_transition = [self.transition_s(layer.in_elems) for layer in self.layers]
         self._out_transition = self.transition_s(self.layers[-1].out_elems) if self.layers else 0.0
+
+    def boundary_s(self, kind: str, elems: int) -> float:
+        """Seconds of one QuantizeLinear ("q") or DequantizeLinear ("dq") of `elems` elements per
+        sample in the deployed graph."""
+        p = self.profile
+        per = p.quantize_bytes_per_elem if kind == "q" else p.dequantize_bytes_per_elem
+        if per is None:
+            per = p.transition_bytes_per_elem
+        return p.transition_overhead_s + self.batch_size * elems * per / p.mem_bw_bytes_per_s
+
+    def boundaries(self, candidate: Candidate, costs: Sequence[LayerCost] | None = None) -> list[Boundary] | None:
+        """The deployed graph's conversions for `candidate` (deployed-graph mode, class doc), or None
+        when the chain model prices it (no graph, or a layer computing in another kind)."""
+        if self.graph is None:
+            return None
+        costs = costs if costs is not None else [self.layer_cost(x.fqn, candidate[x.fqn]) for x in self.layers]
+        if not all(c.supported and c.compute in GRAPH_KINDS for c in costs):
+            return None
+        return self.graph.boundaries(self.graph.plan(dict(candidate.items())))
 
     def transition_s(self, elems: int) -> float:
         """Seconds to convert an activation of `elems` elements per sample between compute kinds."""
@@ -208,7 +239,16 @@ class CostModel:
         return {"latency_s": lat, "weight_bytes": wb, "bops": ops, "energy_j": energy}
 
     def breakdown(self, candidate: Candidate) -> list[LayerCost]:
-        """Per-layer costs of a candidate, in execution order, with each layer's input transition."""
+        """Per-layer costs of a candidate, in execution order, with each layer's input transition
+        (in deployed-graph mode, the conversions charged to it: Boundary.layer)."""
+        costs = [self.layer_cost(x.fqn, candidate[x.fqn]) for x in self.layers]
+        bounds = self.boundaries(candidate, costs)
+        if bounds is not None:
+            charged: dict[str, float] = {}
+            for b in bounds:
+                if b.layer is not None:
+                    charged[b.layer] = charged.get(b.layer, 0.0) + self.boundary_s(b.kind, b.elems)
+            return [replace(c, transition_s=charged.get(c.fqn, 0.0)) for c in costs]
         out = []
         prev = self.profile.io_compute
         for i, layer in enumerate(self.layers):
@@ -259,6 +299,12 @@ class CostModel:
         prev_out = 0  # output elements of the previous layer, stored at this layer's input precision
         prev_in_bytes = 0
         costs = [self.layer_cost(layer.fqn, candidate[layer.fqn]) for layer in self.layers]
+        bounds = self.boundaries(candidate, costs)
+        if bounds is not None:
+            latency = sum(c.latency_s for c in costs)
+            trans_s = sum(self.boundary_s(b.kind, b.elems) for b in bounds)
+            latency += trans_s
+            n_trans = len(bounds)
         for i, layer in enumerate(self.layers):
             c = costs[i]
             choice = c.choice
@@ -269,7 +315,7 @@ class CostModel:
                         f"/ activation {choice.activation}"
                     )
                 latency += c.latency_s
-            else:
+            elif bounds is None:
                 nxt = costs[i + 1].compute if i + 1 < len(costs) else p.io_compute
                 lat, t, n = self.in_context(i, c, prev, nxt)
                 latency += lat

@@ -10,6 +10,8 @@ Layout (every number in SI units; see HardwareProfile for what each field means)
     layer_overhead_s = 4.0e-6
     transition_overhead_s = 4.0e-6       # optional (0)
     transition_bytes_per_elem = 13.0     # optional (0)
+    quantize_bytes_per_elem = 2.0        # optional: the deployed graph's QuantizeLinear (default: transition's)
+    dequantize_bytes_per_elem = 9.0      # optional: its DequantizeLinear (default: transition's)
     io_compute = "fp32"                  # optional
     on_chip_bytes = 18874368             # optional, as are off_chip_bytes, weight_capacity_bytes,
                                          # act_capacity_bytes, energy_pj_per_byte
@@ -50,7 +52,8 @@ from hw_models.precision import Precision
 from hw_models.profiles import ExecRule, HardwareProfile, LayerTable
 
 _NUMBERS = ("mem_bw_bytes_per_s", "layer_overhead_s")
-_OPTIONAL_NUMBERS = ("transition_overhead_s", "transition_bytes_per_elem", "energy_pj_per_byte")
+_OPTIONAL_NUMBERS = ("transition_overhead_s", "transition_bytes_per_elem", "quantize_bytes_per_elem",
+                     "dequantize_bytes_per_elem", "energy_pj_per_byte")
 _OPTIONAL_INTS = ("threads", "on_chip_bytes", "off_chip_bytes", "weight_capacity_bytes", "act_capacity_bytes")
 
 

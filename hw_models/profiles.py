@@ -88,6 +88,10 @@ class HardwareProfile:
     transition_overhead_s / transition_bytes_per_elem: converting an activation between compute
         kinds (int8 <-> fp32: quantize / dequantize, and on CPUs the layout change between int8
         and fp32 kernels) costs one extra operation plus this many bytes moved per element.
+    quantize_bytes_per_elem / dequantize_bytes_per_elem: where the cost model prices the deployed
+        graph's own boundaries (hw_models.graph), a QuantizeLinear and a DequantizeLinear each cost
+        transition_overhead_s plus this many bytes moved per element (their layout change
+        included); None: transition_bytes_per_elem.
     io_compute: the compute kind the model's input arrives in and its output leaves in.
     layer_table: measured per-layer latencies of one model (written by `mpsearch calibrate`).
     """
@@ -110,6 +114,8 @@ class HardwareProfile:
     energy_pj_per_byte: float | None = None
     transition_overhead_s: float = 0.0
     transition_bytes_per_elem: float = 0.0
+    quantize_bytes_per_elem: float | None = None
+    dequantize_bytes_per_elem: float | None = None
     io_compute: str = "fp32"
     layer_table: LayerTable | None = None
     _rule_index: Mapping[tuple[Precision, Precision], ExecRule] = field(
@@ -135,8 +141,9 @@ class HardwareProfile:
                 raise ValueError(f"profile {self.name}: efficiency[{k!r}] must be in (0, 1], got {v}")
         if not self.mem_bw_bytes_per_s > 0:
             raise ValueError(f"profile {self.name}: mem_bw_bytes_per_s must be positive")
-        for key in ("layer_overhead_s", "transition_overhead_s", "transition_bytes_per_elem"):
-            if not getattr(self, key) >= 0:
+        for key in ("layer_overhead_s", "transition_overhead_s", "transition_bytes_per_elem",
+                    "quantize_bytes_per_elem", "dequantize_bytes_per_elem"):
+            if getattr(self, key) is not None and not getattr(self, key) >= 0:
                 raise ValueError(f"profile {self.name}: {key} must be >= 0, got {getattr(self, key)}")
         required = ["peak_macs_per_s", "efficiency", "mem_bw_bytes_per_s", "layer_overhead_s"]
         optional = ("on_chip_bytes", "off_chip_bytes", "weight_capacity_bytes", "act_capacity_bytes",

@@ -292,6 +292,8 @@ def search(
         evaluator = Evaluator(
             task_obj, analysis, quant, cache_dir=cache_dir("evaluator") if evaluator_cache else None
         )
+    # from here on, conversions are priced where the deployed graph has them (hw_models.graph)
+    cost_model = CostModel(analysis.layers, profile, batch_size=batch_size, graph=evaluator.deploy_graph)
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study, study_name, previous = open_study(
@@ -361,6 +363,7 @@ def search(
             },
             trials=list(previous),
             layers=tuple(analysis.layers),
+            graph=evaluator.deploy_graph,
             settings=settings,
             space={
                 **space.describe(),
@@ -713,7 +716,9 @@ def profile_config(
     profile = resolve_target(target)
     task_obj = load_task(task) if isinstance(task, str) else task
     analysis = analyze(task_obj.model, task_obj.example_input)
-    cost_model = CostModel(analysis.layers, profile, batch_size=batch_size)
+    from mpsearch.deploy.build import deploy_graph_of
+
+    cost_model = CostModel(analysis.layers, profile, batch_size=batch_size, graph=deploy_graph_of(task_obj, analysis))
     if config is None:
         w, _, a = precision.partition("/")
         wp = parse_precisions([w], "weight")[0]
@@ -818,7 +823,8 @@ def compare(
         if isinstance(b, bool) or not isinstance(b, int | float) or not b > 0:
             raise InvalidConfigError(f"latency budgets must be positive numbers of ms, got {b!r}")
     result = search(task, names[0], n_trials, objectives=objectives, batch_size=batch_size, **search_options)
-    cmp = price_on_targets(result, result.layers, profiles, batch_size=batch_size, latency_budgets_ms=budgets)
+    cmp = price_on_targets(result, result.layers, profiles, batch_size=batch_size, latency_budgets_ms=budgets,
+                           graph=result.graph)
     out = Path(result.settings["out_dir"])
     cmp.write(out / "compare.json")
     tracker = Tracker.resume(result.tracking)

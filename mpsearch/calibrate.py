@@ -9,26 +9,29 @@ the profile prices what a user ships.
 
 * sessions of the task's model with all layers FP32, all layers int8, two alternating
   configurations (even / odd layers int8) and `n_mixed` random mixtures;
-* per layer, ONNX Runtime's profiler on the all-FP32, all-int8 and alternating sessions: each
-  layer's FP32 time, its int8 time, and its time as an int8 layer followed by an FP32 one
-  ("int8@exit": its int8 kernel and the DequantizeLinear of its output);
+* per layer, ONNX Runtime's profiler on the all-FP32 and all-int8 sessions: each layer's FP32
+  time and its int8 time;
 * end to end, every session timed interleaved against the all-FP32 one (drift cancels).
 
 What is fitted:
 
 * the profile's efficiency per compute kind (fp32, int8) and its per-layer overhead, by a grid
   search minimising the squared log error of the roofline against the per-layer times;
-* its transition cost (per conversion: overhead + bytes per element), by least squares on what
-  the per-layer times leave unexplained in the end-to-end times of the mixed configurations;
 * a lookup table of the measured per-layer times (and the model's non-layer time), which the
   cost model uses for this model (`hw_models.profiles.LayerTable`); other models get the
   fitted roofline;
-* in that table, each layer's time in context ("fp32>int8>int8": the kinds of the layer before
-  it, its own, the one after it), conversions included: ONNX Runtime picks a layer's kernels
-  and the Q / DQ nodes around it by its neighbours. The prior is what the per-layer table and
-  the fitted transitions give; a ridge regression on the end-to-end times of all timed
-  configurations (40 random mixtures by default) corrects it (`_fit_states`). On digits this
-  took held-out predictions from 70% to 97% within 10% (benchmarks/cost_model.py).
+* the cost of the deployed graph's conversions (hw_models.graph: a QuantizeLinear where an int8
+  layer reads a float tensor, a DequantizeLinear where a float op reads an int8 one, residual Adds
+  and poolings included), one overhead plus bytes per element for each kind, by non-negative
+  least squares on what the table leaves unexplained in the end-to-end times of all timed
+  configurations. On mobilenet_v2 this took held-out predictions from Spearman 0.94 / 0.91 (the
+  layer chain's conversions, each layer fitted in its neighbours' context) to 0.97 / 0.96 at 1 / 2
+  threads (benchmarks/deploy.py).
+
+A model that cannot be exported to ONNX has no deployed graph: its conversions are priced where
+the compute kind changes between consecutive layers, each layer's time in context
+("fp32>int8>int8"), fitted by ridge regression (`_fit_states`), and "int8@exit" entries from
+the alternating sessions.
 
 The result is a profile file that works wherever a target name does (`--target my-cpu.toml`).
 """
@@ -46,9 +49,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy.optimize import nnls
 from tqdm import tqdm
 
 from hw_models import CostModel, HardwareProfile, LayerChoice, Precision
+from hw_models.graph import DeployGraph
 from hw_models.profile_file import dump_profile
 from hw_models.profiles import LayerTable
 from mpsearch.analysis import ModelAnalysis, analyze
@@ -98,13 +103,17 @@ class Calibration:
     end_to_end: dict[str, float]  # session -> measured seconds
     predicted: dict[str, float]  # session -> calibrated prediction (seconds)
     fit: dict[str, float] = field(default_factory=dict)
+    graph: DeployGraph | None = None  # the model's deployed graph the profile prices (None: chain)
 
     def summary(self) -> str:
         p = self.profile
         eff = ", ".join(f"{k} {v:.3g}" for k, v in p.efficiency.items())
         lines = [
-            (f"profile {p.name}: efficiency {eff}; overhead {p.layer_overhead_s * 1e6:.3g} us/layer; "
-            f"transition {p.transition_overhead_s * 1e6:.3g} us + {p.transition_bytes_per_elem:.3g} B/element"),
+            (f"profile {p.name}: efficiency {eff}; overhead {p.layer_overhead_s * 1e6:.3g} us/layer; " +
+            (f"conversion {p.transition_overhead_s * 1e6:.3g} us + QuantizeLinear {p.quantize_bytes_per_elem:.3g} / "
+             f"DequantizeLinear {p.dequantize_bytes_per_elem:.3g} B/element (the deployed graph's own)"
+             if p.quantize_bytes_per_elem is not None else
+             f"transition {p.transition_overhead_s * 1e6:.3g} us + {p.transition_bytes_per_elem:.3g} B/element")),
             (f"measured at batch size {self.batch_size}, {self.threads} thread(s); roofline fit rms log error "
             f"{self.fit.get('roofline_rms_log', float('nan')):.3f}"),
             f"{'session':12s} {'measured_ms':>12s} {'predicted_ms':>12s}",
@@ -206,6 +215,7 @@ def calibrate(
     bar = tqdm(configs.items(), desc="building sessions", unit="session", file=sys.stderr, disable=not progress)
     for k, int8 in bar:
         runners[k] = build_session(task_obj, analysis, evaluator, int8, threads=threads)
+    graph = evaluator.deploy_graph
     evaluator.close()
     number = timing_number(runners["fp32"], batch)
     measured = time_interleaved(runners, batch, rounds=rounds, reference="fp32", seed=seed, number=number)
@@ -228,7 +238,7 @@ def calibrate(
 
     fp32, int8 = scaled("fp32"), scaled("int8")
     exits: dict[str, float] = {}
-    for k in ("alt_even", "alt_odd"):
+    for k in ("alt_even", "alt_odd") if graph is None else ():
         times = scaled(k)
         for i, f in enumerate(fqns[:-1]):
             if f in configs[k] and fqns[i + 1] not in configs[k] and f in times:
@@ -250,21 +260,32 @@ def calibrate(
     efficiency, overhead, rms = _fit_roofline(base, analysis, batch_size, {"fp32": fp32, "int8": int8})
     fitted = replace(base, efficiency={**base.efficiency, **efficiency}, layer_overhead_s=overhead)
 
-    # transitions: least squares on what the table leaves unexplained end to end
+    # conversions: non-negative least squares on what the table leaves unexplained end to end
     table = LayerTable(entries, batch_size, other_s)
-    no_trans = replace(fitted, transition_overhead_s=0.0, transition_bytes_per_elem=0.0, layer_table=table)
-    # the same table with a transition costing 1 s (counts them) or 1 s per element (sums elements)
-    layers_only = CostModel(analysis.layers, no_trans, batch_size)
-    counts = CostModel(analysis.layers, replace(no_trans, transition_overhead_s=1.0), batch_size)
-    elems = CostModel(analysis.layers, replace(no_trans, transition_bytes_per_elem=1.0, mem_bw_bytes_per_s=1.0),
-                      batch_size)
+    no_trans = replace(fitted, transition_overhead_s=0.0, transition_bytes_per_elem=0.0, quantize_bytes_per_elem=None,
+                       dequantize_bytes_per_elem=None, layer_table=table)
+    # the same table with a conversion costing 1 s (counts them) or 1 s per element (sums elements): in
+    # the deployed graph's own boundaries (hw_models.graph), QuantizeLinear and DequantizeLinear apart;
+    # without a deploy graph, at each change of compute kind along the layers
+    per_elem = replace(no_trans, mem_bw_bytes_per_s=1.0)
+    columns = [replace(no_trans, transition_overhead_s=1.0)]
+    if graph is not None:
+        columns += [replace(per_elem, quantize_bytes_per_elem=1.0, dequantize_bytes_per_elem=0.0),
+                    replace(per_elem, quantize_bytes_per_elem=0.0, dequantize_bytes_per_elem=1.0)]
+    else:
+        columns += [replace(per_elem, transition_bytes_per_elem=1.0)]
+    layers_only = CostModel(analysis.layers, no_trans, batch_size, graph)
+    models = [CostModel(analysis.layers, prof, batch_size, graph) for prof in columns]
     rows, resid = [], []
     for k, c in configs.items():
         cand = config_candidate(analysis, c)
-        rows.append([counts.price(cand).transition_s, elems.price(cand).transition_s])
+        rows.append([m.price(cand).transition_s for m in models])
         resid.append(measured[k] - layers_only.price(cand).latency_s)
-    t_over, t_bytes = _nonneg_lstsq(np.array(rows), np.array(resid))
-    t_bytes *= base.mem_bw_bytes_per_s  # the column was elements; bytes = elements x bytes/elem / bandwidth
+    coef, _ = nnls(np.array(rows), np.array(resid))
+    t_over = float(coef[0])
+    per = [float(x) * base.mem_bw_bytes_per_s for x in coef[1:]]  # elements -> bytes at the bandwidth
+    q_bytes, dq_bytes = (per[0], per[1]) if graph is not None else (None, None)
+    t_bytes = per[0] if graph is None else (per[0] + per[1]) / 2
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     where = f"measured by mpsearch calibrate on {platform.node() or 'this machine'} ({platform.processor() or platform.machine()}), {stamp}, task {task_obj.name}, ONNX Runtime, {threads} thread(s), batch {batch_size}"
     profile = replace(
@@ -274,6 +295,8 @@ def calibrate(
         threads=threads,
         transition_overhead_s=t_over,
         transition_bytes_per_elem=t_bytes,
+        quantize_bytes_per_elem=q_bytes,
+        dequantize_bytes_per_elem=dq_bytes,
         layer_table=table,
         sources={
             **base.sources,
@@ -282,16 +305,16 @@ def calibrate(
             "transitions": f"fitted to end-to-end latencies of {len(configs)} configurations {where}",
         },
     )
-    states, rms_states = _fit_states(profile, analysis, batch_size, configs, measured)
-    table = LayerTable({f: {**e, **states[f]} for f, e in entries.items()}, batch_size, other_s)
-    profile = replace(profile, layer_table=table)
-    predicted = {
-        k: CostModel(analysis.layers, profile, batch_size).price(config_candidate(analysis, c)).latency_s
-        for k, c in configs.items()
-    }
+    rms_states = float("nan")
+    if graph is None:  # no deployed graph to price: each layer's time in its chain context instead
+        states, rms_states = _fit_states(profile, analysis, batch_size, configs, measured)
+        table = LayerTable({f: {**e, **states[f]} for f, e in entries.items()}, batch_size, other_s)
+        profile = replace(profile, layer_table=table)
+    cm = CostModel(analysis.layers, profile, batch_size, graph)
+    predicted = {k: cm.price(config_candidate(analysis, c)).latency_s for k, c in configs.items()}
     return Calibration(profile, batch_size, threads, measured, predicted,
                        {"roofline_rms_log": rms, "other_s": other_s, "n_configs": len(configs),
-                        "state_rms_s": rms_states})
+                        "state_rms_s": rms_states}, graph)
 
 
 def _calibrate_gpu(task: Task | str, base: HardwareProfile, *, name: str | None, batch_size: int, seed: int,
@@ -382,28 +405,6 @@ def _fit_states(profile: HardwareProfile, analysis: ModelAnalysis, batch: int, c
     # what remains unexplained end to end (other_s and the table's non-layer time are outside the states)
     after = r - a @ (fitted - prior_arr)
     return out, float(np.sqrt(np.mean(after**2)))
-
-
-def _nonneg_lstsq(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Least squares b ~ a @ x with x >= 0 (two unknowns: try both, then each alone)."""
-    best = (math.inf, (0.0, 0.0))
-    cands = []
-    if len(b) >= 2:
-        x, *_ = np.linalg.lstsq(a, b, rcond=None)
-        cands.append((float(x[0]), float(x[1])))
-    for j in (0, 1):
-        col = a[:, j]
-        denom = float(col @ col)
-        v = float(col @ b) / denom if denom > 0 else 0.0
-        cands.append((v, 0.0) if j == 0 else (0.0, v))
-    cands.append((0.0, 0.0))
-    for x in cands:
-        if x[0] < 0 or x[1] < 0:
-            continue
-        err = float(((a @ np.array(x)) - b) @ ((a @ np.array(x)) - b))
-        if err < best[0]:
-            best = (err, x)
-    return best[1]
 
 
 def write_profile(cal: Calibration, out: str | Path) -> Path:

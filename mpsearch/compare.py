@@ -91,12 +91,12 @@ def _on_target(t: TrialRecord, cost: dict | None) -> TrialRecord:
 
 
 def price_on_targets(result: SearchResult, layers, profiles: Sequence[HardwareProfile], batch_size: int = 1,
-                     latency_budgets_ms: Sequence[float] = ()) -> Comparison:
+                     latency_budgets_ms: Sequence[float] = (), graph=None) -> Comparison:
     """Price every trial of `result` on every profile; fronts and budget tables per target."""
     fqns = [x.fqn for x in layers]
     per_target, models = {}, {}
     for prof in profiles:
-        model = models[prof.name] = CostModel(layers, prof, batch_size=batch_size)
+        model = models[prof.name] = CostModel(layers, prof, batch_size=batch_size, graph=graph)
         priced = {}
         for t in result.trials:
             c = model.price(t.config)

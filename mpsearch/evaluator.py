@@ -12,7 +12,7 @@ or distributed search reuses them. Scoring a candidate swaps cached weight tenso
 model, turns on the activation quantizers and bias corrections it asks for, and runs the
 evaluation batches. Identical candidates are scored once.
 
-Which activations are quantized is what the deployed graph quantizes (mpsearch.deploy.plan): an
+Which activations are quantized is what the deployed graph quantizes (hw_models.graph): an
 int8 layer's input and, for a convolution, its output; residual Adds and poolings between int8
 tensors; every consumer of a quantized tensor sees its int8 values. The evaluator reads the
 model's FP32 ONNX export once (`deploy_graph`) and simulates each quantized tensor with the input
@@ -37,11 +37,11 @@ import torch
 from tqdm import tqdm
 
 from hw_models import Candidate, Precision
+from hw_models.graph import DeployGraph, Plan, Point
 from mpsearch import metrics
 from mpsearch.adaround import adaround_weight
 from mpsearch.analysis import ModelAnalysis
 from mpsearch.cache import atomic_write_bytes
-from mpsearch.deploy.plan import DeployGraph, Plan, Point
 from mpsearch.errors import EvaluationError, InvalidConfigError, MpsearchError
 from mpsearch.folding import fold_batchnorm, remap_handles
 from mpsearch.quant import (
@@ -54,7 +54,7 @@ from mpsearch.quant import (
 )
 from mpsearch.tasks.base import Task, run_model
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 WEIGHT_CLIPPINGS = ("auto", "minmax", "mse")
 ACT_RANGES = ("minmax", "percentile", "mse")
@@ -198,7 +198,7 @@ class Evaluator:
 
     # -- one-time work -------------------------------------------------------------------
     def _read_deploy_graph(self) -> tuple[DeployGraph | None, str]:
-        """The deploy graph of the model (mpsearch.deploy.plan), or None and why not."""
+        """The deploy graph of the model (hw_models.graph), or None and why not."""
         from mpsearch.deploy.build import read_graph
 
         try:

@@ -301,7 +301,7 @@ def apply(
 
     The copy computes what the search scored: the weights are the evaluator's quantized ones
     (`mpsearch.evaluator.Evaluator.weight`); every tensor the configuration's deployed graph
-    quantizes (mpsearch.deploy.plan: int8 layers' inputs and convolution outputs, residual Adds
+    quantizes (hw_models.graph: int8 layers' inputs and convolution outputs, residual Adds
     and poolings between int8 tensors) goes through a forward pre-hook on the layers reading it
     or a forward hook on the module returning it, fake-quantizing it with the evaluator's
     activation parameters, computed from the ranges observed on `calib_batches` on the FP32

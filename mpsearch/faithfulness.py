@@ -7,7 +7,7 @@ QDQ format, run by ONNX Runtime's int8 kernels), and reports how close the two a
 
 The deployed numbers are the evaluator's own: weight integers and per-channel scales checked to
 reproduce `evaluator.weight(fqn, precision)` exactly, activation parameters from the evaluator's
-observers for every tensor the deployed graph quantizes (mpsearch.deploy.plan). Layers whose
+observers for every tensor the deployed graph quantizes (hw_models.graph). Layers whose
 input cannot be intercepted (`handles[fqn].input_module is None`) keep a float input in both.
 
 How close is close? A W8A8 network is discontinuous: every activation quantizer rounds, so a

@@ -125,8 +125,10 @@ def cost_table(cost_model, candidate) -> str:
     for r in rows:
         lines.append("  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     lines.append(
-        f"total: latency {cost.latency_ms:.4g} ms (of which {cost.transitions} conversions "
-        f"{cost.transition_s * 1e3:.3g} ms), weights {cost.weight_bytes:,} B, peak activations "
+        f"total: latency {cost.latency_ms:.4g} ms (of which {cost.transitions} "
+        f"conversion{'s' if cost.transitions != 1 else ''} {cost.transition_s * 1e3:.3g} ms"
+        + (", where the deployed graph has them" if cost_model.boundaries(candidate) is not None else "")
+        + f"), weights {cost.weight_bytes:,} B, peak activations "
         f"{cost.peak_act_bytes:,} B, {cost.bops / 1e9:.4g} GBOPs"
         + (f", energy {cost.energy_j * 1e3:.4g} mJ" if cost.energy_j is not None else "")
     )

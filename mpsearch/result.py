@@ -118,6 +118,8 @@ class SearchResult:
     # the searched model's layers (hw_models.LayerSpec), for pricing its trials on other targets;
     # set by mpsearch.search, not written to result.json
     layers: tuple = field(default=(), repr=False, compare=False)
+    # and its deployed graph (hw_models.graph), for pricing conversions as deployed; not written either
+    graph: Any = field(default=None, repr=False, compare=False)
 
     @property
     def objectives(self) -> tuple[str, ...]:

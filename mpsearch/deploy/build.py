@@ -3,7 +3,7 @@ and `verify` measures.
 
 `build(evaluator, candidate)` takes the FP32 graph of the evaluator's model (batch norms folded,
 as the evaluator quantizes it; exported once, `Evaluator.fp32_onnx`) and makes the graph the
-quantization rule of `mpsearch.deploy.plan` describes, with the evaluator's own numbers:
+quantization rule of `hw_models.graph` describes, with the evaluator's own numbers:
 
 - every tensor of `Plan.tensors` gets QuantizeLinear -> DequantizeLinear (uint8, per tensor)
   where it is produced, with the parameters of its hook point, so ONNX Runtime fuses int8
@@ -34,7 +34,7 @@ evaluator's (sub-8-bit grids, MSE clipping, AdaRound); (3) a node it excludes be
 neighbours reads a per-tensor DequantizeLinear and feeds a QuantizeLinear, so ONNX Runtime's
 WeightBiasQuantization quantizes it anyway (seen here: the excluded digits layer features.4 runs
 as QLinearConv); and (4) the evaluator must know before calibrating which tensors are quantized,
-which is the rule in mpsearch.deploy.plan, not quantize_static's.
+which is the rule in hw_models.graph, not quantize_static's.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from hw_models import Candidate, LayerChoice, Precision
-from mpsearch.deploy.plan import DeployGraph, GraphNode, Plan, Point
+from hw_models.graph import DeployGraph, GraphNode, Plan, Point
 from mpsearch.errors import EvaluationError, InvalidConfigError, MpsearchError
 from mpsearch.onnx_export import (
     _Editor,
@@ -119,13 +119,27 @@ def _float_values(proto: onnx.ModelProto) -> set[str]:
 
 def _channels(proto: onnx.ModelProto) -> dict[str, int]:
     """Tensor -> size of dimension 1, where shape inference knows it."""
+    return {t: dims[0] for t, dims in _sample_shapes(proto).items() if dims and dims[0] is not None}
+
+
+def _sample_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Tensor -> its dimensions after the batch dimension (None where shape inference does not
+    know one)."""
     onnx, _ = _import_onnx()
     g = onnx.shape_inference.infer_shapes(proto).graph
+    return {v.name: [int(d.dim_value) if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim[1:]]
+            for v in [*g.value_info, *g.input, *g.output]}
+
+
+def _elems(proto: onnx.ModelProto) -> dict[str, int]:
+    """Tensor -> elements per sample, where every dimension after the batch one is known."""
     out = {}
-    for v in [*g.value_info, *g.input, *g.output]:
-        dims = v.type.tensor_type.shape.dim
-        if len(dims) >= 2 and dims[1].HasField("dim_value"):
-            out[v.name] = int(dims[1].dim_value)
+    for t, dims in _sample_shapes(proto).items():
+        if None not in dims:
+            n = 1
+            for d in dims:
+                n *= d
+            out[t] = n
     return out
 
 
@@ -153,7 +167,7 @@ def read_graph(proto: onnx.ModelProto, model: nn.Module, example_input: Batch, h
                fqns) -> DeployGraph:
     """The DeployGraph of an FP32 export of `model`: its nodes, and a hook point for every tensor
     the rule may quantize, found by comparing values on the first example samples (module doc of
-    mpsearch.deploy.plan)."""
+    hw_models.graph)."""
     nodes = graph_nodes(proto, model, fqns)
     outputs = [o.name for o in proto.graph.output]
     skeleton = DeployGraph(nodes, outputs, {})
@@ -173,7 +187,25 @@ def read_graph(proto: onnx.ModelProto, model: nn.Module, example_input: Batch, h
         points[t] = Point("out", (module,))
     missing = [t for t in wanted if t not in points]
     note = f"{len(missing)} tensors have no hook point: {', '.join(missing[:5])}" if missing else ""
-    return DeployGraph(nodes, outputs, points, note)
+    elems = _elems(proto)
+    return DeployGraph(nodes, outputs, points, note, {t: elems[t] for n in nodes for t in (n.output, *n.inputs)
+                                                       if t in elems})
+
+
+def deploy_graph_of(task, analysis, fold: bool = True) -> DeployGraph | None:
+    """The deployed graph of a task's model without an Evaluator (batch norms folded as the
+    evaluator folds them): for pricing alone (`mpsearch profile`). None when the model cannot be
+    exported to ONNX (the cost model then prices conversions along the chain of layers)."""
+    from mpsearch.folding import fold_batchnorm, remap_handles
+    from mpsearch.onnx_export import export_fp32, fixed_sizes
+
+    try:
+        model, _ = fold_batchnorm(task.model) if fold else (task.model, [])
+        handles = remap_handles(analysis.handles, task.model, model)
+        proto = export_fp32(model, task.example_input, dynamic_dims="batch" if fixed_sizes(task) else "all")
+        return read_graph(proto, model, task.example_input, handles, analysis.fqns)
+    except Exception:  # noqa: BLE001 - pricing falls back to the chain of layers
+        return None
 
 
 def _first(batch: Batch, n: int) -> Batch:
@@ -283,7 +315,7 @@ class Deployment:
 
     proto:   the ONNX model (QDQ; metadata "mpsearch.config" when made by export, and
              "mpsearch.runtime": what runs, per layer, where it is not what was asked).
-    plan:    the quantized tensors (mpsearch.deploy.plan.Plan).
+    plan:    the quantized tensors (hw_models.graph.Plan).
     storage: layer -> how its weight is stored ("int4", "int8", "uint8", "float32", ...).
     notes:   layer -> what runs instead of what the configuration asks, and why.
     weight_dtype: "int8" or "uint8" (see mpsearch.onnx_export.default_weight_dtype).

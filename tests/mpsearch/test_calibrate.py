@@ -2,12 +2,12 @@
 
 import math
 
-import numpy as np
 import pytest
 
 from hw_models import Candidate, CostModel, LayerChoice, LayerSpec, Precision, get_profile
 from hw_models.profile_file import load_profile
-from mpsearch.calibrate import _fit_roofline, _nonneg_lstsq, random_configs, session_noise
+from mpsearch.analysis import analyze
+from mpsearch.calibrate import _fit_roofline, random_configs, session_noise
 from mpsearch.fit import EFFICIENCY_GRID
 
 X86 = get_profile("x86-vnni")
@@ -44,16 +44,6 @@ def test_roofline_fit_recovers_efficiency_and_overhead():
     assert got == pytest.approx(eff) and o == pytest.approx(overhead) and rms < 1e-9
 
 
-def test_transition_fit_is_nonnegative_least_squares():
-    a = np.array([[1.0, 10.0], [2.0, 5.0], [3.0, 40.0], [0.0, 0.0]])
-    x_true = np.array([4e-6, 2e-8])
-    assert _nonneg_lstsq(a, a @ x_true) == pytest.approx(tuple(x_true))
-    # a negative best fit is clamped: b explained by the first column alone
-    b = a @ np.array([5e-6, 0.0]) - a[:, 1] * 1e-9
-    x = _nonneg_lstsq(a, b)
-    assert x[0] > 0 and x[1] == 0.0
-
-
 def test_random_configs_are_seeded_and_span_the_range():
     fqns = tuple(f"l{i}" for i in range(20))
     a, b = random_configs(fqns, 30, seed=4), random_configs(fqns, 30, seed=4)
@@ -87,19 +77,28 @@ def test_calibrate_command_writes_a_profile_that_works_as_a_target(tmp_path, cap
     assert set(table.layers) == {"features.0", "features.2", "features.4", "features.6", "features.8",
                                  "features.10", "classifier.1", "classifier.3"}
     assert all(e["fp32"] > 0 and e["int8"] > 0 for e in table.layers.values())
-    # each layer's latency in context: the first layer sees the fp32 input, the last the fp32 output
-    assert {k for k in table.layers["features.0"] if ">" in k} == {
-        f"fp32>{own}>{nxt}" for own in ("fp32", "int8") for nxt in ("fp32", "int8")}
-    assert {k for k in table.layers["features.4"] if ">" in k} == {
-        f"{prev}>{own}>{nxt}" for prev in ("fp32", "int8") for own in ("fp32", "int8") for nxt in ("fp32", "int8")}
-    # pricing sums the layers' contexts and the non-layer time (hand-computed from the table)
+    # the deployed graph's conversions are priced apart: no chain contexts, a cost per element of
+    # QuantizeLinear and of DequantizeLinear
+    assert not any(">" in k or "@" in k for e in table.layers.values() for k in e)
+    assert prof.quantize_bytes_per_elem is not None and prof.dequantize_bytes_per_elem is not None
+    # pricing sums the layers' measured times, the non-layer time and the graph's conversions
+    from mpsearch.deploy.build import deploy_graph_of
+    from mpsearch.tasks import load_task
+
+    task = load_task("digits")
+    graph = deploy_graph_of(task, analyze(task.model, task.example_input))
     fqns = list(table.layers)
     int8 = {"features.2", "features.4", "classifier.3"}
-    kinds = ["fp32", *("int8" if f in int8 else "fp32" for f in fqns), "fp32"]
-    expected = table.other_s + sum(table.layers[f][f"{kinds[i]}>{kinds[i + 1]}>{kinds[i + 2]}"]
-                                   for i, f in enumerate(fqns))
     cand = Candidate((f, LayerChoice(P.INT8, P.INT8) if f in int8 else LayerChoice(P.FP32, P.FP32)) for f in fqns)
-    assert CostModel(_digits_layers(), prof, 1).price(cand).latency_s == pytest.approx(expected)
+    bounds = graph.boundaries(graph.plan(dict(cand.items())))
+    # features.2 and .4 quantize their inputs (one Q before features.2; .4 reads .2's int8 output),
+    # .4's output is read by the fp32 features.6 (a DQ), classifier.3 quantizes its own input
+    assert sorted((b.kind, b.layer) for b in bounds) == [("dq", "features.4"), ("q", "classifier.3"),
+                                                          ("q", "features.2")]
+    per = {"q": prof.quantize_bytes_per_elem, "dq": prof.dequantize_bytes_per_elem}
+    expected = (table.other_s + sum(table.layers[f]["int8" if f in int8 else "fp32"] for f in fqns)
+                + sum(prof.transition_overhead_s + b.elems * per[b.kind] / prof.mem_bw_bytes_per_s for b in bounds))
+    assert CostModel(_digits_layers(), prof, 1, graph).price(cand).latency_s == pytest.approx(expected)
     rc = main(["profile", "--task", "digits", "--target", str(out), "--precision", "int8"])
     text = capsys.readouterr().out
     assert rc == 0 and "my-cpu" in text and "(measured per-layer table)" in text

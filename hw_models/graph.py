@@ -1,4 +1,5 @@
-"""Which tensors the deployed graph of a configuration quantizes: one rule for export and simulation.
+"""Which tensors the deployed graph of a configuration quantizes: one rule for export, simulation
+and pricing.
 
 A deployment runtime (ONNX Runtime, TensorRT, OpenVINO) runs a layer on int8 kernels when its
 input, its weight and its output are int8, and keeps int8 regions int8 end to end: a residual
@@ -31,10 +32,13 @@ value in ONNX Runtime on the example batch). A tensor with no hook point is not 
 int8 convolution whose output cannot be simulated keeps a float output (ONNX Runtime then runs a
 float convolution on its dequantized weights), and the plan says so in `Plan.notes`.
 
-The graph the rule reads is the FP32 model exported to ONNX (mpsearch.onnx_export), the same
-export the deployed graph is built from (mpsearch.deploy.build), so simulation and deployment
-read one structure. `DeployGraph` holds only plain data (node names, op types, tensor names,
-hook points) and round-trips through `to_dict`, so the evaluator keeps it in its disk cache.
+The graph the rule reads is the FP32 model exported to ONNX (mpsearch.deploy.build.read_graph),
+the same export the deployed graph is built from (mpsearch.deploy.build), so simulation,
+deployment and pricing read one structure. `DeployGraph` holds only plain data (node names, op
+types, tensor names and sizes, hook points) and round-trips through `to_dict`, so the evaluator
+keeps it in its disk cache; it lives here, with the hardware models, because the cost model prices
+a configuration's precision boundaries on it (`boundaries`: where a QuantizeLinear or a
+DequantizeLinear runs), and hw_models imports nothing of mpsearch.
 """
 
 from __future__ import annotations
@@ -44,11 +48,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hw_models import LayerChoice, Precision
+from hw_models.layers import LayerChoice
+from hw_models.precision import Precision
 
-__all__ = ["PLAN_VERSION", "DeployGraph", "GraphNode", "Plan", "Point"]
+__all__ = ["PLAN_VERSION", "Boundary", "DeployGraph", "GraphNode", "Plan", "Point"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 INT8_OPS = ("Add", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat")
@@ -129,21 +134,37 @@ class Plan:
         return frozenset(p.names[0] for p in self.tensors.values() if p.kind == "out")
 
 
+@dataclass(frozen=True)
+class Boundary:
+    """Where a deployed graph converts between float and int8: kind "q" (a QuantizeLinear on the
+    input of `layer`, an int8 layer reading a float tensor) or "dq" (a DequantizeLinear: a
+    quantized tensor read by a float op); `elems` per sample; `layer` the layer it is charged to
+    (the int8 layer of a "q", the layer producing a "dq"'s tensor, else its first float reader;
+    None when no layer is near)."""
+
+    kind: str
+    tensor: str
+    elems: int
+    layer: str | None
+
+
 class DeployGraph:
     """The FP32 graph's structure as the quantization rule reads it, and its hook points.
 
     nodes:   every node with a float output, in topological order (GraphNode).
     outputs: the graph's outputs.
     points:  tensor -> Point, for every tensor rule 1 or 2 may quantize that can be simulated.
+    elems:   tensor -> elements per sample (where shape inference knows them).
     sites:   layers found in the graph (one node each); others are treated by rule 5 only.
     """
 
     def __init__(self, nodes: Sequence[GraphNode], outputs: Sequence[str], points: Mapping[str, Point],
-                 note: str = ""):
+                 note: str = "", elems: Mapping[str, int] | None = None):
         self.nodes = tuple(nodes)
         self.outputs = tuple(outputs)
         self.points = dict(points)
         self.note = note
+        self.elems = dict(elems or {})
         self.producer = {n.output: n for n in self.nodes}
         self.consumers: dict[str, list[tuple[GraphNode, int]]] = defaultdict(list)
         for n in self.nodes:
@@ -236,6 +257,40 @@ class DeployGraph:
                 edges[f] = c.activation  # rule 5 (and int8 inputs of float-weight layers)
         return Plan(int8, quantized, edges, notes)
 
+    def boundaries(self, plan: Plan) -> list[Boundary]:
+        """Where the deployed graph of `plan` converts between float and int8 (module doc, rule 4):
+        a QuantizeLinear on each int8 input edge, a DequantizeLinear on each quantized tensor that a
+        float op (an fp32 layer, an Add or pooling left float, the graph's output) reads."""
+        out = []
+        for f, p in plan.edges.items():
+            site = self.sites.get(f)
+            if p == INT8 and site is not None:
+                t = self.source(site.inputs[0])
+                out.append(Boundary("q", t, self.elems.get(t, 0), f))
+        for t in plan.tensors:
+            readers = []
+            todo = [t]
+            while todo:
+                x = todo.pop()
+                if x in self.outputs:
+                    readers.append(None)
+                for n, i in self.consumers.get(x, []):
+                    if n.op in TRANSPARENT and i == 0:
+                        todo.append(n.output)
+                    elif n.layer is not None and i == 0:
+                        if n.layer not in plan.int8_layers:
+                            readers.append(n.layer)
+                    elif not (n.op in INT8_OPS and self.tail(n.output) in plan.tensors):
+                        readers.append("")
+            if readers:
+                producer = self.producer.get(t)
+                while producer is not None and producer.layer is None and producer.op in FUSED_ACTIVATIONS:
+                    producer = self.producer.get(producer.inputs[0])
+                owner = producer.layer if producer is not None and producer.layer else next(
+                    (r for r in readers if r), None)
+                out.append(Boundary("dq", t, self.elems.get(t, 0), owner))
+        return out
+
     # -- plain data -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -244,6 +299,7 @@ class DeployGraph:
             "outputs": list(self.outputs),
             "points": {t: p.to_list() for t, p in self.points.items()},
             "note": self.note,
+            "elems": dict(self.elems),
         }
 
     @classmethod
@@ -251,7 +307,7 @@ class DeployGraph:
         if d.get("version") != PLAN_VERSION:
             raise ValueError(f"deploy graph version {d.get('version')!r}, expected {PLAN_VERSION}")
         return cls([GraphNode.from_dict(x) for x in d["nodes"]], d["outputs"],
-                   {t: Point.from_list(p) for t, p in d["points"].items()}, d.get("note", ""))
+                   {t: Point.from_list(p) for t, p in d["points"].items()}, d.get("note", ""), d.get("elems"))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DeployGraph) and self.to_dict() == other.to_dict()
