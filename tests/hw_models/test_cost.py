@@ -61,11 +61,11 @@ def test_bops_are_macs_times_both_bit_widths():
 def test_roofline_latency_by_hand():
     model = CostModel([CONV, FC], X86)
     c = model.layer_cost("conv", LayerChoice(P.INT8, P.INT8))
-    int8_rate = 2 * 2.5e9 * 2 * 64 * 0.25  # effective MAC/s
+    int8_rate = 2 * 2.5e9 * 2 * 64 * X86.efficiency["int8"]  # effective MAC/s
     assert c.compute_s == pytest.approx(115_200 / int8_rate)
     # weights 1216 B + input 800 B (int8) + output 1600*4 B
     assert c.memory_s == pytest.approx((1216 + 800 + 6400) / 20e9)
-    assert c.latency_s == pytest.approx(max(c.compute_s, c.memory_s) + 4e-6)
+    assert c.latency_s == pytest.approx(max(c.compute_s, c.memory_s) + X86.layer_overhead_s)
     f = model.layer_cost("fc", LayerChoice(P.FP32, P.FP32))
     assert f.memory_s == pytest.approx((2560 + 256 + 40) / 20e9)
     assert f.bound == "memory"
@@ -89,8 +89,9 @@ def test_price_sums_layers_and_transitions_and_batch_scales_activations():
     parts = model.breakdown(cand)
     assert cost.feasible and cost.reason == ""
     # fp32 input -> int8 conv (800 input elements), int8 conv -> fp32 fc (64), fp32 output: none
-    t_in = 4e-6 + 800 * 13 / 20e9
-    t_mid = 4e-6 + 64 * 13 / 20e9
+    over, per = X86.transition_overhead_s, X86.transition_bytes_per_elem
+    t_in = over + 800 * per / 20e9
+    t_mid = over + 64 * per / 20e9
     assert cost.transitions == 2
     assert cost.transition_s == pytest.approx(t_in + t_mid)
     assert [p.transition_s for p in parts] == pytest.approx([t_in, t_mid])
@@ -108,7 +109,7 @@ def test_price_sums_layers_and_transitions_and_batch_scales_activations():
     c2 = model.price(both)
     assert c2.peak_act_bytes == 800 + 1600
     assert c2.transitions == 2  # in at the input, out at the output
-    assert c2.transition_s == pytest.approx(t_in + 4e-6 + 10 * 13 / 20e9)
+    assert c2.transition_s == pytest.approx(t_in + over + 10 * per / 20e9)
 
 
 def test_alternating_precisions_pay_for_every_switch():

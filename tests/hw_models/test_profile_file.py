@@ -27,11 +27,11 @@ def _text(**changes):
 
 @pytest.mark.parametrize(("change", "needle"), [
     (("mem_bw_bytes_per_s = 20000000000.0\n", ""), "field mem_bw_bytes_per_s: missing"),
-    (("layer_overhead_s = 4e-06", "layer_overhead_s = -1.0"), "field layer_overhead_s: must be >= 0"),
+    (("layer_overhead_s = 1e-06", "layer_overhead_s = -1.0"), "field layer_overhead_s: must be >= 0"),
     (("mem_bw_bytes_per_s = 20000000000.0", 'mem_bw_bytes_per_s = "fast"'), "field mem_bw_bytes_per_s: expected a number"),
     (('weight = "int8"', 'weight = "int5"'), "unknown precision 'int5'"),
     (('compute = "int8"', 'compute = "int4"'), "compute: 'int4' has no throughput"),
-    (("int8 = 0.25", "int8 = 1.5"), "field efficiency.int8: must be in (0, 1]"),
+    (("int8 = 0.49", "int8 = 1.5"), "field efficiency.int8: must be in (0, 1]"),
     (("name = ", "nom = "), "field name: missing"),
     (("native = true", "native = true\nkernel = 3"), "field rules[0].kernel: expected a kernel name"),
     (('storage = "int4"', 'storage = "int5"'), "unknown precision 'int5'"),
