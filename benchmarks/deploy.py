@@ -19,8 +19,9 @@ against ONNX Runtime, and the calibrated cost model against held-out deployed mi
    interleaved, at 1 and 2 threads: Spearman, MAPE and share within 10% of the calibrated
    profile and of the built-in x86-vnni profile (benchmarks/cost_model.py's method).
 
-Prints the CPU (model and features: avx2, avx512f, avx512_vnni, amx_int8, ...) it ran on. --quick
-runs in about 10 minutes here; the full run about 30.
+Prints the CPU (model and features: avx2, avx512f, avx512_vnni, amx_int8, ...) it ran on. The full
+run takes about 4 minutes here (2 cores), --quick about 2. Timings at 2 threads need both cores
+idle: another process running meanwhile shows as a poor repeatability line.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def print_fidelity(f: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds and mixes (about 10 minutes)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and mixes (about 2 minutes)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     ap.add_argument("--tasks", default="digits,mobilenet_v2")
     ap.add_argument("--no-fidelity", action="store_true", help="skip the calibrated cost model's fidelity (part 3)")

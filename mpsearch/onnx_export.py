@@ -354,9 +354,13 @@ class _Editor:
         self.graph = graph
         self.inits: list = []
         self.before: dict[int, list] = {}  # node position -> new nodes to insert before it
+        self.after: dict[int, list] = {}  # node position -> new nodes to insert after it
 
     def insert(self, position: int, nodes: list) -> None:
         self.before.setdefault(position, []).extend(nodes)
+
+    def insert_after(self, position: int, nodes: list) -> None:
+        self.after.setdefault(position, []).extend(nodes)
 
     def init(self, base: str, value: np.ndarray) -> str:
         name = self.graph.unique(base)
@@ -403,6 +407,7 @@ class _Editor:
         for i, n in enumerate(self.graph.nodes):
             ordered.extend(self.before.get(i, ()))
             ordered.append(n)
+            ordered.extend(self.after.get(i, ()))
         _set_nodes(g, ordered)
         g.initializer.extend(self.inits)
         _prune(g)

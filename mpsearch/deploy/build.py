@@ -56,7 +56,6 @@ from mpsearch.onnx_export import (
     _Graph,
     _import_onnx,
     _import_ort,
-    _prune,
     _set_nodes,
     _WeightSite,
     default_weight_dtype,
@@ -244,11 +243,22 @@ def _close(a: torch.Tensor, ref: np.ndarray) -> bool:
     return float((a - b).abs().max()) <= tol
 
 
+def _run_hooked(model: nn.Module, example_input: Batch, hooks: list) -> None:
+    """The model on the first example samples, then its `hooks` removed."""
+    from mpsearch.tasks.base import run_model
+
+    try:
+        with torch.no_grad():
+            run_model(model, _first(example_input, _MATCH_SAMPLES))
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+
 def _hooked_inputs(model: nn.Module, example_input: Batch, handles: Mapping[str, Any],
                    layer_inputs: Mapping[str, str], values: Mapping[str, np.ndarray]) -> set[str]:
     """Layers whose input hook sees exactly the graph's data input of their node."""
     from mpsearch.evaluator import _pre_hook
-    from mpsearch.tasks.base import run_model
 
     seen: dict[str, torch.Tensor] = {}
     hooks = []
@@ -260,19 +270,13 @@ def _hooked_inputs(model: nn.Module, example_input: Batch, handles: Mapping[str,
             return x
 
         hooks.append(_pre_hook(h.input_module, (h.input_arg,), grab))
-    try:
-        with torch.no_grad():
-            run_model(model, _first(example_input, _MATCH_SAMPLES))
-    finally:
-        for hk in hooks:
-            hk.remove()
+    _run_hooked(model, example_input, hooks)
     return {f for f, t in layer_inputs.items() if f in seen and t in values and _close(seen[f], values[t])}
 
 
 def _module_outputs(model: nn.Module, example_input: Batch, values: Mapping[str, np.ndarray]) -> dict[str, str]:
     """Tensor -> the module whose output it is (values compared; the innermost module, the last
     to return it among siblings; modules called more than once are not used)."""
-    from mpsearch.tasks.base import run_model
 
     if not values:
         return {}
@@ -292,12 +296,7 @@ def _module_outputs(model: nn.Module, example_input: Batch, values: Mapping[str,
                     if _close(out, values[t]):
                         matches[t].append((order[0], name))
         hooks.append(m.register_forward_hook(after))
-    try:
-        with torch.no_grad():
-            run_model(model, _first(example_input, _MATCH_SAMPLES))
-    finally:
-        for hk in hooks:
-            hk.remove()
+    _run_hooked(model, example_input, hooks)
     out = {}
     for t, found in matches.items():
         names = {n for _, n in found if calls.get(n) == 1}
@@ -362,7 +361,6 @@ class _Builder(_Editor):
 
     def __init__(self, graph: _Graph):
         super().__init__(graph)
-        self.after: dict[int, list] = {}
         self.float_inputs: list[tuple[int, int]] = []  # (node position, data input) of float layers
 
     def int_weight(self, site: _WeightSite, fqn: str, ints: torch.Tensor, scale: torch.Tensor, k: np.ndarray,
@@ -406,9 +404,6 @@ class _Builder(_Editor):
             if n_channels:
                 self.channel_dq(position, data_index, dq, n_channels)
 
-    def insert_after(self, position: int, nodes: list) -> None:
-        self.after.setdefault(position, []).extend(nodes)
-
     def act(self, base: str, scale: float, zero: int) -> tuple[str, str]:
         s = self.init(f"{base}_scale", np.float32(scale))
         z = self.init(f"{base}_zero_point", np.uint8(zero))
@@ -448,16 +443,6 @@ class _Builder(_Editor):
         node.input[data_index] = out
         self.insert(position, [new])
 
-    def apply(self) -> None:
-        g = self.graph.model.graph
-        ordered = []
-        for i, n in enumerate(self.graph.nodes):
-            ordered.extend(self.before.get(i, ()))
-            ordered.append(n)
-            ordered.extend(self.after.get(i, ()))
-        _set_nodes(g, ordered)
-        g.initializer.extend(self.inits)
-        _prune(g)
 
 
 def build(
