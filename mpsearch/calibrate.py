@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import platform
 import random
 import sys
 from collections.abc import Mapping
@@ -114,6 +113,7 @@ class Calibration:
              f"DequantizeLinear {p.dequantize_bytes_per_elem:.3g} B/element (the deployed graph's own)"
              if p.quantize_bytes_per_elem is not None else
              f"transition {p.transition_overhead_s * 1e6:.3g} us + {p.transition_bytes_per_elem:.3g} B/element")),
+            f"{p.sources.get('efficiency', '')}",
             (f"measured at batch size {self.batch_size}, {self.threads} thread(s); roofline fit rms log error "
             f"{self.fit.get('roofline_rms_log', float('nan')):.3f}"),
             f"{'session':12s} {'measured_ms':>12s} {'predicted_ms':>12s}",
@@ -287,7 +287,12 @@ def calibrate(
     q_bytes, dq_bytes = (per[0], per[1]) if graph is not None else (None, None)
     t_bytes = per[0] if graph is None else (per[0] + per[1]) / 2
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    where = f"measured by mpsearch calibrate on {platform.node() or 'this machine'} ({platform.processor() or platform.machine()}), {stamp}, task {task_obj.name}, ONNX Runtime, {threads} thread(s), batch {batch_size}"
+    from mpsearch.deploy.verify import cpu_info
+
+    cpu = cpu_info()
+    features = ", ".join(cpu["features"]) or "no int8 dot-product features"
+    where = (f"measured by mpsearch calibrate on {cpu['host']} ({cpu['cpu']}; {features}), {stamp}, "
+             f"task {task_obj.name}, ONNX Runtime deployed graphs, {threads} thread(s), batch {batch_size}")
     profile = replace(
         fitted,
         name=name or f"{base.name}-calibrated",
