@@ -21,13 +21,11 @@ Layout (every number in SI units; see HardwareProfile for what each field means)
     int8 = 0.25
     [energy_pj_per_mac]                  # optional
     [sources]                            # where each figure comes from
-    [[rules]]                            # one per runnable (weight, activation) pair
-    weight = "int8"
-    activation = "int8"
-    compute = "int8"
-    native = true
-    kernel = "weight_only"               # optional: whose [efficiency] applies (default: compute's)
-    storage = "int4"                     # optional: the format the weight is stored in (default: weight)
+    rules = [                            # one per runnable (weight, activation) pair ([[rules]] tables too)
+        { weight = "int8", activation = "int8", compute = "int8", native = true },
+        # optional: kernel = "weight_only" (whose [efficiency] applies; default: compute's),
+        # storage = "int4" (the format the weight is stored in; default: weight)
+    ]
     [layer_table]                        # optional: measured per-layer latency (lookup mode)
     batch_size = 1
     other_s = 1.2e-4                     # the model's operations that are not layers
@@ -42,11 +40,12 @@ precision, a rule whose compute kind has no throughput.
 
 from __future__ import annotations
 
-import json
 import math
 import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from hw_models.precision import Precision
 from hw_models.profiles import ExecRule, HardwareProfile, LayerTable
@@ -177,57 +176,31 @@ def profile_from_dict(data: dict[str, Any], where: str = "profile") -> HardwareP
 
 
 def dump_profile(profile: HardwareProfile) -> str:
-    """The profile as TOML text (`load_profile` reads it back to an equal profile)."""
-    out = []
-
-    def line(key: str, v: Any) -> None:
-        out.append(f"{_key(key)} = {_value(v)}")
-
-    line("name", profile.name)
-    line("kind", profile.kind)
-    line("description", profile.description)
-    line("io_compute", profile.io_compute)
+    """The profile as TOML text (tomli-w; `load_profile` reads it back to an equal profile)."""
+    data: dict[str, Any] = {"name": profile.name, "kind": profile.kind, "description": profile.description,
+                            "io_compute": profile.io_compute}
     for f in (*_NUMBERS, *_OPTIONAL_NUMBERS, *_OPTIONAL_INTS):
         v = getattr(profile, f)
         if v is not None:
-            line(f, v)
+            data[f] = v
     for section in ("peak_macs_per_s", "efficiency", "energy_pj_per_mac", "sources"):
         values = getattr(profile, section)
         if values:
-            out.append(f"\n[{section}]")
-            for k, v in values.items():
-                line(k, v)
+            data[section] = dict(values)
+    rules = []
     for r in profile.rules:
-        out.append("\n[[rules]]")
-        line("weight", r.weight.value)
-        line("activation", r.activation.value)
-        line("compute", r.compute)
-        line("native", r.native)
+        rule: dict[str, Any] = {"weight": r.weight.value, "activation": r.activation.value, "compute": r.compute,
+                                "native": r.native}
         if r.kernel:
-            line("kernel", r.kernel)
+            rule["kernel"] = r.kernel
         if r.storage is not None:
-            line("storage", r.storage.value)
+            rule["storage"] = r.storage.value
+        rules.append(rule)
+    data["rules"] = rules
     t = profile.layer_table
     if t is not None:
-        out.append("\n[layer_table]")
-        line("batch_size", t.batch_size)
-        line("other_s", t.other_s)
-        for fqn, entry in t.layers.items():
-            out.append(f"\n[layer_table.layers.{_key(fqn)}]")
-            for k, v in entry.items():
-                line(k, int(v) if k == "macs" else v)
-    return "\n".join(out) + "\n"
-
-
-def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v)
-    return json.dumps(str(v), ensure_ascii=False)
+        data["layer_table"] = {
+            "batch_size": t.batch_size, "other_s": t.other_s,
+            "layers": {fqn: {k: int(v) if k == "macs" else v for k, v in entry.items()} for fqn, entry in t.layers.items()},
+        }
+    return tomli_w.dumps(data)

@@ -33,7 +33,7 @@ def _text(**changes):
     (('compute = "int8"', 'compute = "int4"'), "compute: 'int4' has no throughput"),
     (("int8 = 0.49", "int8 = 1.5"), "field efficiency.int8: must be in (0, 1]"),
     (("name = ", "nom = "), "field name: missing"),
-    (("native = true", "native = true\nkernel = 3"), "field rules[0].kernel: expected a kernel name"),
+    (("native = true", "native = true, kernel = 3"), "field rules[0].kernel: expected a kernel name"),
     (('storage = "int4"', 'storage = "int5"'), "unknown precision 'int5'"),
 ])
 def test_bad_files_name_the_file_and_the_field(tmp_path, change, needle):
