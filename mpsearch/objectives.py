@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import moocore
 import numpy as np
 
 from mpsearch.errors import InvalidConfigError
@@ -80,49 +81,25 @@ def minimized(record, objectives: Sequence[str]) -> tuple[float, ...]:
 def pareto_front(trials, objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> list[int]:
     """Trial numbers of the non-dominated complete, feasible trials over `objectives`, ordered
     by the first cost objective. A configuration repeated in several trials appears once, under
-    its first trial, and so do trials with equal objective values.
-
-    O(n x front size): in lexicographic order of the (minimized) objective vectors, any trial
-    that dominates another comes before it, and if it is itself dominated, a trial already on
-    the front dominates both; so each trial is checked against the front so far only.
-    """
+    its first trial, and so do trials with equal objective values (moocore.is_nondominated keeps
+    the first of equal points; the trials are sorted by their values, then their numbers)."""
     pool = [t for t in trials if t.state == "complete" and t.feasible and t.duplicate_of is None]
-    front: list[tuple[tuple[float, ...], int]] = []
-    for vec, number in sorted((minimized(t, objectives), t.number) for t in pool):
-        if any(all(a <= b for a, b in zip(f, vec, strict=True)) for f, _ in front):
-            continue  # dominated, or equal to a trial already on the front
-        front.append((vec, number))
+    if not pool:
+        return []
+    items = sorted((minimized(t, objectives), t.number) for t in pool)
+    keep = moocore.is_nondominated(np.asarray([v for v, _ in items], dtype=float), keep_weakly=False)
+    front = [item for item, k in zip(items, keep, strict=True) if k]
     return [n for v, n in sorted(front, key=lambda fn: (fn[0][1:], fn[0][0], fn[1]))]
 
 
 def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
     """Hypervolume dominated by `points` (every coordinate minimized) up to `reference`; points
-    not strictly better than the reference in every coordinate add nothing. Exact: a sweep in
-    two dimensions, optuna's WFG algorithm above."""
+    not strictly better than the reference in every coordinate add nothing. Exact (moocore)."""
     ref = np.asarray(reference, dtype=float)
     pts = np.asarray([p for p in points if all(a < b for a, b in zip(p, ref, strict=True))], dtype=float)
     if len(pts) == 0:
         return 0.0
-    if len(ref) == 2:
-        return _hv2(pts, ref)
-    from optuna._hypervolume import compute_hypervolume  # exact WFG; private but stable in optuna 4-5
-
-    return float(compute_hypervolume(pts, ref))
-
-
-def _hv2(pts: np.ndarray, ref: np.ndarray) -> float:
-    """Exact 2-D hypervolume: the front sorted by the first coordinate, a strip per point."""
-    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
-    front, best = [], ref[1]
-    for x, y in pts:
-        if y < best:
-            front.append((x, y))
-            best = y
-    total = 0.0
-    for i, (x, y) in enumerate(front):
-        x_next = front[i + 1][0] if i + 1 < len(front) else ref[0]
-        total += (x_next - x) * (ref[1] - y)
-    return float(total)
+    return float(moocore.hypervolume(pts, ref=ref))
 
 
 def reference_point(objectives: Sequence[str], fp32_metric: float, upper: dict[str, float]) -> dict[str, float]:

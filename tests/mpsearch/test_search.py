@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -125,6 +126,40 @@ def test_hypervolume_by_hand():
     # 3-D: two boxes [1,4]x[1,4]x[2,4] (18) and [2,4]x[2,4]x[1,4] (12) overlapping in [2,4]^2x[2,4] (8)
     assert hypervolume([(1, 1, 2), (2, 2, 1)], (4, 4, 4)) == pytest.approx(18 + 12 - 8)
     assert hypervolume([(5, 1)], (4, 4)) == 0.0
+
+
+# Point sets (numpy default_rng(7) integers) and the hypervolumes the hand-written 2-D sweep and
+# Optuna's WFG gave before mpsearch.objectives moved to moocore: the same values, exactly
+HV_SETS = [
+    ([[18, 12], [13, 17], [11, 15], [16, 4], [1, 6], [5, 17], [18, 0], [9, 16], [2, 15], [2, 9], [16, 6], [6, 5],
+      [14, 5], [19, 8], [9, 10], [11, 11], [10, 19], [16, 15], [14, 12], [6, 19], [9, 4], [16, 3], [17, 12], [2, 0],
+      [8, 0], [2, 10], [19, 9], [16, 18], [16, 12], [8, 10]], (20, 20), 374.0),
+    ([[2, 4, 3], [2, 9, 0], [0, 1, 9], [6, 8, 2], [7, 3, 4], [0, 6, 8], [6, 1, 5], [2, 9, 8], [1, 5, 9], [8, 7, 6],
+      [0, 7, 4], [0, 2, 5], [7, 5, 6], [8, 6, 3], [6, 5, 1], [0, 6, 3], [5, 3, 2], [1, 3, 8], [4, 3, 5], [9, 3, 5],
+      [4, 6, 4], [6, 5, 6], [9, 1, 5], [4, 3, 2], [0, 4, 8]], (10, 10, 10), 626.0),
+    ([[0, 2, 5, 5], [1, 0, 4, 0], [1, 2, 5, 0], [3, 3, 0, 5], [5, 2, 5, 3], [5, 5, 3, 1], [0, 3, 1, 4], [5, 1, 3, 0],
+      [1, 2, 5, 5], [3, 3, 3, 0], [2, 5, 2, 1], [1, 4, 0, 5], [5, 3, 2, 4], [3, 2, 1, 2], [4, 0, 0, 4]],
+     (6, 6, 6, 6), 659.0),
+]
+
+
+@pytest.mark.parametrize("points, ref, expected", HV_SETS)
+def test_hypervolume_and_front_as_before(points, ref, expected):
+    import itertools
+
+    assert hypervolume(points, ref) == expected
+    # the front by definition, pair by pair: the same as moocore's filter
+    records = [SimpleNamespace(number=i, state="complete", feasible=True, duplicate_of=None, metric=-p[0],
+                               latency_ms=p[1], weight_bytes=p[2] if len(p) > 2 else 0,
+                               bops=p[3] if len(p) > 3 else 0) for i, p in enumerate(points)]
+    names = ("metric", "latency", "weight_memory", "bops")[:len(ref)]
+    dominated = {j for i, j in itertools.permutations(range(len(points)), 2)
+                 if all(a <= b for a, b in zip(points[i], points[j], strict=True))
+                 and (points[i] != points[j] or i < j)}
+    front = pareto_front(records, names)
+    assert sorted(front) == sorted(set(range(len(points))) - dominated)
+    # the hypervolume of the front alone is the whole set's
+    assert hypervolume([points[i] for i in front], ref) == expected
 
 
 @pytest.mark.parametrize("sampler", ["nsga3", "qmc", "gp"])
