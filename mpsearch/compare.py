@@ -35,7 +35,7 @@ from typing import Any
 from hw_models import Candidate, CostModel, HardwareProfile, Precision
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import InvalidConfigError
-from mpsearch.report import best_lines
+from mpsearch.report import best_lines, text_table
 from mpsearch.report_html import layer_breakdown
 from mpsearch.result import SearchResult, TrialRecord, pareto_front
 
@@ -165,12 +165,10 @@ def compare_table(cmp: Comparison) -> str:
                          "-" if r["speedup_fp32"] is None else f"{r['speedup_fp32']:.2f}x",
                          "-" if r["speedup_int8"] is None else f"{r['speedup_int8']:.2f}x",
                          "-" if r["weight_bytes"] is None else f"{r['weight_bytes'] / 1024:.1f}"])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = [(f"{cmp.result.task}: best {name} within each latency budget, per target "
              f"({len(cmp.result.trials)} trials scored once, priced on {len(cmp.targets)} targets; "
              f"FP32 {name} {cmp.result.reference['fp32_metric']:.4f})"),
-             "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+             *text_table(header, rows, left=2)]
     fronts = ", ".join(f"{t} {len(cmp.per_target[t]['pareto'])}" for t in cmp.targets)
     lines.append(f"Pareto front sizes (metric vs latency): {fronts}")
     lines.append("best per target (mpsearch.selection: the fastest there within the drop budget):")

@@ -1,6 +1,12 @@
-"""Plain-text views of a SearchResult (the Pareto table printed by the CLI)."""
+"""Plain-text views of a SearchResult (the Pareto table printed by the CLI), as rich tables."""
 
 from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
 
 from mpsearch.result import SearchResult, TrialRecord
 from mpsearch.selection import RANKED_BY
@@ -11,6 +17,21 @@ def vs_fp32(latency_ms: float | None, fp32_latency_ms: float | None) -> str:
     if fp32_latency_ms is None or latency_ms is None:
         return "-"
     return f"{fp32_latency_ms / latency_ms:.2f}x" if latency_ms > 0 else "inf"
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 0) -> list[str]:
+    """An aligned plain-text table (rich, no colours, no borders): the header line, then a line a
+    row; the first `left` columns are left-aligned, the others right-aligned (numbers)."""
+    table = Table(box=None, pad_edge=False, header_style="", padding=(0, 1))
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i < left else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*r)
+    console = Console(file=io.StringIO(), width=100_000, color_system=None, force_terminal=False,
+                      emoji=False, highlight=False)
+    console.print(table, markup=False)
+    lines = [ln.rstrip() for ln in console.file.getvalue().splitlines()]
+    return [ln for ln in lines if ln.strip()]
 
 
 def _row(t: TrialRecord, fp32_latency_ms: float | None, marker: str, extra: list[str]) -> list[str]:
@@ -47,15 +68,13 @@ def pareto_table(result: SearchResult) -> str:
               *(_EXTRA_HEADER[e] for e in extra), "MBOPs", "w_bits", "a_bits"]
     best = result.best
     rows = [_row(result.trial(n), ref["fp32_latency_ms"], "*" if n == best else "", extra) for n in result.pareto]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = [
         (f"Pareto front: {result.task} on {result.target} "
         f"({len(result.pareto)} of {len(result.trials)} trials; "
         f"FP32 {ref['metric_name']} {ref['fp32_metric']:.4f}, latency {_ms(ref['fp32_latency_ms'])}, "
         f"weights {ref['fp32_weight_bytes'] / 1024:.1f} KiB)"),
-        "  ".join(h.rjust(w) for h, w in zip(header, widths)),
+        *text_table(header, rows),
     ]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     if not rows:
         lines.append("(no feasible trial completed)")
     lines += best_lines(result)
@@ -118,12 +137,9 @@ def cost_table(cost_model, candidate) -> str:
             f"{c.latency_s * 1e6:.4g}", f"{c.transition_s * 1e6:.3g}" if c.transition_s else "",
             f"{c.weight_bytes:,}", f"{c.act_bytes * cost_model.batch_size:,}",
         ])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = [f"{cost_model.profile.name}, batch size {cost_model.batch_size}"
              + (" (measured per-layer table)" if cost_model.measured else "")]
-    lines.append("  ".join(h.ljust(w) if i < 5 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
-    for r in rows:
-        lines.append("  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    lines += text_table(header, rows, left=5)
     lines.append(
         f"total: latency {cost.latency_ms:.4g} ms (of which {cost.transitions} "
         f"conversion{'s' if cost.transitions != 1 else ''} {cost.transition_s * 1e3:.3g} ms"

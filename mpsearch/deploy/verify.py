@@ -256,22 +256,22 @@ def verify(
 
 def summary(v: Mapping[str, Any]) -> str:
     """The verification as a text table (stdout of `mpsearch verify`)."""
+    from mpsearch.report import text_table
+
     w = v["where"]
-    lines = [
-        (f"measured on {w['host']} ({w['cpu']}; {', '.join(w['features']) or 'no int8 dot-product features'}), "
-        f"{w['threads']} thread(s), batch {w['batch_size']}: {w['placement']}"),
-        (f"{'config':12s} {'pred ms':>9s} {'meas ms':>9s} {'pred x':>7s} {'meas x':>7s} {'sim metric':>10s} "
-        f"{'ORT metric':>10s} {'agree':>6s} {'int8 k.':>7s}"),
-    ]
+    header = ["config", "pred ms", "meas ms", "pred x", "meas x", "sim metric", "ORT metric", "agree", "int8 k."]
+    rows = []
     for k, r in v["references"].items():
-        lines.append(f"{k:12s} {'':>9s} {r['latency_ms']:9.4g} {'':>7s} {r['measured_speedup']:6.2f}x "
-                     f"{r['sim_metric']:10.4f} {r['metric']:10.4f} {r['sim_agreement']:6.3f} {r['int8_kernels']:7d}")
+        rows.append([k, "", f"{r['latency_ms']:.4g}", "", f"{r['measured_speedup']:.2f}x", f"{r['sim_metric']:.4f}",
+                     f"{r['metric']:.4f}", f"{r['sim_agreement']:.3f}", str(r["int8_kernels"])])
     for n, t in v["trials"].items():
-        tag = " (best)" if t["best"] else ""
-        ps = f"{t['predicted_speedup']:6.2f}x" if t["predicted_speedup"] else f"{'-':>7s}"
-        lines.append(f"{('trial ' + n + tag):12s} {t['predicted_latency_ms']:9.4g} {t['latency_ms']:9.4g} {ps} "
-                     f"{t['measured_speedup']:6.2f}x {t['predicted_metric']:10.4f} {t['metric']:10.4f} "
-                     f"{t['sim_agreement']:6.3f} {t['int8_kernels']:7d}")
-    lines.append("measured front (ORT metric vs measured latency): "
-                 + ", ".join(f"trial {n}" for n in v["measured_front"]))
-    return "\n".join(lines)
+        ps = f"{t['predicted_speedup']:.2f}x" if t["predicted_speedup"] else "-"
+        rows.append([f"trial {n}" + (" (best)" if t["best"] else ""), f"{t['predicted_latency_ms']:.4g}",
+                     f"{t['latency_ms']:.4g}", ps, f"{t['measured_speedup']:.2f}x", f"{t['predicted_metric']:.4f}",
+                     f"{t['metric']:.4f}", f"{t['sim_agreement']:.3f}", str(t["int8_kernels"])])
+    return "\n".join([
+        (f"measured on {w['host']} ({w['cpu']}; {', '.join(w['features']) or 'no int8 dot-product features'}), "
+         f"{w['threads']} thread(s), batch {w['batch_size']}: {w['placement']}"),
+        *text_table(header, rows, left=1),
+        "measured front (ORT metric vs measured latency): " + ", ".join(f"trial {n}" for n in v["measured_front"]),
+    ])
