@@ -32,7 +32,7 @@ from hw_models import (
 from hw_models.profile_file import ProfileFileError
 from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
-from mpsearch.controller import RECORD_ATTR, Budgets, make_sampler, run_search
+from mpsearch.controller import Budgets, Heartbeats, has_record, make_sampler, record_of, run_search
 from mpsearch.defaults import (
     BACKENDS,
     COMPARE_OBJECTIVES,
@@ -55,7 +55,7 @@ from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError, Unk
 from mpsearch.evaluator import ADAROUND_MAX_BITS, Evaluator, QuantSettings
 from mpsearch.ilp import cost_table, solve_allocation
 from mpsearch.objectives import MB, OBJECTIVES, parse_objectives, reference_point
-from mpsearch.result import SearchResult, TrialRecord
+from mpsearch.result import SearchResult
 from mpsearch.selection import drop_budget, is_proportion, n_eval_samples, parse_max_drop
 from mpsearch.strategy import check_strategy
 from mpsearch.strategy import plan as make_plan
@@ -296,8 +296,8 @@ def search(
     cost_model = CostModel(analysis.layers, profile, batch_size=batch_size, graph=evaluator.deploy_graph)
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study, study_name, previous = open_study(
-            storage_url, study_name, resume, sampler_obj, identity, objectives,
+        study, study_name, previous, store = open_study(
+            storage_url, study_name, resume, sampler_obj, identity, objectives, task_obj.metric_name, space,
             default_name=f"{_slug(task_name)}-{profile.name}", retries=retries if shared else None,
             launch=None if join else _launch(task, target, profile, n_trials, sampler, wp, ap, ties, pins,
                                              pin_first_last, batch_size, evaluator, early_stop, objectives,
@@ -384,6 +384,7 @@ def search(
                 params={k: v for k, v in settings.items() if k not in ("storage", "setup_s", "hv_reference", "worker_startup_s")}
                 | {"task": task_name, "target": profile.name, "space_size": space.size},
                 tags={"mpsearch.task": task_name, "mpsearch.target": profile.name},
+                reference=result.reference,
             )
             result.tracking = {"mlflow_uri": tracker.uri, "experiment": experiment, "run_id": run_id}
         try:
@@ -393,7 +394,9 @@ def search(
                               early_stop=early_stop, executor=executor,
                               study_total=study.user_attrs[LAUNCH_ATTR]["n_trials"] if join else
                               n_trials if shared else None,
-                              gather=shared)
+                              gather=shared, heartbeats=Heartbeats.of(store, study_name))
+            if not join:
+                result.reference.update(int8_reference(result, cost_model, evaluator, fp32_act))
             finish_report(result, out, cost_model, tracker)
             return result
         finally:
@@ -402,6 +405,25 @@ def search(
     finally:
         evaluator.save_cache()
         evaluator.close()
+
+
+def int8_reference(result: SearchResult, cost_model: CostModel, evaluator: Evaluator,
+                   fp32_activation_layers: Sequence[str] = ()) -> dict[str, float | None]:
+    """Uniform int8 as a reference beside FP32 (result.json's reference.int8_*): every layer at
+    int8/int8 (a layer reading the model's input keeps fp32 activations, as `mpsearch profile
+    --precision int8` prices it), its latency and weights on the target and its metric, a trial's
+    when the search scored that configuration, else scored once now. None where the target cannot
+    run it."""
+    fp32_act = set(fp32_activation_layers)
+    cand = Candidate((f, LayerChoice(Precision.INT8, Precision.FP32 if f in fp32_act else Precision.INT8))
+                     for f in (x.fqn for x in cost_model.layers))
+    cost = cost_model.price(cand)
+    if not cost.feasible:
+        return {"int8_metric": None, "int8_latency_ms": None, "int8_weight_bytes": None}
+    scored = next((t.metric for t in result.trials if t.state == "complete" and t.config == cand), None)
+    if scored is None:
+        scored = evaluator.score(cand).metric
+    return {"int8_metric": scored, "int8_latency_ms": cost.latency_ms, "int8_weight_bytes": cost.weight_bytes}
 
 
 def _task_ref(task) -> str | None:
@@ -537,14 +559,22 @@ def space_signature(space: SearchSpace) -> str:
         f"weights {','.join(d['weight_precisions'])}, activations {','.join(d['activation_precisions'])})"
 
 
+def metric_names(objectives: Sequence[str], metric_name: str) -> list[str]:
+    """The study's objective names, as a dashboard shows them: the task's metric name, then each
+    cost under its result.json name (latency_ms, weight_bytes, ...)."""
+    return [metric_name if o == "metric" else OBJECTIVES[o].attr for o in objectives]
+
+
 def open_study(storage_url: str, study_name: str | None, resume: bool, sampler, identity: dict,
-               objectives: Sequence[str], default_name: str, retries: int | None = None,
-               launch: dict | None = None):
-    """(study, name, previous TrialRecords): a new study, or on resume the stored one after
-    checking it searches the same task, target, space and objectives. retries: the storage is
-    shared by several processes (see make_storage); launch: what `mpsearch worker` needs to join a
-    new study (stored as the LAUNCH_ATTR user attribute)."""
+               objectives: Sequence[str], metric_name: str, space: SearchSpace, default_name: str,
+               retries: int | None = None, launch: dict | None = None):
+    """(study, name, previous TrialRecords, storage): a new study, or on resume the stored one
+    after checking it searches the same task, target, space and objectives. The study's objectives
+    are named (metric_names). retries: the storage is shared by several processes (see
+    make_storage); launch: what `mpsearch worker` needs to join a new study (stored as the
+    LAUNCH_ATTR user attribute)."""
     directions = [OBJECTIVES[o].direction for o in objectives]
+    names = metric_names(objectives, metric_name)
     try:
         if resume:
             for prefix in ("sqlite:///", "journal:///"):
@@ -559,10 +589,11 @@ def open_study(storage_url: str, study_name: str | None, resume: bool, sampler, 
                        if stored.get(k) != v]
             if differs:
                 raise InvalidConfigError(f"cannot resume study {study_name!r}, it differs in " + "; ".join(differs))
-            previous = [TrialRecord.from_dict(t.user_attrs[RECORD_ATTR]) for t in
-                        sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-                        if RECORD_ATTR in t.user_attrs and t.state in (TrialState.COMPLETE, TrialState.FAIL)]
-            return study, study_name, previous
+            previous = [record_of(t, space) for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+                        if has_record(t) and t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+            if study.metric_names is None:  # a study made before its objectives were named
+                _name_objectives(study, names)
+            return study, study_name, previous, store
         if study_name is None:
             study_name = f"{default_name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         try:
@@ -571,13 +602,20 @@ def open_study(storage_url: str, study_name: str | None, resume: bool, sampler, 
         except optuna.exceptions.DuplicatedStudyError:
             raise InvalidConfigError(f"a study named {study_name!r} already exists in the storage: "
                                      "continue it with --resume or pick another --study-name") from None
+        _name_objectives(study, names)
         study.set_user_attr("mpsearch", identity)
         if launch is not None:
             study.set_user_attr(LAUNCH_ATTR, launch)
-        return study, study_name, []
+        return study, study_name, [], store
     except (ImportError, ValueError, sqlalchemy_errors()) as e:
         raise InvalidConfigError(f"cannot open the study storage {_redact(storage_url)}: "
                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _name_objectives(study: optuna.Study, names: list[str]) -> None:
+    with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(names)
 
 
 def default_storage(out: Path) -> str:
@@ -633,15 +671,23 @@ def _journal_file(path: str):
     Optuna: ~7 ms a digits trial. Without it a killed process still loses nothing it appended
     (the data is in the kernel's page cache; the file lock and the close() that publishes it to an
     NFS server stay), only a power cut could lose the last lines, as with SQLite's
-    synchronous=NORMAL in sqlite_storage.
+    synchronous=NORMAL in sqlite_storage. The lock is Optuna's own (JournalFileSymlinkLock, its
+    default), held through its public acquire / release.
     """
-    from optuna.storages.journal import JournalFileBackend
-    from optuna.storages.journal._file import get_lock_file
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
     class Backend(JournalFileBackend):
+        def __init__(self, file_path: str) -> None:
+            self.path, self.lock = file_path, JournalFileSymlinkLock(file_path)
+            super().__init__(file_path, lock_obj=self.lock)
+
         def append_logs(self, logs) -> None:
-            with get_lock_file(self._lock), open(self._file_path, "ab") as f:
-                f.write(("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode())
+            self.lock.acquire()
+            try:
+                with open(self.path, "ab") as f:
+                    f.write(("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode())
+            finally:
+                self.lock.release()
 
     return Backend(path)
 
@@ -833,6 +879,12 @@ def compare(
             pt = cmp.per_target[name]
             metrics = {"pareto_size": len(pt["pareto"]), "fp32_latency_ms": pt["reference"]["fp32_latency_ms"],
                        "int8_latency_ms": pt["reference"]["int8_latency_ms"]}
+            best = cmp.view(name).best
+            if best is not None:
+                b = cmp.view(name).trial(best)
+                metrics |= {"best_trial": best, "best_metric": b.metric, "best_latency_ms": b.latency_ms,
+                            "best_speedup_fp32": (pt["reference"]["fp32_latency_ms"] / b.latency_ms
+                                                  if pt["reference"]["fp32_latency_ms"] else None)}
             for r in pt["table"]:
                 key = re.sub(r"[^A-Za-z0-9_]+", "_", r["budget"]).strip("_")
                 metrics |= {f"best_metric_{key}": r["metric"], f"latency_ms_{key}": r["latency_ms"],

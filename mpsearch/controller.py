@@ -5,6 +5,7 @@ that the target cannot run, is told to the study as infeasible without scoring.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
@@ -17,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
-from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from hw_models import Candidate, Cost, CostModel
@@ -35,7 +35,14 @@ from search_spaces import SearchSpace
 # Constraint values told to the study with every trial (> 0 means violated); Optuna's
 # constraint-aware samplers (TPE, NSGA-II/III, GP) rank infeasible trials below feasible ones.
 UNSUPPORTED = "unsupported_precision"  # 1.0 when the target cannot run a layer's precisions
-RECORD_ATTR = "mpsearch.record"  # each finished trial's TrialRecord, as a user attribute (resume)
+# Each finished trial's TrialRecord lives in the study as user attributes, one per field (what a
+# dashboard shows, and what a resumed search reads back; the configuration is the trial's params):
+# `state`, `metric`, `latency_ms`, ..., `proxy.<name>`, plus `speedup_fp32`, `mean_weight_bits` and
+# `mean_activation_bits` to read. RECORD_ATTR: studies written before kept it as one JSON attribute.
+STATE_ATTR = "state"
+RECORD_ATTR = "mpsearch.record"
+PROXY_PREFIX = "proxy."
+_DERIVED_ATTRS = ("speedup_fp32", "mean_weight_bits", "mean_activation_bits")
 GATHER_TIMEOUT_S = 300.0  # how long a search waits for other processes' trials on a shared study
 
 
@@ -207,6 +214,7 @@ def run_search(
     executor: Executor | None = None,
     study_total: int | None = None,
     gather: bool = False,
+    heartbeats: Heartbeats | None = None,
 ) -> SearchResult:
     """Run up to n_trials more trials, appending to result.trials; result.json is rewritten after
     each, and each finished trial's record is kept in the study (user attribute RECORD_ATTR).
@@ -227,7 +235,8 @@ def run_search(
     study_total: stop once the study holds this many trials (several processes sharing one
     study; see mpsearch.api.join_study), whoever ran them. gather: at the end, wait for the trials
     other processes are running and make result.trials every trial of the study (the tracker logs
-    the others' trials then).
+    the others' trials then). heartbeats: the storage keeps a heartbeat of each running trial
+    (shared RDB storages; see Heartbeats).
 
     early_stop: multi-fidelity scoring. A candidate is scored on part of the evaluation batches
     first and stopped ("pruned", its metric the estimate on those batches) when its metric
@@ -244,6 +253,7 @@ def run_search(
     # What the study should be told in place of a metric for an infeasible trial: worse than
     # anything a scored trial reports. Samplers that know constraints rank by those instead.
     floor = -abs(result.reference["fp32_metric"]) * 10 - 1.0
+    fp32_ms = result.reference.get("fp32_latency_ms")
     first_trial_of: dict[Candidate, int] = {}
     scored: dict[Candidate, TrialRecord] = {}  # complete trials (of a resumed search too): not scored again
     for t in result.trials:
@@ -276,10 +286,11 @@ def run_search(
         with interrupts.critical():  # a trial created in the storage is always one we hold
             if seed is not None:
                 study.enqueue_trial(space.params(seed), skip_if_exists=False)
-            with warnings.catch_warnings():  # heartbeats kept by hand (_heartbeat), not by Study.optimize
+            with warnings.catch_warnings():  # heartbeats kept by hand (Heartbeats), not by Study.optimize
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed", category=UserWarning)
                 trial = study.ask(dists)
-            p = pending[trial.number] = _Pending(trial, t0, heartbeat=_heartbeat(study, trial))
+            p = pending[trial.number] = _Pending(trial, t0,
+                                                 heartbeat=heartbeats.start(trial) if heartbeats else None)
         asked += 1
         candidate = space.candidate(trial.params)
         t1 = time.perf_counter()
@@ -341,7 +352,8 @@ def run_search(
                 trial.set_constraint(key, over if p.feasible else 0.0)
             record.sampler_s = p.t1 - p.t0
             record.seconds = time.perf_counter() - p.t0
-            trial.set_user_attr(RECORD_ATTR, record.to_dict())  # what a resumed search reads back
+            for key, v in record_attrs(record, fp32_ms).items():  # what a dashboard shows, a resume reads back
+                trial.set_user_attr(key, v)
             if record.state == "fail":
                 study.tell(trial, state=TrialState.FAIL)
             else:
@@ -423,7 +435,7 @@ def run_search(
             _stop_heartbeat(p)
     result.settings["search_s"] = time.perf_counter() - loop_t0  # this run's trials, wall time
     if gather:
-        _gather(result, study, tracker, progress)
+        _gather(result, study, space, tracker, progress)
     result.interrupted = False
     result.write(result_path)
     if tracker is not None:
@@ -456,17 +468,57 @@ def _slot_freed(study: optuna.Study, total: float, progress: bool) -> bool:
         time.sleep(0.5)
 
 
-def _gather(result: SearchResult, study: optuna.Study, tracker: Tracker | None, progress: bool) -> None:
+def _gather(result: SearchResult, study: optuna.Study, space: SearchSpace, tracker: Tracker | None,
+            progress: bool) -> None:
     """Wait for the trials other processes are running on a shared study (see _slot_freed), then
     take every trial of the study into the result, logging the others' to the tracker."""
     _slot_freed(study, -math.inf, progress)
     mine = {t.number for t in result.trials}
-    records = [TrialRecord.from_dict(t.user_attrs[RECORD_ATTR])
-               for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number) if RECORD_ATTR in t.user_attrs]
+    records = [record_of(t, space) for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+               if has_record(t)]
     for r in records:
         if r.number not in mine and tracker is not None:
             tracker.log_trial(r)
     result.trials = records
+
+
+def record_attrs(record: TrialRecord, fp32_latency_ms: float | None) -> dict[str, object]:
+    """A trial's record as the study's user attributes: one per field (those at their default
+    left out), its proxies as `proxy.<name>`, and the speed-up over FP32 and the mean bit widths
+    to read in a dashboard. The configuration is not among them: it is the trial's params."""
+    d = record.to_dict()
+    del d["config"], d["number"]
+    out: dict[str, object] = {k: v for k, v in d.items() if k != "proxies" and v != _RECORD_DEFAULTS.get(k, ())}
+    out.update({f"{PROXY_PREFIX}{k}": v for k, v in record.proxies.items()})
+    out["speedup_fp32"] = (fp32_latency_ms / record.latency_ms
+                           if fp32_latency_ms and record.latency_ms and math.isfinite(record.latency_ms) else None)
+    out["mean_weight_bits"] = round(record.mean_weight_bits, 4)
+    out["mean_activation_bits"] = round(record.mean_activation_bits, 4)
+    return out
+
+
+_RECORD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrialRecord)
+                    if f.default is not dataclasses.MISSING}
+
+
+def has_record(trial: FrozenTrial) -> bool:
+    """Whether a trial of the study holds a finished trial's record (record_attrs)."""
+    return STATE_ATTR in trial.user_attrs or RECORD_ATTR in trial.user_attrs
+
+
+def record_of(trial: FrozenTrial, space: SearchSpace) -> TrialRecord:
+    """The TrialRecord a trial of the study holds (record_attrs; or, in a study written before,
+    the one JSON attribute RECORD_ATTR), its configuration read from its params in `space`."""
+    attrs = trial.user_attrs
+    if STATE_ATTR not in attrs:
+        return TrialRecord.from_dict(attrs[RECORD_ATTR])
+    fields = {k: v for k, v in attrs.items() if k in _RECORD_FIELDS and k not in ("config", "proxies", "number")}
+    proxies = {k.removeprefix(PROXY_PREFIX): v for k, v in attrs.items() if k.startswith(PROXY_PREFIX)}
+    return TrialRecord(number=trial.number, config=space.candidate(trial.params), proxies=proxies,
+                       **{"metric": None, **fields})
+
+
+_RECORD_FIELDS = {f.name for f in dataclasses.fields(TrialRecord)}
 
 
 def _apply(record: TrialRecord, score: Score | None, error: str | None, seconds: float,
@@ -490,25 +542,57 @@ def counted_trials(study: optuna.Study) -> int:
     """The trials that count towards a shared study's total: every one asked, except those failed
     because their process died (no record: a retry of it, if any, is counted instead)."""
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state != TrialState.WAITING and (t.state != TrialState.FAIL or RECORD_ATTR in t.user_attrs))
+               if t.state != TrialState.WAITING and (t.state != TrialState.FAIL or has_record(t)))
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
     """Fail the trials of processes that stopped sending heartbeats (RDB storages with a heartbeat
-    interval; their retry callback enqueues them again)."""
-    if is_heartbeat_enabled(study._storage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+    interval; their retry callback enqueues them again). Optuna's public function; it does nothing
+    on a storage without heartbeats."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
-def _heartbeat(study: optuna.Study, trial: optuna.Trial):
-    """A thread recording the trial's heartbeat while it runs (None: the storage keeps none)."""
-    if not is_heartbeat_enabled(study._storage):
+class Heartbeats:
+    """A heartbeat for each running trial of a study in an RDB storage with a heartbeat interval,
+    through the storage's public record_heartbeat: a thread per trial records one every interval
+    until the trial is told (Study.optimize does the same; an ask/tell loop must do it itself)."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, study_name: str) -> None:
+        self.storage = storage
+        self.interval = storage.get_heartbeat_interval()
+        self.study_id = storage.get_study_id_from_name(study_name)
+
+    @classmethod
+    def of(cls, storage, study_name: str) -> Heartbeats | None:
+        """The heartbeats of `storage` (None: it keeps none)."""
+        if isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval():
+            return cls(storage, study_name)
         return None
-    thread = get_heartbeat_thread(trial._trial_id, study._storage)
-    thread.start()
-    return thread
+
+    def start(self, trial: optuna.Trial) -> _Beat:
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+        beat = _Beat(self.storage, trial_id, self.interval)
+        beat.start()
+        return beat
+
+
+class _Beat(threading.Thread):
+    def __init__(self, storage, trial_id: int, interval: float) -> None:
+        super().__init__(daemon=True, name=f"mpsearch-heartbeat-{trial_id}")
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self.storage.record_heartbeat(self.trial_id)
+            if self.stop.wait(self.interval):
+                return
+
+    def join(self, timeout: float | None = None) -> None:
+        self.stop.set()
+        super().join(timeout)
 
 
 def _stop_heartbeat(p: _Pending) -> None:

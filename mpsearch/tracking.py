@@ -3,10 +3,23 @@
 Uses MlflowClient with explicit run ids (nesting through the `mlflow.parentRunId` tag), so it
 never touches MLflow's global active-run state. If the tracking store fails, the search goes
 on: the tracker says so in one line on stderr and stops logging; result.json keeps everything.
+
+What a run holds, so that the MLflow UI reads well and runs are queryable:
+- params are flat, one per option (`flat_params`): a quantizer setting is `quant.<field>`, a list
+  is comma-separated, a flag `true`/`false`, and an option not given (None) is not logged;
+- each trial's per-layer precisions are params `layer.<fqn>` = "weight/activation" (query them:
+  `params."layer.conv1" = 'int4/int8'`); the best trial's are tags `best.layer.<fqn>` of the parent;
+- the FP32 reference (`fp32_latency_ms`, `fp32_<metric name>`) and the speed-up over FP32
+  (`speedup_fp32`, the parent's `best_speedup_fp32`) are metrics of the parent and of every child,
+  and the task's metric is logged under its own name (`accuracy`, `top1_agreement`, ...);
+- the experiment is tagged `mlflow.experimentKind` = custom_model_development, so MLflow 3 opens
+  it in its classic runs view rather than its GenAI one.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import sys
@@ -17,6 +30,8 @@ from typing import Any
 from mpsearch.defaults import DEFAULT_EXPERIMENT
 from mpsearch.result import SearchResult, TrialRecord
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+LAYER_PREFIX = "layer."
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 CONNECT_TIMEOUT_S = 3.0
@@ -33,6 +48,43 @@ def _unreachable(uri: str) -> str | None:
             return None
     except OSError as e:
         return f"cannot connect: {e.strerror or e}"
+
+
+def _text(v: Any) -> str:
+    """A param value as text: true/false, numbers as Python writes them, lists comma-separated."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list | tuple):
+        return ",".join(_text(x) for x in v)
+    return str(v)
+
+
+def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Settings as flat MLflow params: nested dicts as `key.sub`, lists of scalars comma-separated
+    (lists of lists as JSON), None left out."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            out.update(flat_params(v, f"{key}."))
+        elif isinstance(v, list | tuple) and any(isinstance(x, list | tuple | dict) for x in v):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = _text(v)
+    return out
+
+
+def layer_params(config, prefix: str = LAYER_PREFIX) -> dict[str, str]:
+    """A configuration's per-layer precisions: `layer.<fqn>` -> "weight/activation"."""
+    return {f"{prefix}{fqn}": f"{c.weight.value}/{c.activation.value}" for fqn, c in config.items()}
+
+
+def speedup(fp32_latency_ms: float | None, latency_ms: float | None) -> float | None:
+    if not fp32_latency_ms or not latency_ms or not math.isfinite(latency_ms):
+        return None
+    return fp32_latency_ms / latency_ms
 
 
 class Tracker:
@@ -52,6 +104,7 @@ class Tracker:
         self.enabled = True
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
+        self.reference: dict[str, Any] = {}
         down = _unreachable(self.uri)
         if down:
             self._off("connecting", down)
@@ -70,27 +123,45 @@ class Tracker:
         print(f"mpsearch: MLflow tracking at {self.uri} failed while {what} ({why}); continuing without it, "
               "results are kept in result.json", file=sys.stderr)
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str],
+              reference: dict[str, Any] | None = None) -> str | None:
+        """The search's parent run: `params` flattened (flat_params), the FP32 `reference`
+        (result.json's) as metrics."""
+        self.reference = dict(reference or {})
         return self._guard("starting the search run", self._start, run_name, params, tags)
 
     def _start(self, run_name, params, tags):
         exp = self.client.get_experiment_by_name(self.experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        key, kind = EXPERIMENT_KIND
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(self.experiment, tags={key: kind})
+        else:
+            self.experiment_id = exp.experiment_id
+            if key not in exp.tags:  # an experiment made before: MLflow 3 would open its GenAI view
+                self.client.set_experiment_tag(self.experiment_id, key, kind)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_run_id = run.info.run_id
-        self._log(self.parent_run_id, params=params)
+        self._log(self.parent_run_id, params=flat_params(params), metrics=self._reference_metrics())
         return self.parent_run_id
+
+    @property
+    def metric_name(self) -> str:
+        return self.reference.get("metric_name") or "metric"
+
+    def _reference_metrics(self) -> dict[str, float | None]:
+        ref = self.reference
+        return {"fp32_latency_ms": ref.get("fp32_latency_ms"), f"fp32_{self.metric_name}": ref.get("fp32_metric"),
+                "int8_latency_ms": ref.get("int8_latency_ms"), f"int8_{self.metric_name}": ref.get("int8_metric")}
 
     def _log(self, run_id: str, params=None, metrics=None, tags=None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if v is not None],
-            params=[Param(k, str(v)) for k, v in (params or {}).items()],
-            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
-        )
+        metrics = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if v is not None]
+        params = [Param(k, _text(v)) for k, v in (params or {}).items()]
+        tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(metrics), len(params), len(tags), 1), 100):  # MLflow takes 100 params a batch
+            self.client.log_batch(run_id, metrics=metrics[i:i + 100], params=params[i:i + 100], tags=tags[i:i + 100])
 
     def log_trial(self, t: TrialRecord) -> None:
         self._guard(f"logging trial {t.number}", self._log_trial, t)
@@ -102,13 +173,17 @@ class Tracker:
             tags={"mlflow.parentRunId": self.parent_run_id, "mpsearch.trial": str(t.number)},
         )
         rid = run.info.run_id
+        fp32_ms = self.reference.get("fp32_latency_ms")
         metrics = {
-            "latency_ms": t.latency_ms,
+            self.metric_name: t.metric,
+            "latency_ms": t.latency_ms if math.isfinite(t.latency_ms) else None,
+            "speedup_fp32": speedup(fp32_ms, t.latency_ms),
             "weight_bytes": t.weight_bytes,
             "bops": t.bops,
             "peak_act_bytes": t.peak_act_bytes,
-            "metric": t.metric,
+            "energy_mj": t.energy_mj,
             **t.proxies,
+            **self._reference_metrics(),
         }
         params = {
             "trial": t.number,
@@ -116,11 +191,13 @@ class Tracker:
             "feasible": t.feasible,
             "mean_weight_bits": round(t.mean_weight_bits, 4),
             "mean_activation_bits": round(t.mean_activation_bits, 4),
+            **layer_params(t.config),
         }
+        if t.duplicate_of is not None:
+            params["duplicate_of"] = t.duplicate_of
         if t.reason:
             params["reason"] = t.reason[:500]
         self._log(rid, params=params, metrics=metrics)
-        self.client.log_dict(rid, t.config.to_dict(), "config.json")
         self.client.set_terminated(rid, "FAILED" if t.state == "fail" else "FINISHED")
 
     def log_files(self, paths, run_id: str | None = None) -> None:
@@ -164,9 +241,15 @@ class Tracker:
         if hv is not None and hv["value"] == hv["value"]:  # not NaN
             metrics["hypervolume"] = hv["value"]
         metrics.update({f"time_{k}": v for k, v in result.timing.items()})
+        tags = {}
         if best is not None:
             b = result.trial(best)
-            metrics.update(best_metric=b.metric, best_latency_ms=b.latency_ms, best_weight_bytes=b.weight_bytes)
-        self._log(self.parent_run_id, metrics=metrics)
+            metrics.update(best_metric=b.metric, best_latency_ms=b.latency_ms, best_weight_bytes=b.weight_bytes,
+                           best_speedup_fp32=speedup(result.reference.get("fp32_latency_ms"), b.latency_ms),
+                           **{f"best_{self.metric_name}": b.metric})
+            tags = {"best.trial": str(b.number), **layer_params(b.config, f"best.{LAYER_PREFIX}")}
+        self.reference = dict(result.reference)
+        metrics.update(self._reference_metrics())
+        self._log(self.parent_run_id, metrics=metrics, tags=tags)
         self.client.log_dict(self.parent_run_id, result.to_dict(), "result.json")
         self.client.set_terminated(self.parent_run_id, status)

@@ -92,17 +92,29 @@ def test_search_end_to_end_with_mlflow(tmp_path):
     by_trial = {int(c.data.params["trial"]): c for c in children}
     for t in d["trials"]:
         run = by_trial[t["number"]]
-        assert run.data.metrics["metric"] == pytest.approx(t["metric"])
+        assert run.data.metrics["accuracy"] == pytest.approx(t["metric"])  # the metric under its name
+        assert run.data.metrics["speedup_fp32"] == pytest.approx(ref["fp32_latency_ms"] / t["latency_ms"])
+        assert run.data.metrics["fp32_latency_ms"] == pytest.approx(ref["fp32_latency_ms"])
         assert run.data.metrics["latency_ms"] == pytest.approx(t["latency_ms"])
         assert run.data.metrics["weight_bytes"] == t["weight_bytes"]
         assert run.data.metrics["bops"] == t["bops"]
         bits = [int(c["weight"].removeprefix("int").removeprefix("fp")) for c in t["config"].values()]
         assert float(run.data.params["mean_weight_bits"]) == pytest.approx(sum(bits) / len(bits), abs=1e-4)
-        cfg = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path))).read_text())
-        assert cfg == t["config"]
+        layers_run = {k.removeprefix("layer."): v for k, v in run.data.params.items() if k.startswith("layer.")}
+        assert layers_run == {f: f"{c['weight']}/{c['activation']}" for f, c in t["config"].items()}
     assert parent[0].data.metrics["n_trials"] == 6
     assert parent[0].data.metrics["best_latency_ms"] == pytest.approx(best["latency_ms"])
     assert parent[0].data.metrics["best_metric"] == pytest.approx(best["metric"])
+    assert parent[0].data.metrics["best_accuracy"] == pytest.approx(best["metric"])
+    assert parent[0].data.metrics["best_speedup_fp32"] == pytest.approx(ref["fp32_latency_ms"] / best["latency_ms"])
+    assert parent[0].data.tags["best.trial"] == str(best["number"])
+    assert {k: v for k, v in parent[0].data.tags.items() if k.startswith("best.layer.")} == {
+        f"best.layer.{f}": f"{c['weight']}/{c['activation']}" for f, c in best["config"].items()}
+    # flat typed params, one per option; options not given are not logged
+    pp = parent[0].data.params
+    assert pp["objectives"] == "metric,latency" and pp["task"] == "digits" and pp["n_trials"] == "6"
+    assert "latency_budget_ms" not in pp and not any(v.startswith(("[", "{")) for v in pp.values())
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent[0].info.status == "FINISHED"
 
 
