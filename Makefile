@@ -6,7 +6,7 @@ export PYTHON
 VENV_ROOT := $(or $(MPSEARCH_VENV_ROOT),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mpsearch/venvs)
 BIN := .venv/bin
 
-.PHONY: venv setup demo test test-cpus test-slow lint clean clean-venvs
+.PHONY: venv setup demo test test-cpus test-slow lint screenshots clean clean-venvs
 
 venv:
 	bash tools/venv.sh
@@ -42,6 +42,17 @@ test-cpus: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# docs/report-search.png and docs/report-compare.png: the reports of a mobilenet_v2 search (verified on
+# this CPU) and of a compare over three targets, opened in headless Chromium by tools/check_report.py
+# (which fails on a console error, a network request or an empty plot), at 1400 px wide
+screenshots: setup
+	$(BIN)/mpsearch search --task mobilenet_v2 --target x86-vnni --trials 20 --seed 0 --verify 1 \
+		--out mpsearch-out/docs-search --no-mlflow
+	$(BIN)/mpsearch compare --task mobilenet_v2 --targets x86-vnni,h100,jetson-orin --trials 20 --seed 0 \
+		--out mpsearch-out/docs-compare --no-mlflow
+	$(BIN)/python tools/check_report.py mpsearch-out/docs-search/report.html mpsearch-out/docs-compare/report.html \
+		--screenshots docs --names report-search,report-compare --width 1400
 
 lint: venv
 	$(BIN)/ruff check .

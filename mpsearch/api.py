@@ -397,6 +397,8 @@ def search(
                               gather=shared, heartbeats=Heartbeats.of(store, study_name))
             if not join:
                 result.reference.update(int8_reference(result, cost_model, evaluator, fp32_act))
+                if tracker is not None:
+                    tracker.log_reference(result.reference)
             finish_report(result, out, cost_model, tracker)
             return result
         finally:

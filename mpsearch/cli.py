@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = command("report", "rebuild DIR/report.html (and PNG plots) from a search's result.json")
     rp.add_argument("dir", metavar="DIR", help="the output directory of a search or compare")
-    rp.add_argument("--no-png", action="store_true", help="the HTML report only (the PNGs need matplotlib)")
+    rp.add_argument("--no-png", action="store_true", help="the HTML report only (the PNGs need Chrome or Chromium, for kaleido)")
 
     w = command("worker", "run trials of a study another search started (shared --storage)")
     w.add_argument("--storage", required=True, metavar="URL",
@@ -506,9 +506,9 @@ def _cmd_compare(args) -> int:
 
 
 def _pngs(out: Path, tracking: dict) -> None:
-    """The report's PNGs (matplotlib, an optional dependency: the API writes report.html alone),
-    also to MLflow; without matplotlib, one line on stderr and no PNGs (the search is done and
-    written: a missing plotting library must not fail it)."""
+    """The report's figures as PNGs (kaleido draws them in a headless Chrome or Chromium; the API
+    writes report.html alone), also to MLflow; without a browser, one line on stderr and no PNGs
+    (the search is done and written: a missing browser must not fail it)."""
     from mpsearch.errors import MissingDependencyError
     from mpsearch.report_html import write_report
     from mpsearch.tracking import Tracker

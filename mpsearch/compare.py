@@ -19,6 +19,7 @@ Written to OUT/compare.json (schema COMPARE_SCHEMA) beside the search's result.j
                          "trials": {trial number: {"latency_ms", "weight_bytes", "peak_act_bytes",
                                                    "energy_mj", "feasible", "reason"}},
                          "pareto": [trial numbers, fastest first],
+                         "best": the trial mpsearch.selection picks there (None: none),
                          "table": [{"budget_ms", "budget", "trial", "metric", "latency_ms",
                                     "weight_bytes", "speedup_fp32", "speedup_int8"}],
                          "breakdown": [per-layer latency of the target's best trial]}}}
@@ -117,7 +118,7 @@ def price_on_targets(result: SearchResult, layers, profiles: Sequence[HardwarePr
         view = cmp.view(name)
         pt["pareto"] = pareto_front(view.trials, FRONT_OBJECTIVES)
         pt["table"] = budget_table(view, pt["reference"], latency_budgets_ms)
-        best = view.best
+        best = pt["best"] = view.best
         pt["breakdown"] = [] if best is None else layer_breakdown(models[name], view.trial(best))
     return cmp
 

@@ -1,20 +1,30 @@
-"""The report of a search or a compare: one self-contained HTML file (inline SVG, a few lines of
-JavaScript, no network assets) and, on request, matplotlib PNGs of the same four views:
+"""The report of a search or a compare: Plotly figures built from one data model (`report_data`),
+as one self-contained HTML file (plotly.js embedded once, no network request) and as PNGs for
+MLflow (the same figures, drawn by kaleido in a headless Chrome/Chromium).
 
-- Pareto fronts (metric against latency), one per target, overlaid; every scored trial a dot;
-- the per-layer precision map of the front's configurations;
-- the per-layer latency breakdown of the best configuration (per target for a compare);
-- the search history: each scored trial's metric and the best so far.
+Views (`figures`):
+- pareto: per target, every scored trial, the Pareto front, the best configuration and the FP32
+  and uniform-int8 reference points; hovering a point shows its trial, metric, latency, speed-up
+  over FP32 and configuration;
+- precision_map: the weight and the activation precision of every layer of each front
+  configuration, a colour per precision with its legend;
+- latency_breakdown: the best configuration's per-layer latency per target, layer names on the
+  axis, compute and precision conversion (QuantizeLinear/DequantizeLinear) stacked;
+- history: each scored trial's metric, the best so far and FP32's;
+- verification (after `mpsearch verify`): measured latency beside predicted, per configuration.
+The HTML adds the budget table of a compare, the verification table and the trials table (speed-up,
+the metric by its name, Pareto and best markers, the configuration), sortable by any column.
 
 `write_report(DIR)` rebuilds everything from DIR/result.json (and DIR/compare.json when there is
-one): `mpsearch report DIR`. Hovering a dot or a bar shows its trial, metric, latency and
-precisions (SVG <title>); the trials table sorts by any column when its header is clicked.
+one): `mpsearch report DIR`.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +33,14 @@ from mpsearch.errors import InvalidConfigError, MissingDependencyError
 from mpsearch.result import SearchResult, TrialRecord
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
-BITS_COLORS = {2: "#fde0dd", 3: "#fcc5c0", 4: "#fa9fb5", 6: "#f768a1", 8: "#c51b8a", 16: "#7a0177", 32: "#49006a"}
-W, H, PAD = 640, 360, 52
+# one colour per precision, fewest bits darkest (colour-blind safe: Viridis, then greys for float)
+PRECISION_COLORS = {"int2": "#440154", "int3": "#46327e", "int4": "#365c8d", "int6": "#277f8e", "int8": "#1fa187",
+                    "int16": "#4ac16d", "fp8_e4m3": "#a0da39", "fp16": "#fde725", "bf16": "#fdc328",
+                    "fp32": "#e8e8e8"}
+SHORT = {"fp8_e4m3": "f8", "fp16": "f16", "bf16": "bf16", "fp32": "f32"}
+WIDTH = 1400  # the PNGs' width in pixels; the HTML's figures fill the page
+PLOT_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2}}
+FIGURES = ("pareto", "precision_map", "latency_breakdown", "history", "verification")
 
 
 def layer_breakdown(cost_model, record: TrialRecord) -> list[dict[str, Any]]:
@@ -55,315 +71,480 @@ def _load(out_dir: Path) -> tuple[SearchResult, dict | None]:
     return result, compare
 
 
-def _series(result: SearchResult, compare: dict | None) -> list[dict[str, Any]]:
-    """Per target: scored trials as (latency, metric, trial) points, the front, the breakdown."""
-    targets = compare["targets"] if compare else [result.target]
-    out = []
-    for i, target in enumerate(targets):
-        priced = compare["per_target"][target] if compare else None
-        points, front_set = [], set(priced["pareto"] if priced else result.pareto)
+# -- the data model ------------------------------------------------------------------------------
+
+def _e(text: Any) -> str:
+    """Text for a figure: Plotly reads a few HTML tags in labels, so names are escaped."""
+    return html.escape(str(text), quote=False)
+
+
+def config_summary(t: TrialRecord) -> str:
+    """A configuration in a line: its weight/activation pairs with how many layers have each."""
+    counts = Counter(f"{c.weight.value}/{c.activation.value}" for c in t.config.values())
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items(), key=lambda kn: (-kn[1], kn[0])))
+
+
+def _speedup(fp32_ms: float | None, ms: float | None) -> float | None:
+    if not fp32_ms or not ms or not math.isfinite(ms) or ms <= 0:
+        return None
+    return fp32_ms / ms
+
+
+def report_data(result: SearchResult, compare: dict | None) -> dict[str, Any]:
+    """Everything the report shows, once: every figure and table is drawn from this.
+
+    targets: per target its name, colour, FP32 and uniform-int8 references, scored points
+    ({trial, latency_ms, metric, speedup, front, best}), front and best trial numbers and the best
+    configuration's per-layer latency; front: the first target's front configurations, fastest
+    first; trials: every trial's row."""
+    ref = result.reference
+    names = compare["targets"] if compare else [result.target]
+    targets = []
+    for i, name in enumerate(names):
+        if compare:
+            pt = compare["per_target"][name]
+            priced = {int(k): v for k, v in pt["trials"].items()}
+            fp32_ms, int8_ms = pt["reference"].get("fp32_latency_ms"), pt["reference"].get("int8_latency_ms")
+            front, breakdown = list(pt["pareto"]), pt.get("breakdown") or []
+            best = _best_of(compare, result, name)
+        else:
+            priced = {}
+            fp32_ms, int8_ms = ref.get("fp32_latency_ms"), ref.get("int8_latency_ms")
+            front, best, breakdown = list(result.pareto), result.best, result.settings.get("breakdown") or []
+        points = []
         for t in result.trials:
-            if t.state != "complete":
-                continue
-            cost = priced["trials"].get(str(t.number)) if priced else None
-            if cost is not None and not cost["feasible"]:
+            cost = priced.get(t.number)
+            if t.state != "complete" or (cost is not None and not cost["feasible"]):
                 continue
             lat = cost["latency_ms"] if cost is not None else t.latency_ms
-            points.append((lat, t.metric, t))
-        front = sorted((p for p in points if p[2].number in front_set), key=lambda p: p[0])
-        breakdown = priced.get("breakdown") if priced else result.settings.get("breakdown")
-        out.append({"target": target, "color": COLORS[i % len(COLORS)], "points": points, "front": front,
-                    "breakdown": breakdown or []})
-    return out
+            points.append({"trial": t.number, "latency_ms": lat, "metric": t.metric, "speedup": _speedup(fp32_ms, lat),
+                           "front": t.number in front, "best": t.number == best, "config": config_summary(t)})
+        targets.append({
+            "name": name, "color": COLORS[i % len(COLORS)], "points": points, "front": front, "best": best,
+            "breakdown": breakdown, "priced": priced,
+            "fp32": {"latency_ms": fp32_ms, "metric": ref.get("fp32_metric")},
+            "int8": ({"latency_ms": int8_ms, "metric": ref.get("int8_metric")}
+                     if int8_ms is not None and ref.get("int8_metric") is not None else None),
+        })
+    first = targets[0]
+    by_latency = {p["trial"]: p["latency_ms"] for p in first["points"]}
+    front = sorted(first["front"], key=lambda n: (by_latency.get(n, math.inf), n))
+    s = result.settings
+    summary = (f"{len(result.trials)} trials ({sum(t.state == 'complete' for t in result.trials)} scored); "
+               f"FP32 {ref['metric_name']} {ref['fp32_metric']:.4f}; strategy {s.get('strategy')}, "
+               f"sampler {s.get('sampler')}, seed {s.get('seed')}, batch size {s.get('batch_size', 1)}")
+    return {"task": result.task, "metric_name": ref["metric_name"], "targets": targets, "summary": summary,
+            "title": f"mpsearch: {result.task} on {', '.join(names)}", "front": [result.trial(n) for n in front],
+            "result": result, "compare": compare}
 
 
-def _label(t: TrialRecord, lat: float, metric_name: str) -> str:
-    bits = ", ".join(f"{f}: {c.weight}/{c.activation}" for f, c in t.config.items())
-    return f"trial {t.number}: {metric_name} {t.metric:.4f}, latency {lat:.4g} ms\n{bits}"
+def _best_of(compare: dict, result: SearchResult, name: str) -> int | None:
+    """A compare target's best: compare.json's, else chosen again as compare.py chooses it."""
+    pt = compare["per_target"][name]
+    if "best" in pt:
+        return pt["best"]
+    from mpsearch.compare import Comparison
+
+    per = {t: {**v, "trials": {int(k): x for k, x in v["trials"].items()}} for t, v in compare["per_target"].items()}
+    return Comparison(result, compare["targets"], per).view(name).best
 
 
-def _scale(lo: float, hi: float, a: float, b: float):
-    span = (hi - lo) or abs(hi) or 1.0
-    return lambda v: a + (v - lo) / span * (b - a)
+# -- figures ---------------------------------------------------------------------------------------
+
+def _go():
+    try:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+    except ImportError:  # a dependency of mpsearch; only a broken install lacks it
+        raise MissingDependencyError("the report needs plotly: pip install plotly") from None
+    return go, make_subplots
 
 
-def _axes(xlabel: str, ylabel: str, xs: Sequence[float], ys: Sequence[float]) -> tuple[list[str], Any, Any]:
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    sx, sy = _scale(x0, x1, PAD, W - 16), _scale(y0, y1, H - PAD, 16)
-    parts = [f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - 16}" y2="{H - PAD}" stroke="#444"/>',
-             f'<line x1="{PAD}" y1="16" x2="{PAD}" y2="{H - PAD}" stroke="#444"/>',
-             f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle">{html.escape(xlabel)}</text>',
-             f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" text-anchor="middle">{html.escape(ylabel)}</text>']
-    for v, pos in ((x0, sx(x0)), (x1, sx(x1))):
-        parts.append(f'<text x="{pos:.1f}" y="{H - PAD + 16}" text-anchor="middle" font-size="11">{v:.4g}</text>')
-    for v, pos in ((y0, sy(y0)), (y1, sy(y1))):
-        parts.append(f'<text x="{PAD - 4}" y="{pos:.1f}" text-anchor="end" font-size="11">{v:.4g}</text>')
-    return parts, sx, sy
+def _layout(fig, title: str, height: int, **kw) -> None:
+    fig.update_layout(title={"text": _e(title), "x": 0.01, "xanchor": "left"}, height=height, template="plotly_white",
+                      margin={"l": 70, "r": 30, "t": 80, "b": 60}, font={"size": 13},
+                      hoverlabel={"align": "left"}, **kw)
 
 
-def _svg(parts: list[str]) -> str:
-    return f'<svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" font-family="sans-serif">' + "".join(parts) + "</svg>"
+def _hover(p: dict, target: str, metric_name: str) -> str:
+    sp = "" if p["speedup"] is None else f"{p['speedup']:.2f}x over FP32"
+    tags = " (best)" if p["best"] else " (Pareto front)" if p["front"] else ""
+    return (f"<b>trial {p['trial']}{tags}</b><br>{_e(target)}: {p['latency_ms']:.4g} ms {sp}<br>"
+            f"{_e(metric_name)} {p['metric']:.4f}<br>{_e(p['config'])}")
 
 
-def pareto_svg(series: list[dict], metric_name: str) -> str:
-    pts = [p for s in series for p in s["points"]]
-    if not pts:
-        return "<p>No scored trial.</p>"
-    parts, sx, sy = _axes("latency (ms)", metric_name, [p[0] for p in pts], [p[1] for p in pts])
-    for s in series:
-        for lat, m, t in s["points"]:
-            on = t.number in {f[2].number for f in s["front"]}
-            parts.append(f'<circle cx="{sx(lat):.1f}" cy="{sy(m):.1f}" r="{4 if on else 2.5}" fill="{s["color"]}" '
-                         f'fill-opacity="{0.9 if on else 0.3}"><title>{html.escape(s["target"] + ": " + _label(t, lat, metric_name))}'
-                         "</title></circle>")
-        if len(s["front"]) > 1:
-            path = " ".join(f"{sx(lat):.1f},{sy(m):.1f}" for lat, m, _ in s["front"])
-            parts.append(f'<polyline points="{path}" fill="none" stroke="{s["color"]}" stroke-width="1.5"/>')
-    for i, s in enumerate(series):
-        parts.append(f'<text x="{W - 20}" y="{30 + 16 * i}" text-anchor="end" fill="{s["color"]}">'
-                     f'{html.escape(s["target"])}</text>')
-    return _svg(parts)
+def _log_axis(values: Sequence[float]) -> bool:
+    vals = [v for v in values if v and v > 0 and math.isfinite(v)]
+    return bool(vals) and max(vals) / min(vals) > 4
 
 
-def history_svg(result: SearchResult) -> str:
-    scored = [t for t in result.trials if t.state == "complete"]
+def pareto_figure(data: dict):
+    go, make_subplots = _go()
+    targets, name = data["targets"], data["metric_name"]
+    fig = make_subplots(rows=1, cols=len(targets), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[_e(t["name"]) for t in targets])
+    for col, t in enumerate(targets, start=1):
+        pts, show = t["points"], col == 1
+        on = [p for p in pts if p["front"]]
+        on.sort(key=lambda p: p["latency_ms"])
+        off = [p for p in pts if not p["front"]]
+        for key, label, symbol, color in (("fp32", "FP32", "x", "#222222"), ("int8", "uniform int8", "diamond", COLORS[4])):
+            r = t[key]
+            if r is None or r["latency_ms"] is None or r["metric"] is None:
+                continue
+            sp = _speedup(t["fp32"]["latency_ms"], r["latency_ms"])
+            fig.add_trace(go.Scatter(
+                x=[r["latency_ms"]], y=[r["metric"]], mode="markers", name=label, legendgroup=key, showlegend=show,
+                legendrank=1004 if key == "fp32" else 1005,
+                marker={"color": color, "size": 13, "symbol": symbol, "line": {"color": "white", "width": 1}},
+                hovertemplate=(f"<b>{label}</b><br>{_e(t['name'])}: {r['latency_ms']:.4g} ms"
+                               + ("" if sp is None else f" {sp:.2f}x over FP32")
+                               + f"<br>{_e(name)} {r['metric']:.4f}<extra></extra>")), 1, col)
+        hover = "%{text}<extra></extra>"
+        fig.add_trace(go.Scatter(x=[p["latency_ms"] for p in off], y=[p["metric"] for p in off], mode="markers",
+                                 name="scored trial", legendgroup="trial", showlegend=show, legendrank=1001,
+                                 marker={"color": "#9aa5b1", "size": 7, "opacity": 0.6},
+                                 text=[_hover(p, t["name"], name) for p in off], hovertemplate=hover), 1, col)
+        fig.add_trace(go.Scatter(x=[p["latency_ms"] for p in on], y=[p["metric"] for p in on], mode="lines+markers",
+                                 name="Pareto front", legendgroup="front", showlegend=show, legendrank=1002,
+                                 line={"color": COLORS[0], "width": 2, "shape": "hv"},
+                                 marker={"color": COLORS[0], "size": 9},
+                                 text=[_hover(p, t["name"], name) for p in on], hovertemplate=hover), 1, col)
+        best = [p for p in pts if p["best"]]
+        fig.add_trace(go.Scatter(x=[p["latency_ms"] for p in best], y=[p["metric"] for p in best], mode="markers",
+                                 name="best (deploy this)", legendgroup="best", showlegend=show, legendrank=1003,
+                                 marker={"color": COLORS[1], "size": 17, "symbol": "star",
+                                         "line": {"color": "white", "width": 1}},
+                                 text=[_hover(p, t["name"], name) for p in best], hovertemplate=hover), 1, col)
+        xs = [p["latency_ms"] for p in pts] + [r["latency_ms"] for r in (t["fp32"], t["int8"]) if r and r["latency_ms"]]
+        fig.update_xaxes(title_text="latency (ms)", type="log" if _log_axis(xs) else "linear", row=1, col=col)
+    fig.update_yaxes(title_text=_e(name), row=1, col=1)
+    _layout(fig, f"{data['task']}: {name} against latency, per target", 520,
+            legend={"orientation": "h", "y": -0.18, "x": 0, "yanchor": "top"})
+    fig.update_layout(margin={"b": 110})
+    return fig
+
+
+def _short(p: str) -> str:
+    return SHORT.get(p, p.removeprefix("int"))
+
+
+def precision_figure(data: dict):
+    go, make_subplots = _go()
+    front = data["front"]
+    if not front:
+        return None
+    fqns = list(front[0].config)
+    present = sorted({c.weight.value for t in front for c in t.config.values()}
+                     | {c.activation.value for t in front for c in t.config.values()},
+                     key=list(PRECISION_COLORS).index)
+    level = {p: i for i, p in enumerate(present)}
+    n = len(present)
+    # a discrete colour scale: band i of n is precision i's colour
+    scale = []
+    for i, p in enumerate(present):
+        scale += [[i / n, PRECISION_COLORS[p]], [(i + 1) / n, PRECISION_COLORS[p]]]
+    rows = [f"trial {t.number} ({t.metric:.4f})" for t in front]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=["weights", "activations"])
+    for r, part in ((1, "weight"), (2, "activation")):
+        z = [[level[getattr(t.config[f], part).value] for f in fqns] for t in front]
+        text = [[_short(getattr(t.config[f], part).value) for f in fqns] for t in front]
+        hover = [[f"trial {t.number}, {_e(f)}<br>weights {t.config[f].weight.value}, "
+                  f"activations {t.config[f].activation.value}" for f in fqns] for t in front]
+        fig.add_trace(go.Heatmap(
+            z=z, x=[_e(f) for f in fqns], y=rows, text=text, texttemplate="%{text}", customdata=hover,
+            hovertemplate="%{customdata}<extra></extra>", colorscale=scale, zmin=-0.5, zmax=n - 0.5,
+            xgap=1, ygap=1, showscale=r == 1,
+            colorbar={"title": {"text": "precision"}, "tickvals": list(range(n)), "ticktext": present,
+                      "len": 0.9, "y": 0.5}), r, 1)
+    fig.update_yaxes(autorange="reversed", tickfont={"size": 12})
+    fig.update_xaxes(tickangle=-60, tickfont={"size": 12}, automargin=True, row=2, col=1)
+    height = max(360, 2 * 26 * len(front) + 260 + 6 * max(len(f) for f in fqns))
+    _layout(fig, f"precision per layer of the {len(front)} configuration(s) on the front of {data['targets'][0]['name']} "
+            "(fastest first; the number is the bit width)", height)
+    return fig
+
+
+def breakdown_figure(data: dict):
+    go, make_subplots = _go()
+    rows = [t for t in data["targets"] if t["breakdown"]]
+    if not rows:
+        return None
+    fig = make_subplots(rows=len(rows), cols=1, vertical_spacing=0.12 if len(rows) > 1 else 0.1,
+                        subplot_titles=[f"{_e(t['name'])}: trial {t['best']}, "
+                                        f"{sum(r['latency_us'] + r['transition_us'] for r in t['breakdown']) / 1e3:.4g} ms"
+                                        for t in rows])
+    for i, t in enumerate(rows, start=1):
+        b = t["breakdown"]
+        x = [f"{_e(r['fqn'])} ({_e(r['precision'])})" for r in b]
+        tips = [f"<b>{_e(r['fqn'])}</b> {_e(r['precision'])}<br>compute {r['latency_us']:.4g} us "
+                f"({_e(r['compute'])}, {_e(r['bound'])})"
+                + (f"<br>precision conversion {r['transition_us']:.3g} us" if r["transition_us"] else "")
+                for r in b]
+        fig.add_trace(go.Bar(x=x, y=[r["latency_us"] for r in b], name="compute", legendgroup="compute",
+                             showlegend=i == 1, marker={"color": COLORS[0]}, customdata=tips,
+                             hovertemplate="%{customdata}<extra></extra>"), i, 1)
+        fig.add_trace(go.Bar(x=x, y=[r["transition_us"] for r in b], name="precision conversion (Q/DQ)",
+                             legendgroup="conversion", showlegend=i == 1, marker={"color": COLORS[4]},
+                             customdata=tips, hovertemplate="%{customdata}<extra></extra>"), i, 1)
+        fig.update_yaxes(title_text="us", row=i, col=1)
+        fig.update_xaxes(tickangle=-60, tickfont={"size": 12}, automargin=True, row=i, col=1)
+    n_layers = max(len(t["breakdown"]) for t in rows)
+    _layout(fig, f"per-layer latency of the best configuration ({n_layers} layers)", 140 + 420 * len(rows),
+            barmode="stack", legend={"orientation": "h", "y": 1.02 + 0.04 / len(rows), "x": 1, "xanchor": "right",
+                                     "yanchor": "bottom"})
+    return fig
+
+
+def history_figure(data: dict):
+    """Each scored trial's metric (top) and latency on the first target (bottom), in trial order:
+    the front's trials and the best marked, the best metric and lowest latency so far, FP32's."""
+    go, make_subplots = _go()
+    result, name, t0 = data["result"], data["metric_name"], data["targets"][0]
+    by_trial = {p["trial"]: p for p in t0["points"]}
+    scored = [t for t in result.trials if t.state in ("complete", "pruned") and t.metric is not None]
     if not scored:
-        return "<p>No scored trial.</p>"
-    name = result.reference["metric_name"]
-    parts, sx, sy = _axes("trial", name, [t.number for t in result.trials], [t.metric for t in scored])
-    best, line = None, []
-    for t in scored:
-        parts.append(f'<circle cx="{sx(t.number):.1f}" cy="{sy(t.metric):.1f}" r="2.5" fill="#1f77b4" fill-opacity="0.5">'
-                     f"<title>{html.escape(_label(t, t.latency_ms, name))}</title></circle>")
-        best = t.metric if best is None else max(best, t.metric)
-        line.append(f"{sx(t.number):.1f},{sy(best):.1f}")
-    parts.append(f'<polyline points="{" ".join(line)}" fill="none" stroke="#d62728" stroke-width="1.5"/>')
-    return _svg(parts)
+        return None
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=[_e(name), f"latency on {_e(t0['name'])} (ms)"])
+    groups = (("scored trial", "#9aa5b1", 8, "circle", lambda t: t.state == "complete" and t.number not in t0["front"]),
+              ("stopped early", "#d0d4d9", 7, "circle-open", lambda t: t.state == "pruned"),
+              ("on the Pareto front", COLORS[0], 9, "circle", lambda t: t.number in t0["front"] and t.number != t0["best"]),
+              ("best", COLORS[1], 15, "star", lambda t: t.number == t0["best"]))
+    for label, color, size, symbol, keep in groups:
+        ts = [t for t in scored if keep(t)]
+        text = [f"<b>trial {t.number}</b> ({t.state})<br>{_e(name)} {t.metric:.4f}<br>"
+                f"{by_trial[t.number]['latency_ms'] if t.number in by_trial else t.latency_ms:.4g} ms on "
+                f"{_e(t0['name'])}<br>{_e(config_summary(t))}" for t in ts]
+        for row, y in ((1, [t.metric for t in ts]),
+                       (2, [by_trial[t.number]["latency_ms"] if t.number in by_trial else t.latency_ms for t in ts])):
+            fig.add_trace(go.Scatter(x=[t.number for t in ts], y=y, mode="markers", name=label, legendgroup=label,
+                                     showlegend=row == 1 and bool(ts),
+                                     marker={"color": color, "size": size, "symbol": symbol}, text=text,
+                                     hovertemplate="%{text}<extra></extra>"), row, 1)
+    done = [t for t in scored if t.state == "complete" and t.feasible]
+    for row, pick, label in ((1, lambda t: t.metric, f"highest {name} so far"),
+                             (2, lambda t: by_trial[t.number]["latency_ms"] if t.number in by_trial else None,
+                              "lowest latency so far")):
+        xs, ys, run = [], [], None
+        for t in done:
+            v = pick(t)
+            if v is None or not math.isfinite(v):
+                continue
+            run = v if run is None else (max(run, v) if row == 1 else min(run, v))
+            xs.append(t.number)
+            ys.append(run)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=_e(label), line={"color": COLORS[1 if row == 1 else 4],
+                                 "shape": "hv", "width": 1.5}, hoverinfo="skip"), row, 1)
+    for row, v in ((1, result.reference.get("fp32_metric")), (2, t0["fp32"]["latency_ms"])):
+        if v is not None:
+            fig.add_hline(y=v, line={"color": "#222222", "dash": "dash", "width": 1}, row=row, col=1,
+                          annotation_text=f"FP32 {v:.4g}", annotation_position="top left")
+    fig.update_xaxes(title_text="trial", row=2, col=1)
+    _layout(fig, f"search history: {len(scored)} scored trials in the order they ran", 620)
+    return fig
 
 
-def breakdown_svg(series: list[dict]) -> str:
-    blocks = []
-    for s in series:
-        rows = s["breakdown"]
-        if not rows:
-            continue
-        top = max(r["latency_us"] + r["transition_us"] for r in rows) or 1.0
-        bar_w = (W - 2 * PAD) / len(rows)
-        parts = [f'<text x="{PAD}" y="14">{html.escape(s["target"])}: best trial, per-layer latency (us)</text>']
-        for i, r in enumerate(rows):
-            h = (H - 2 * PAD) * r["latency_us"] / top
-            ht = (H - 2 * PAD) * r["transition_us"] / top
-            x = PAD + i * bar_w
-            tip = html.escape(f"{r['fqn']} {r['precision']}: {r['latency_us']:.4g} us ({r['compute']}, {r['bound']})"
-                              + (f" + conversion {r['transition_us']:.3g} us" if r["transition_us"] else ""))
-            parts.append(f'<rect x="{x:.1f}" y="{H - PAD - h:.1f}" width="{max(bar_w - 2, 1):.1f}" height="{h:.1f}" '
-                         f'fill="{s["color"]}"><title>{tip}</title></rect>')
-            if ht:
-                parts.append(f'<rect x="{x:.1f}" y="{H - PAD - h - ht:.1f}" width="{max(bar_w - 2, 1):.1f}" '
-                             f'height="{ht:.1f}" fill="#999"><title>{tip}</title></rect>')
-        parts.append(f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#444"/>')
-        parts.append(f'<text x="{PAD - 4}" y="{2 * PAD - 36}" text-anchor="end" font-size="11">{top:.3g}</text>')
-        blocks.append(_svg(parts))
-    return "".join(blocks) or "<p>No breakdown recorded.</p>"
+def _predicted_reference(result: SearchResult, name: str) -> float | None:
+    """The cost model's latency of a verification reference: FP32's (result.json's reference).
+    Not int8's: verify's uniform int8 quantizes the model's input too, the search's reference
+    (mpsearch.api.int8_reference) keeps it float, so their predictions differ."""
+    return result.reference.get("fp32_latency_ms") if name == "fp32" else None
 
 
-def precision_map_html(result: SearchResult, trials: Sequence[TrialRecord]) -> str:
-    if not trials:
-        return "<p>No configuration on the front.</p>"
-    fqns = list(trials[0].config)
-    head = "".join(f'<th class="v">{html.escape(f)}</th>' for f in fqns)
+def verification_figure(data: dict):
+    go, _ = _go()
+    v = getattr(data["result"], "verification", None)
+    if not v:
+        return None
+    labels, pred, meas = [], [], []
+    for k, r in v["references"].items():
+        labels.append(_e(k))
+        pred.append(_predicted_reference(data["result"], k))
+        meas.append(r["latency_ms"])
+    for n, t in v["trials"].items():
+        labels.append(f"trial {_e(n)}" + (" (best)" if t["best"] else ""))
+        pred.append(t["predicted_latency_ms"])
+        meas.append(t["latency_ms"])
+    fig = go.Figure([
+        go.Bar(x=labels, y=pred, name="predicted (cost model)", marker={"color": COLORS[0]},
+               hovertemplate="%{x}: predicted %{y:.4g} ms<extra></extra>"),
+        go.Bar(x=labels, y=meas, name="measured (ONNX Runtime)", marker={"color": COLORS[1]},
+               hovertemplate="%{x}: measured %{y:.4g} ms<extra></extra>"),
+    ])
+    w = v["where"]
+    fig.update_yaxes(title_text="latency (ms)")
+    _layout(fig, f"measured beside predicted latency: {w['threads']} thread(s), batch {w['batch_size']}, "
+            f"{w['cpu']}", 420, barmode="group")
+    return fig
+
+
+def figures(data: dict) -> dict[str, Any]:
+    """The report's Plotly figures by name (FIGURES; a view with nothing to show is left out)."""
+    made = {"pareto": pareto_figure(data), "precision_map": precision_figure(data),
+            "latency_breakdown": breakdown_figure(data), "history": history_figure(data),
+            "verification": verification_figure(data)}
+    return {k: f for k, f in made.items() if f is not None}
+
+
+# -- HTML -------------------------------------------------------------------------------------------
+
+def _num(v: float | None, fmt: str, suffix: str = "") -> str:
+    return "-" if v is None else format(v, fmt) + suffix
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], table_id: str = "") -> str:
+    """An HTML table, sortable by clicking a header (sortBy), its cells escaped."""
+    head = "".join(f'<th onclick="sortBy(this)">{html.escape(h)}</th>' for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    ident = f' id="{table_id}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def trials_table(data: dict) -> str:
+    result, name, targets = data["result"], data["metric_name"], data["targets"]
+    header = ["trial", "state", name]
+    for t in targets:
+        suffix = f" ({t['name']})" if len(targets) > 1 else ""
+        header += [f"latency ms{suffix}", f"vs FP32{suffix}"]
+    header += ["weights KiB", "weight bits", "activation bits", "Pareto", "best", "configuration", "note"]
     rows = []
-    for t in trials:
-        cells = "".join(
-            f'<td style="background:{BITS_COLORS.get(c.weight.bits, "#eee")}" title="{html.escape(f)}">'
-            f"{c.weight.value.replace('int', 'w')}/{c.activation.value.replace('int', 'a')}</td>"
-            for f, c in t.config.items())
-        rows.append(f"<tr><td>{t.number}</td><td>{t.metric:.4f}</td>{cells}</tr>")
-    return (f'<table class="map"><tr><th>trial</th><th>{html.escape(result.reference["metric_name"])}</th>{head}</tr>'
-            + "".join(rows) + "</table>")
+    for tr in result.trials:
+        row = [tr.number, tr.state, _num(tr.metric, ".4f")]
+        for t in targets:
+            cost = t["priced"].get(tr.number)
+            lat = cost["latency_ms"] if cost is not None else tr.latency_ms
+            lat = lat if lat is not None and math.isfinite(lat) else None
+            row += [_num(lat, ".4g"), _num(_speedup(t["fp32"]["latency_ms"], lat), ".2f", "x")]
+        on = [t["name"] for t in targets if tr.number in t["front"]]
+        best = [t["name"] for t in targets if tr.number == t["best"]]
+        row += [f"{tr.weight_bytes / 1024:.1f}", f"{tr.mean_weight_bits:.2f}", f"{tr.mean_activation_bits:.2f}",
+                ("yes" if len(targets) == 1 else ", ".join(on)) if on else "",
+                ("yes" if len(targets) == 1 else ", ".join(best)) if best else "",
+                config_summary(tr), tr.reason[:160]]
+        rows.append(row)
+    return _table(header, rows, "trials")
 
 
-def trials_table(result: SearchResult) -> str:
-    cols = ["number", "state", "metric", "latency_ms", "weight_bytes", "mean_weight_bits", "reason"]
-    head = "".join(f"<th onclick=\"sortBy(this)\">{c}</th>" for c in cols)
-    rows = []
-    for t in result.trials:
-        vals = [t.number, t.state, "" if t.metric is None else f"{t.metric:.4f}", f"{t.latency_ms:.4g}",
-                t.weight_bytes, f"{t.mean_weight_bits:.2f}", t.reason[:120]]
-        rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in vals) + "</tr>")
-    return f'<table id="trials"><tr>{head}</tr>' + "".join(rows) + "</table>"
+def budget_table(data: dict) -> str:
+    compare = data["compare"]
+    if not compare:
+        return ""
+    rows = [[t, r["budget"], _num(r["budget_ms"], ".4g"), "-" if r["trial"] is None else r["trial"],
+             _num(r["metric"], ".4f"), _num(r["latency_ms"], ".4g"), _num(r["speedup_fp32"], ".2f", "x"),
+             _num(r["speedup_int8"], ".2f", "x")]
+            for t in compare["targets"] for r in compare["per_target"][t]["table"]]
+    return ("<h2>Best within each latency budget</h2>"
+            + _table(["target", "budget", "budget ms", "trial", data["metric_name"], "latency ms", "vs FP32", "vs int8"],
+                     rows))
+
+
+def verification_table(data: dict) -> str:
+    v = getattr(data["result"], "verification", None)
+    if not v:
+        return ""
+    w = v["where"]
+    where = (f"Measured on {w['host']} ({w['cpu']}; {', '.join(w['features']) or 'no int8 dot-product features'}), "
+             f"{w['threads']} thread(s), batch {w['batch_size']}, ONNX Runtime: {w['placement']}. "
+             f"Measured front: {', '.join(f'trial {n}' for n in v['measured_front']) or 'none'}.")
+    name = data["metric_name"]
+    rows = [[k, _num(_predicted_reference(data["result"], k), ".4g"), f"{r['latency_ms']:.4g}", "",
+             f"{r['measured_speedup']:.2f}x", f"{r['sim_metric']:.4f}",
+             f"{r['metric']:.4f}", r["int8_kernels"]] for k, r in v["references"].items()]
+    rows += [[f"trial {n}" + (" (best)" if t["best"] else ""), f"{t['predicted_latency_ms']:.4g}",
+              f"{t['latency_ms']:.4g}", _num(t["predicted_speedup"], ".2f", "x"), f"{t['measured_speedup']:.2f}x",
+              f"{t['predicted_metric']:.4f}", f"{t['metric']:.4f}", t["int8_kernels"]] for n, t in v["trials"].items()]
+    return (f"<h2>Verified on hardware</h2><p>{html.escape(where)}</p>"
+            + _table(["configuration", "predicted ms", "measured ms", "predicted vs FP32", "measured vs FP32",
+                      f"simulated {name}", f"ONNX Runtime {name}", "int8 kernels"], rows))
 
 
 _SCRIPT = """<script>
 function sortBy(th) {
-  const table = th.closest('table'), i = [...th.parentNode.children].indexOf(th);
-  const rows = [...table.rows].slice(1), asc = th.dataset.asc !== '1';
+  const table = th.closest('table'), body = table.tBodies[0], i = [...th.parentNode.children].indexOf(th);
+  const asc = th.dataset.asc !== '1';
   const key = r => { const v = r.cells[i].textContent; const n = parseFloat(v); return isNaN(n) ? v : n; };
-  rows.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1));
-  rows.forEach(r => table.appendChild(r)); th.dataset.asc = asc ? '1' : '0';
+  [...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1))
+    .forEach(r => body.appendChild(r));
+  th.dataset.asc = asc ? '1' : '0';
 }
 </script>"""
 
 _STYLE = """<style>
-body { font-family: sans-serif; margin: 2em; max-width: 1100px; }
-table { border-collapse: collapse; font-size: 12px; margin: 1em 0; }
-td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
-th { background: #f4f4f4; cursor: pointer; }
-th.v { writing-mode: vertical-rl; }
+body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; font-size: 13px; margin: 0.6em 0; }
+td, th { border: 1px solid #d0d4d9; padding: 3px 8px; text-align: right; }
+#trials td:last-child, #trials td:nth-last-child(2) { text-align: left; }
+th { background: #f2f4f7; cursor: pointer; }
+tbody tr:nth-child(even) { background: #fafbfc; }
+.plot { width: 100%; }
 </style>"""
 
 
-def verification_html(result: SearchResult) -> str:
-    """`mpsearch verify`'s figures: measured beside predicted, and the front of each."""
-    v = getattr(result, "verification", None)
-    if not v:
-        return ""
-    name = result.reference["metric_name"]
-    w = v["where"]
-    where = (f"Measured on {w['host']} ({w['cpu']}; {', '.join(w['features']) or 'no int8 dot-product features'}), "
-             f"{w['threads']} thread(s), batch {w['batch_size']}, ONNX Runtime: {w['placement']}.")
-    rows = []
-    for k, r in v["references"].items():
-        rows.append(f"<tr><td>{html.escape(k)}</td><td></td><td>{r['latency_ms']:.4g}</td><td></td>"
-                    f"<td>{r['measured_speedup']:.2f}x</td><td>{r['sim_metric']:.4f}</td><td>{r['metric']:.4f}</td>"
-                    f"<td>{r['int8_kernels']}</td></tr>")
-    pred_pts, meas_pts = [], []
-    for n, t in v["trials"].items():
-        rec = result.trial(int(n))
-        ps = "-" if t["predicted_speedup"] is None else f"{t['predicted_speedup']:.2f}x"
-        tag = " (best)" if t["best"] else ""
-        rows.append(f"<tr><td>trial {html.escape(n)}{tag}</td><td>{t['predicted_latency_ms']:.4g}</td>"
-                    f"<td>{t['latency_ms']:.4g}</td><td>{ps}</td><td>{t['measured_speedup']:.2f}x</td>"
-                    f"<td>{t['predicted_metric']:.4f}</td><td>{t['metric']:.4f}</td><td>{t['int8_kernels']}</td></tr>")
-        pred_pts.append((t["predicted_latency_ms"], t["predicted_metric"], rec))
-        meas_pts.append((t["latency_ms"], t["metric"], rec))
-    measured_front = set(v["measured_front"])
-    series = [
-        {"target": "predicted (cost model, simulated metric)", "color": COLORS[0], "points": pred_pts,
-         "front": sorted(pred_pts, key=lambda p: p[0])},
-        {"target": "measured (ONNX Runtime latency and metric)", "color": COLORS[1], "points": meas_pts,
-         "front": sorted((p for p in meas_pts if p[2].number in measured_front), key=lambda p: p[0])},
-    ]
-    table = (f"<table><tr><th>configuration</th><th>predicted ms</th><th>measured ms</th><th>predicted vs fp32</th>"
-             f"<th>measured vs fp32</th><th>simulated {html.escape(name)}</th><th>ONNX Runtime {html.escape(name)}</th>"
-             f"<th>int8 kernels</th></tr>{''.join(rows)}</table>")
-    return (f"<h2>Verified on hardware</h2><p>{html.escape(where)}</p>{table}"
-            f"{pareto_svg(series, name)}")
+def render(result: SearchResult, compare: dict | None, figs: dict | None = None) -> str:
+    """The report as one HTML page (plotly.js inline once)."""
+    import plotly.offline
 
+    data = report_data(result, compare)
+    figs = figures(data) if figs is None else figs
 
-def render(result: SearchResult, compare: dict | None) -> str:
-    series = _series(result, compare)
-    name = result.reference["metric_name"]
-    front = [result.trial(n) for n in (compare["per_target"][compare["targets"][0]]["pareto"] if compare
-                                       else result.pareto)]
-    title = f"mpsearch: {result.task} on {', '.join(s['target'] for s in series)}"
-    summary = (f"{len(result.trials)} trials ({sum(t.state == 'complete' for t in result.trials)} scored); "
-               f"FP32 {name} {result.reference['fp32_metric']:.4f}; strategy {result.settings.get('strategy')}, "
-               f"sampler {result.settings.get('sampler')}, seed {result.settings.get('seed')}")
-    table = ""
-    if compare:
-        rows = "".join(
-            f"<tr><td>{html.escape(t)}</td><td>{html.escape(r['budget'])}</td><td>{r['budget_ms']:.4g}</td>"
-            f"<td>{'-' if r['trial'] is None else r['trial']}</td>"
-            f"<td>{'-' if r['metric'] is None else format(r['metric'], '.4f')}</td>"
-            f"<td>{'-' if r['latency_ms'] is None else format(r['latency_ms'], '.4g')}</td>"
-            f"<td>{'-' if r['speedup_fp32'] is None else format(r['speedup_fp32'], '.2f') + 'x'}</td>"
-            f"<td>{'-' if r['speedup_int8'] is None else format(r['speedup_int8'], '.2f') + 'x'}</td></tr>"
-            for t in compare["targets"] for r in compare["per_target"][t]["table"])
-        table = ("<h2>Best within each latency budget</h2><table><tr><th>target</th><th>budget</th><th>ms</th>"
-                 f"<th>trial</th><th>{html.escape(name)}</th><th>latency ms</th><th>vs fp32</th><th>vs int8</th></tr>"
-                 f"{rows}</table>")
+    def plot(key: str) -> str:
+        if key not in figs:
+            return "<p>Nothing to show.</p>"
+        return figs[key].to_html(full_html=False, include_plotlyjs=False, div_id=f"plot-{key}",
+                                 default_width="100%", config=PLOT_CONFIG)
+
     return "\n".join([
-        "<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>", _STYLE,
-        _SCRIPT, "</head><body>", f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(summary)}</p>", table,
-        "<h2>Pareto fronts</h2>", pareto_svg(series, name), verification_html(result),
-        f"<h2>Precisions on the front ({html.escape(series[0]['target'])})</h2>", precision_map_html(result, front),
-        "<h2>Per-layer latency of the best configuration</h2>", breakdown_svg(series),
-        "<h2>Search history</h2>", history_svg(result), "<h2>Trials</h2>", trials_table(result),
+        "<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{html.escape(data['title'])}</title>",
+        _STYLE, f'<script type="text/javascript">{plotly.offline.get_plotlyjs()}</script>', _SCRIPT, "</head><body>",
+        f"<h1>{html.escape(data['title'])}</h1>", f"<p>{html.escape(data['summary'])}</p>", budget_table(data),
+        "<h2>Pareto fronts</h2>", plot("pareto"),
+        *([verification_table(data), plot("verification")] if "verification" in figs else []),
+        "<h2>Precisions on the front</h2>", plot("precision_map"),
+        "<h2>Per-layer latency of the best configuration</h2>", plot("latency_breakdown"),
+        "<h2>Search history</h2>", plot("history"),
+        "<h2>Trials</h2><p>Click a column's header to sort by it.</p>", trials_table(data),
         "</body></html>",
     ])
 
 
 def write_report(out_dir: str | Path, png: bool = False) -> list[Path]:
-    """DIR/report.html from DIR/result.json (and compare.json); with png, the four views as
-    matplotlib PNGs too. Returns the files written."""
+    """DIR/report.html from DIR/result.json (and compare.json); with png, its figures as PNGs too
+    (write_pngs). Returns the files written; the HTML is written before the PNGs are tried."""
     out_dir = Path(out_dir)
     result, compare = _load(out_dir)
+    figs = figures(report_data(result, compare))
     path = out_dir / "report.html"
-    path.write_text(render(result, compare), encoding="utf-8")
+    path.write_text(render(result, compare, figs), encoding="utf-8")
     written = [path]
     if png:
-        written += write_pngs(out_dir, result, compare)
+        written += write_pngs(out_dir, figs)
     return written
 
 
-def write_pngs(out_dir: Path, result: SearchResult, compare: dict | None) -> list[Path]:
+def write_pngs(out_dir: Path, figs: dict) -> list[Path]:
+    """The figures as OUT/<name>.png, WIDTH pixels wide, in one kaleido session (it drives a
+    headless Chrome or Chromium, found as kaleido finds it: BROWSER_PATH, else on PATH;
+    MissingDependencyError when there is none)."""
+    import plotly.io as pio
+
+    no_browser = MissingDependencyError(
+        "no Chrome or Chromium for kaleido to draw them in (apt install chromium, or plotly_get_chrome; "
+        "BROWSER_PATH names one not on PATH)")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from choreographer.browsers.chromium import Chromium
     except ImportError:
-        raise MissingDependencyError("PNG plots need matplotlib: pip install matplotlib") from None
-    series = _series(result, compare)
-    name = result.reference["metric_name"]
-    files = []
-
-    def save(fig, stem: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{stem}.png", dpi=110)
-        plt.close(fig)
-        files.append(out_dir / f"{stem}.png")
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for s in series:
-        ax.scatter([p[0] for p in s["points"]], [p[1] for p in s["points"]], s=8, alpha=0.3, color=s["color"])
-        ax.plot([p[0] for p in s["front"]], [p[1] for p in s["front"]], "o-", color=s["color"], label=s["target"])
-    ax.set_xlabel("latency (ms)")
-    ax.set_ylabel(name)
-    ax.set_xscale("log")
-    ax.legend()
-    ax.set_title(f"Pareto fronts: {result.task}")
-    save(fig, "pareto")
-
-    front = [result.trial(n) for n in (compare["per_target"][compare["targets"][0]]["pareto"] if compare
-                                       else result.pareto)]
-    if front:
-        fqns = list(front[0].config)
-        grid = [[t.config[f].weight.bits for f in fqns] for t in front]
-        fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(fqns) + 2), max(2.5, 0.3 * len(front) + 1.5)))
-        im = ax.imshow(grid, aspect="auto", cmap="RdPu")
-        ax.set_yticks(range(len(front)), [f"{t.number} ({t.metric:.3f})" for t in front], fontsize=7)
-        ax.set_xticks(range(len(fqns)), fqns, rotation=90, fontsize=6)
-        fig.colorbar(im, ax=ax, label="weight bits")
-        ax.set_title("weight precision per layer on the front")
-        save(fig, "precision_map")
-
-    with_rows = [s for s in series if s["breakdown"]]
-    if with_rows:
-        fig, axes = plt.subplots(len(with_rows), 1, figsize=(8, 2.4 * len(with_rows)), squeeze=False)
-        for ax, s in zip(axes[:, 0], with_rows, strict=True):
-            rows = s["breakdown"]
-            ax.bar(range(len(rows)), [r["latency_us"] for r in rows], color=s["color"])
-            ax.bar(range(len(rows)), [r["transition_us"] for r in rows],
-                   bottom=[r["latency_us"] for r in rows], color="#999")
-            ax.set_ylabel("us")
-            ax.set_title(f"{s['target']}: best configuration, per-layer latency", fontsize=9)
-            ax.set_xticks(range(len(rows)), [r["fqn"] for r in rows], rotation=90, fontsize=6)
-        save(fig, "latency_breakdown")
-
-    scored = [t for t in result.trials if t.state == "complete"]
-    if scored:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.scatter([t.number for t in scored], [t.metric for t in scored], s=8, alpha=0.5)
-        best, line = None, []
-        for t in scored:
-            best = t.metric if best is None else max(best, t.metric)
-            line.append(best)
-        ax.plot([t.number for t in scored], line, color="#d62728", label="best so far")
-        ax.set_xlabel("trial")
-        ax.set_ylabel(name)
-        ax.legend()
-        ax.set_title("search history")
-        save(fig, "history")
-    return files
+        raise MissingDependencyError("kaleido is not installed (pip install kaleido)") from None
+    found = Chromium.find_browser(skip_local=False)
+    if not found or not Path(found).is_file():
+        raise no_browser
+    paths = [out_dir / f"{k}.png" for k in figs]
+    try:
+        pio.write_images(list(figs.values()), paths, width=WIDTH, height=[f.layout.height for f in figs.values()])
+    except RuntimeError as e:  # plotly's words for kaleido's ChromeNotFoundError
+        if "Chrome" not in str(e):
+            raise
+        raise no_browser from None
+    return paths

@@ -153,6 +153,13 @@ class Tracker:
         return {"fp32_latency_ms": ref.get("fp32_latency_ms"), f"fp32_{self.metric_name}": ref.get("fp32_metric"),
                 "int8_latency_ms": ref.get("int8_latency_ms"), f"int8_{self.metric_name}": ref.get("int8_metric")}
 
+    def log_reference(self, reference: dict[str, Any]) -> None:
+        """The references known after the trials (uniform int8's, mpsearch.api.int8_reference)
+        as metrics of the parent run."""
+        self.reference = dict(reference)
+        if self.parent_run_id is not None:
+            self._guard("logging the references", self._log, self.parent_run_id, metrics=self._reference_metrics())
+
     def _log(self, run_id: str, params=None, metrics=None, tags=None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 

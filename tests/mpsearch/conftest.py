@@ -87,3 +87,33 @@ def ray_head(port: int, env: dict[str, str] | None = None, cpus: int = 2, resour
             head.kill()
             head.wait(timeout=30)
         subprocess.run(["rm", "-rf", temp], check=False)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _check_report_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_report", REPO / "tools" / "check_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def browser_path() -> str | None:
+    """The Chromium (or Chrome) on this machine, None when there is none (tools/check_report.py)."""
+    return _check_report_module().find_browser()
+
+
+@pytest.fixture(scope="session")
+def browser(browser_path) -> str:
+    """The headless Chromium (or Chrome) the report checks and kaleido's PNGs use. Without one the
+    test is skipped, unless MPSEARCH_REQUIRE_BROWSER=1 (.ci/run sets it after installing one)."""
+    path = browser_path
+    if path is None:
+        if os.environ.get("MPSEARCH_REQUIRE_BROWSER") == "1":
+            pytest.fail("MPSEARCH_REQUIRE_BROWSER=1 but no chromium, chromium-browser or google-chrome on PATH")
+        pytest.skip("no Chromium or Chrome (apt install chromium): the browser checks and PNGs need one")
+    return path

@@ -390,27 +390,22 @@ def test_export_refuses_a_format_its_file_contradicts(finished, tmp_path, capsys
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-FAKE_MATPLOTLIB = """
-import sys
-print("IMPORTING-MATPLOTLIB", flush=True)  # on stdout, after whatever was printed before
-raise ImportError("No module named 'matplotlib'")
-"""
-
-
-def test_missing_matplotlib_skips_the_pngs_after_the_summary(tmp_path):
-    fake = tmp_path / "fake"
-    (fake / "matplotlib").mkdir(parents=True)
-    (fake / "matplotlib" / "__init__.py").write_text(FAKE_MATPLOTLIB)
+def test_without_a_browser_the_pngs_are_skipped_in_one_line_after_the_summary(tmp_path):
+    """kaleido draws the PNGs in Chrome/Chromium: with none (BROWSER_PATH names a missing one),
+    the search still succeeds, its summary and HTML report written, and says so in one line."""
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {**os.environ, "BROWSER_PATH": str(tmp_path / "no-such-chrome")}
     p = cli("search", "--task", "digits", "--trials", "3", "--strategy", "optuna", "--out", str(out), "--no-mlflow",
             "--no-progress", env=env)
     assert p.returncode == 0, p.stderr
-    # the summary and the next steps come first, then the optional PNGs are tried
-    assert p.stdout.index("Pareto front") < p.stdout.index("next steps:") < p.stdout.index("IMPORTING-MATPLOTLIB")
+    assert p.stdout.index("Pareto front") < p.stdout.index("next steps:")
     lines = [x for x in p.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("mpsearch: PNG plots skipped: ") and "matplotlib" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("mpsearch: PNG plots skipped: ") and "Chromium" in lines[0], lines
     assert (out / "result.json").exists() and (out / "report.html").exists() and not list(out.glob("*.png"))
+    rc = subprocess.run([sys.executable, "-m", "mpsearch.cli", "report", str(out)], env=env, capture_output=True,
+                        text=True, timeout=120, check=False)
+    assert rc.returncode == 0 and rc.stdout.split() == [str(out / "report.html")]
+    assert rc.stderr.count("\n") == 1 and "PNG plots skipped" in rc.stderr
 
 
 def test_slow_stages_say_what_they_do_and_quick_ones_stay_quiet(tmp_path, capsys, monkeypatch):
