@@ -98,7 +98,7 @@ def parse_precisions(names: Iterable[str | Precision] | None, what: str) -> tupl
 def prepare_out_dir(out_dir: str | os.PathLike | None, task: str, target: str) -> Path:
     if out_dir is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path(OUT_ROOT) / f"{_slug(task)}-{target}-{stamp}"
+        out_dir = Path(OUT_ROOT) / f"{_slug(task)}-{_slug(target)}-{stamp}"  # a name from a file is no path
     path = Path(out_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -298,7 +298,7 @@ def search(
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study, study_name, previous, store = open_study(
             storage_url, study_name, resume, sampler_obj, identity, objectives, task_obj.metric_name, space,
-            default_name=f"{_slug(task_name)}-{profile.name}", retries=retries if shared else None,
+            default_name=f"{_slug(task_name)}-{_slug(profile.name)}", retries=retries if shared else None,
             launch=None if join else _launch(task, target, profile, n_trials, sampler, wp, ap, ties, pins,
                                              pin_first_last, batch_size, evaluator, early_stop, objectives,
                                              latency_budget_ms, size_budget_mb, memory_budget_mb, evaluator_cache,

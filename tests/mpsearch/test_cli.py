@@ -427,3 +427,23 @@ def test_slow_stages_say_what_they_do_and_quick_ones_stay_quiet(tmp_path, capsys
     with api.stage(False, "anything"):
         pass
     assert capsys.readouterr().err == ""
+
+
+def test_a_profile_name_from_a_file_never_leaves_the_output_root(tmp_path):
+    """A --target TOML naming itself "../../../x/ESCAPED" once wrote its results outside
+    mpsearch-out/: the name is only a name (slashes become underscores)."""
+    from hw_models import get_profile
+    from hw_models.profile_file import dump_profile
+
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    text = dump_profile(get_profile("x86-vnni")).replace('name = "x86-vnni"', 'name = "../../../x/ESCAPED"', 1)
+    assert 'name = "../../../x/ESCAPED"' in text
+    (work / "evil.toml").write_text(text)
+    p = cli("search", "--task", "digits", "--target", "evil.toml", "--trials", "2", "--strategy", "optuna",
+            "--no-mlflow", "--no-progress", cwd=work)
+    assert p.returncode == 0, p.stderr
+    (out,) = (work / "mpsearch-out").iterdir()
+    assert out.name.startswith("digits-.._.._.._x_ESCAPED-") and (out / "result.json").exists()
+    assert not (tmp_path / "x").exists() and not (work.parent / "x").exists()
+    assert sorted(p.name for p in tmp_path.rglob("result.json")) == ["result.json"]
