@@ -7,6 +7,8 @@ module (the GPU calibration, the analysis) does not load Optuna, MLflow and the 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -39,3 +41,23 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    """`mpsearch.compare` is the function (mpsearch.api.compare), although a submodule of that name
+    exists: importing the submodule binds it as the package's attribute, which would shadow the
+    function for the rest of the process (after any search, `mpsearch.compare(...)` raised
+    "'module' object is not callable")."""
+
+    @property
+    def compare(self):
+        from mpsearch.api import compare
+
+        return compare
+
+    @compare.setter
+    def compare(self, value) -> None:
+        pass  # the import system binding the submodule mpsearch.compare: the function stays
+
+
+sys.modules[__name__].__class__ = _Package

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import re
 import sqlite3
@@ -229,8 +230,8 @@ def search(
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise InvalidConfigError(f"the number of trials must be a positive integer, got {n_trials!r}")
     for name, v in (("latency", latency_budget_ms), ("size", size_budget_mb), ("memory", memory_budget_mb)):
-        if v is not None and not v > 0:
-            raise InvalidConfigError(f"the {name} budget must be positive, got {v!r}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not (v > 0 and math.isfinite(v))):
+            raise InvalidConfigError(f"the {name} budget must be a positive, finite number, got {v!r}")
     parse_max_drop(max_drop)  # refused before any work
     budgets = Budgets(latency_budget_ms, None if size_budget_mb is None else size_budget_mb * MB,
                       None if memory_budget_mb is None else memory_budget_mb * MB)
@@ -868,8 +869,8 @@ def compare(
     budgets = [] if latency_budget_ms is None else (
         [latency_budget_ms] if isinstance(latency_budget_ms, int | float) else list(latency_budget_ms))
     for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, int | float) or not b > 0:
-            raise InvalidConfigError(f"latency budgets must be positive numbers of ms, got {b!r}")
+        if isinstance(b, bool) or not isinstance(b, int | float) or not (b > 0 and math.isfinite(b)):
+            raise InvalidConfigError(f"latency budgets must be positive, finite numbers of ms, got {b!r}")
     result = search(task, names[0], n_trials, objectives=objectives, batch_size=batch_size, **search_options)
     cmp = price_on_targets(result, result.layers, profiles, batch_size=batch_size, latency_budgets_ms=budgets,
                            graph=result.graph)

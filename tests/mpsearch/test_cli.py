@@ -182,6 +182,10 @@ def build():
         (["search", "--task", "digits", "--sampler", "cmaes"], ["cmaes", "tpe"]),
         (["search", "--task", "digits", "--weight-precisions", "int5"], ["int5"]),
         (["search", "--task", "digits", "--latency-budget", "1e-9", "--no-mlflow"], ["cheapest", "ms"]),
+        (["search", "--task", "digits", "--latency-budget", "inf"], ["--latency-budget", "finite", "inf"]),
+        (["search", "--task", "digits", "--latency-budget", "nan"], ["--latency-budget", "finite", "nan"]),
+        (["compare", "--task", "digits", "--targets", "x86-vnni,h100", "--latency-budget", "inf"],
+         ["--latency-budget", "finite"]),
         (["search", "--task", "digits", "--target", "/nonexistent/cpu.toml"], ["/nonexistent/cpu.toml", "no such"]),
         (["profile", "--task", "digits", "--precision", "int5"], ["int5"]),
         (["profile", "--task", "digits", "--config", "/nonexistent/c.json"], ["/nonexistent/c.json"]),
@@ -447,3 +451,26 @@ def test_a_profile_name_from_a_file_never_leaves_the_output_root(tmp_path):
     assert out.name.startswith("digits-.._.._.._x_ESCAPED-") and (out / "result.json").exists()
     assert not (tmp_path / "x").exists() and not (work.parent / "x").exists()
     assert sorted(p.name for p in tmp_path.rglob("result.json")) == ["result.json"]
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan, -1.0, 0, True, "5"])
+def test_api_refuses_a_budget_that_is_not_a_positive_finite_number(bad, tmp_path):
+    import mpsearch
+    from mpsearch.errors import InvalidConfigError
+
+    with pytest.raises(InvalidConfigError, match="finite"):
+        mpsearch.search("digits", latency_budget_ms=bad, out_dir=tmp_path / "s")
+    with pytest.raises(InvalidConfigError, match="finite"):
+        mpsearch.search("digits", size_budget_mb=bad, out_dir=tmp_path / "s")
+    with pytest.raises(InvalidConfigError, match="finite"):
+        mpsearch.compare("digits", ["x86-vnni", "h100"], 2, latency_budget_ms=bad, out_dir=tmp_path / "c")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_mpsearch_compare_stays_the_function_after_its_module_is_imported():
+    code = ("import mpsearch, mpsearch.compare, mpsearch.api\n"
+            "from mpsearch.compare import Comparison\n"
+            "print(callable(mpsearch.compare), mpsearch.compare is mpsearch.api.compare, Comparison.__name__)")
+    r = subprocess.run([sys.executable, "-c", code],
+                       capture_output=True, text=True, timeout=120, check=True)
+    assert r.stdout.split() == ["True", "True", "Comparison"]
