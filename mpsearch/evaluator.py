@@ -568,7 +568,7 @@ class Evaluator:
             outputs, upper = self._run(candidate, stop_below)
         except EvaluationError:
             raise
-        except Exception as e:  # the model cannot run with these weights
+        except (Exception, SystemExit) as e:  # the model cannot run with these weights (a sys.exit in it too)
             raise EvaluationError(f"the model failed under this configuration: {type(e).__name__}: {e}") from e
         k, n = len(outputs), len(self.task.eval_batches)
         metric = self._metric(outputs)
@@ -589,7 +589,7 @@ class Evaluator:
         targets = [t for _, t in self.task.eval_batches[first : first + len(outputs)]]
         try:
             metric = float(self.task.metric_fn(outputs, targets))
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a sys.exit() in a task's code is its error, not ours to obey
             raise EvaluationError(
                 f"the task metric {self.task.metric_name} raised {type(e).__name__}: {e}"
             ) from e

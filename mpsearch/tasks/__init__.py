@@ -74,7 +74,7 @@ def load_task(spec: str) -> Task:
         task = fn()
     except MpsearchError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # sys.exit() in a task's code is its error
         raise TaskLoadError(f"task function {shown} raised {type(e).__name__}: {_one_line(e)}") from e
     if not isinstance(task, Task):
         raise TaskLoadError(f"task function {shown} returned {type(task).__module__}.{type(task).__qualname__}, "
@@ -107,7 +107,7 @@ def _import_module(name: str) -> ModuleType:
         if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
             raise TaskLoadError(f"cannot import task module {name!r}: no module named {e.name!r}") from e
         raise TaskLoadError(f"importing task module {name!r} failed: {type(e).__name__}: {_one_line(e)}") from e
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # sys.exit() in a task's code is its error
         raise TaskLoadError(f"importing task module {name!r} failed: {type(e).__name__}: {_one_line(e)}") from e
 
 
@@ -133,7 +133,7 @@ def _import_file(where: str) -> ModuleType:
     except MpsearchError:
         sys.modules.pop(mod_name, None)
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # sys.exit() in a task's code is its error
         sys.modules.pop(mod_name, None)
         raise TaskLoadError(f"loading task file {where} failed: {type(e).__name__}: {_one_line(e)}") from e
     return module

@@ -474,3 +474,21 @@ def test_mpsearch_compare_stays_the_function_after_its_module_is_imported():
     r = subprocess.run([sys.executable, "-c", code],
                        capture_output=True, text=True, timeout=120, check=True)
     assert r.stdout.split() == ["True", "True", "Comparison"]
+
+
+EXITING_TASKS = {
+    "build": "import sys\ndef build():\n    sys.exit(0)\n",
+    "metric": ("import dataclasses, sys\nfrom mpsearch.tasks.digits import build as digits\n"
+               "def quit_metric(outputs, targets):\n    sys.exit(0)\n"
+               "def build():\n    return dataclasses.replace(digits(), metric_fn=quit_metric)\n"),
+}
+
+
+@pytest.mark.parametrize("where", sorted(EXITING_TASKS))
+def test_a_task_calling_sys_exit_is_a_task_error_not_a_silent_success(where, tmp_path):
+    """sys.exit(0) in a task's build or metric once ended the run with rc 0 and nothing said."""
+    f = tmp_path / "quits.py"
+    f.write_text(EXITING_TASKS[where])
+    p = cli("search", "--task", f"{f}:build", "--trials", "2", "--no-mlflow", "--no-progress",
+            "--out", str(tmp_path / "out"), cwd=tmp_path)
+    one_line_error(p.returncode, p.stderr, "SystemExit")
