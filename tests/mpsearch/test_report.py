@@ -340,3 +340,39 @@ def test_report_refuses_a_broken_compare_json_in_one_line(tmp_path, capsys, text
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and message in err and "compare.json" in err
     assert not (tmp_path / "report.html").exists()
+
+
+def test_names_are_drawn_as_text_never_as_markup_or_math(browser, tmp_path):
+    """Layer, task and metric names from a model are text in every view: no LaTeX ($...$, which
+    broke matplotlib's PNGs once), no HTML; the page still checks clean in Chromium."""
+    from hw_models import Candidate, Precision
+    from mpsearch.result import TrialRecord
+
+    names = ["$\\frac{x$", "<b>bold</b>", "a&b"]
+    ref = {"metric_name": "$acc$", "fp32_metric": 1.0, "fp32_latency_ms": 2.0, "fp32_weight_bytes": 400}
+    result = SearchResult("$task$", "x86-vnni", ref, [
+        TrialRecord(0, "complete", Candidate.uniform(names, Precision.INT8, Precision.INT8), 0.9, 1.0, 100, 1000, True),
+        TrialRecord(1, "complete", Candidate.uniform(names, Precision.INT4, Precision.INT8), 0.8, 0.5, 50, 500, True)])
+    result.settings["breakdown"] = [{"fqn": n, "latency_us": 3.0, "transition_us": 1.0, "compute": "int8",
+                                     "bound": "compute", "precision": "int8/int8"} for n in names]
+    out = tmp_path / "hostile"
+    out.mkdir()
+    result.write(out / "result.json")
+    assert main(["report", str(out)]) == 0
+    assert {p.name for p in out.glob("*.png")} == {"pareto.png", "precision_map.png", "latency_breakdown.png",
+                                                    "history.png"}
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "check_report.py"), str(out / "report.html")],
+                       capture_output=True, text=True, timeout=300, check=False,
+                       env={**os.environ, "MPSEARCH_CHROMIUM": browser})
+    assert p.returncode == 0, p.stdout + p.stderr
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=browser, args=["--no-sandbox"])
+        page = b.new_page()
+        page.goto((out / "report.html").as_uri())
+        page.wait_for_selector("#plot-precision_map .xaxislayer-above text")
+        ticks = page.eval_on_selector_all("#plot-precision_map .xaxislayer-above text", "ts => ts.map(t => t.textContent)")
+        bold = page.eval_on_selector_all("#plot-precision_map .xaxislayer-above text tspan[style*='bold']", "ts => ts.length")
+        b.close()
+    assert ticks == names and bold == 0
