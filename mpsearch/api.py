@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import optuna
@@ -56,6 +56,7 @@ from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError, Unk
 from mpsearch.evaluator import ADAROUND_MAX_BITS, Evaluator, QuantSettings
 from mpsearch.ilp import cost_table, solve_allocation
 from mpsearch.objectives import MB, OBJECTIVES, parse_objectives, reference_point
+from mpsearch.outlock import OutputLock
 from mpsearch.result import SearchResult
 from mpsearch.selection import drop_budget, is_proportion, n_eval_samples, parse_max_drop
 from mpsearch.strategy import check_strategy
@@ -280,6 +281,7 @@ def search(
     fp32 = cost_model.price(Candidate.uniform(space.fqns, Precision.FP32, Precision.FP32))
     cheapest = check_budgets(space, cost_model, budgets)
     out = prepare_out_dir(out_dir, task_name, profile.name)
+    lock = OutputLock(out, "mpsearch worker" if join else "mpsearch search").acquire()  # one writer per OUT
     storage_url = storage or default_storage(out)
     shared = storage is not None and strategy in ("hybrid", "optuna")
     identity = {"task": task_name, "target": profile.name, "space": space_signature(space),
@@ -290,9 +292,13 @@ def search(
                f" (activation ranges on {n_calib} calibration batch{'es' if n_calib != 1 else ''}, FP32 outputs "
                f"on {n_eval} evaluation batch{'es' if n_eval != 1 else ''}; kept in the evaluator cache)"
                if evaluator_cache else ""):
-        evaluator = Evaluator(
-            task_obj, analysis, quant, cache_dir=cache_dir("evaluator") if evaluator_cache else None
-        )
+        try:
+            evaluator = Evaluator(
+                task_obj, analysis, quant, cache_dir=cache_dir("evaluator") if evaluator_cache else None
+            )
+        except BaseException:
+            lock.release()
+            raise
     # from here on, conversions are priced where the deployed graph has them (hw_models.graph)
     cost_model = CostModel(analysis.layers, profile, batch_size=batch_size, graph=evaluator.deploy_graph)
     try:
@@ -408,6 +414,7 @@ def search(
     finally:
         evaluator.save_cache()
         evaluator.close()
+        lock.release()
 
 
 def int8_reference(result: SearchResult, cost_model: CostModel, evaluator: Evaluator,
@@ -857,8 +864,6 @@ def compare(
     search_options: any other keyword of `search` (n_trials, sampler, seed, strategy, out_dir,
     mlflow_uri, track, backend, ...).
     """
-    from mpsearch.compare import price_on_targets
-
     names = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
     if not names:
         raise InvalidConfigError("compare needs at least one target")
@@ -871,6 +876,15 @@ def compare(
     for b in budgets:
         if isinstance(b, bool) or not isinstance(b, int | float) or not (b > 0 and math.isfinite(b)):
             raise InvalidConfigError(f"latency budgets must be positive, finite numbers of ms, got {b!r}")
+    given = search_options.get("out_dir")  # held through the search and the writes after it
+    lock = OutputLock(prepare_out_dir(given, "", ""), "mpsearch compare") if given is not None else nullcontext()
+    with lock:
+        return _compare(task, names, profiles, n_trials, objectives, batch_size, budgets, search_options)
+
+
+def _compare(task, names, profiles, n_trials, objectives, batch_size, budgets, search_options):
+    from mpsearch.compare import price_on_targets
+
     result = search(task, names[0], n_trials, objectives=objectives, batch_size=batch_size, **search_options)
     cmp = price_on_targets(result, result.layers, profiles, batch_size=batch_size, latency_budgets_ms=budgets,
                            graph=result.graph)

@@ -166,9 +166,9 @@ def verify(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Measure the front of the search in `result_dir` as deployed graphs (module doc); write the
-    verification into its result.json and report, and return it."""
-    from mpsearch.api import resolve_target
-    from mpsearch.errors import MpsearchError
+    verification into its result.json and report, and return it. Holds the directory's
+    OutputLock while it measures and writes."""
+    from mpsearch.outlock import OutputLock
     from mpsearch.result import SearchResult
 
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
@@ -179,6 +179,17 @@ def verify(
         raise InvalidConfigError(f"unknown backend {backend!r} (known: local, ray)")
     out = Path(result_dir)
     path = out / "result.json" if out.is_dir() else out
+    SearchResult.read(path)  # a missing or broken result.json: its one-line error, before any lock
+    with OutputLock(path.parent, "mpsearch verify"):  # nobody else writes this result.json meanwhile
+        return _verify(path, top, threads, batch_size, rounds, backend, ray_address, progress)
+
+
+def _verify(path: Path, top: int, threads: int | None, batch_size: int | None, rounds: int, backend: str,
+            ray_address: str | None, progress: bool) -> dict[str, Any]:
+    from mpsearch.api import resolve_target
+    from mpsearch.errors import MpsearchError
+    from mpsearch.result import SearchResult
+
     res = SearchResult.read(path)
     target_ref = res.settings.get("target_ref") or res.target
     try:
