@@ -61,7 +61,7 @@ from mpsearch.result import SearchResult
 from mpsearch.selection import drop_budget, is_proportion, n_eval_samples, parse_max_drop
 from mpsearch.strategy import check_strategy
 from mpsearch.strategy import plan as make_plan
-from mpsearch.tasks import Task, load_task
+from mpsearch.tasks import Task, load_task, task_ref, trusted_task
 from mpsearch.tracking import Tracker
 from search_spaces import SearchSpace, SpaceError
 
@@ -437,12 +437,8 @@ def int8_reference(result: SearchResult, cost_model: CostModel, evaluator: Evalu
 
 
 def _task_ref(task) -> str | None:
-    """A task reference another process can load: a `file.py:function` made absolute; None for a
-    Task object."""
-    if not isinstance(task, str):
-        return None
-    where, sep, fn = task.rpartition(":")
-    return f"{Path(where).resolve()}:{fn}" if sep and where.endswith(".py") and Path(where).is_file() else task
+    """A task reference another process can load (mpsearch.tasks.task_ref); None for a Task object."""
+    return task_ref(task) if isinstance(task, str) else None
 
 
 def _target_ref(target, profile) -> str:
@@ -479,12 +475,17 @@ def _launch(task, target, profile, n_trials, sampler, wp, ap, ties, pins, pin_fi
 
 def join_study(storage: str, study_name: str | None = None, *, out_dir: str | os.PathLike | None = None,
                max_trials: int | None = None, progress: bool = True,
-               retries: int = DEFAULT_RETRIES) -> SearchResult:
+               retries: int = DEFAULT_RETRIES, task: str | None = None) -> SearchResult:
     """Work on a study another process created with `search(..., storage=...)` (`mpsearch
     worker`): the same task, target and space, read from the study; trials until the study holds
     the search's n_trials (or this process ran max_trials). Each worker's sampler draws its own
     random stream (seed None). Writes OUT/result.json with every trial of the study; no MLflow
-    (the search that created the study logs every trial)."""
+    (the search that created the study logs every trial).
+
+    task: the study's task, named by the user. A study whose task is a file or module (user code)
+    is refused without it: anyone who can write the storage could otherwise run code on every
+    worker (mpsearch.tasks.trusted_task); a built-in task needs none. The worker says on stderr
+    which task it runs."""
     if max_trials is not None and (isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1):
         raise InvalidConfigError(f"the number of trials must be a positive integer, got {max_trials!r}")
     try:
@@ -498,6 +499,9 @@ def join_study(storage: str, study_name: str | None = None, *, out_dir: str | os
         raise InvalidConfigError(f"study {study_name!r} has no search options a worker can use (it was not created "
                                  "by mpsearch search with a task name or reference)")
     launch = dict(launch)
+    launch["task"] = trusted_task(launch["task"], task, f"study {study_name!r}", same=True)
+    print(f"mpsearch worker: study {study_name!r}: task {launch['task']}, target {launch.get('target')}",
+          file=sys.stderr)
     total = launch.pop("n_trials")  # search() reads it from the study again
     quant = QuantSettings(**launch.pop("quant"))
     return search(**launch, n_trials=max_trials or total, quant=quant, seed=None, storage=storage,

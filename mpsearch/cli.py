@@ -173,12 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the trial (default: the search's best, as its summary printed)")
     ex.add_argument("--out", required=True, metavar="FILE",
                     help="where to write: FILE.json (the config) or FILE.onnx (the model)")
+    ex.add_argument("--task", metavar="REF", help="the task, when result.json names a task file or module: mpsearch runs code only from a task you name (built-in tasks need no --task)")
     ex.add_argument("--format", choices=sorted(set(EXPORT_FORMATS.values())),
                     help="json: the config (schema mpsearch.config/1); onnx: the deployed graph with QDQ nodes; "
                          "default: from the extension of --out")
 
     v = command("verify", "measure a search's best and front configurations as deployed graphs on real hardware")
     v.add_argument("dir", metavar="DIR", help="the output directory of a search (its result.json)")
+    v.add_argument("--task", metavar="REF", help="the task, when result.json names a task file or module: mpsearch runs code only from a task you name (built-in tasks need no --task)")
     _add_verify_options(v)
     v.add_argument("--backend", default=D.DEFAULT_BACKEND, choices=D.BACKENDS,
                    help="local: measure on this machine; ray: on a node of the Ray cluster carrying a resource "
@@ -194,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--storage", required=True, metavar="URL",
                    help="the search's Optuna storage: a database URL or journal:///file.log on a shared disk")
     w.add_argument("--study-name", metavar="NAME", help="the study (default: the only one in the storage)")
+    w.add_argument("--task", metavar="REF",
+                   help="the study's task, when it is a task file or module: a worker runs code only from a task you "
+                        "name, not one read from the storage (built-in tasks need no --task)")
     w.add_argument("--trials", type=_positive_int, metavar="N",
                    help="at most N trials from this worker (default: until the study has the search's --trials)")
     w.add_argument("--retries", type=_natural_int, default=D.DEFAULT_RETRIES, metavar="N",
@@ -472,7 +477,7 @@ def _cmd_search(args) -> int:
         from mpsearch.deploy.verify import summary, verify
 
         print(f"\nverifying the best and {args.verify} front configuration(s) as deployed graphs:")
-        print(summary(verify(out, top=args.verify, backend=args.backend, ray_address=args.ray_address,
+        print(summary(verify(out, top=args.verify, task=args.task, backend=args.backend, ray_address=args.ray_address,
                              progress=not args.no_progress)))
     _pngs(out, result.tracking)
     return 0
@@ -483,8 +488,8 @@ def _cmd_verify(args) -> int:
 
     if args.ray_address and args.backend != "ray":
         raise InvalidConfigError("--ray-address needs --backend ray")
-    v = verify(args.dir, top=args.top, threads=args.threads, batch_size=args.batch_size, rounds=args.rounds,
-               backend=args.backend, ray_address=args.ray_address, progress=not args.no_progress)
+    v = verify(args.dir, top=args.top, task=args.task, threads=args.threads, batch_size=args.batch_size,
+               rounds=args.rounds, backend=args.backend, ray_address=args.ray_address, progress=not args.no_progress)
     print(summary(v))
     print(f"\nwritten to {Path(args.dir) / 'result.json'} (\"verification\") and {Path(args.dir) / 'report.html'}")
     return 0
@@ -548,7 +553,10 @@ def _cmd_export(args) -> int:
     if fmt == "onnx":
         import json
 
-        proto = export_onnx(config["task"], config, args.out)
+        from mpsearch.tasks import trusted_task
+
+        task = trusted_task(config["task"], args.task, str(Path(args.dir) / "result.json"))
+        proto = export_onnx(task, config, args.out)
         runtime = json.loads({p.key: p.value for p in proto.metadata_props}["mpsearch.runtime"])
         storage = {}
         for fqn, how in runtime["storage"].items():
@@ -583,7 +591,7 @@ def _cmd_worker(args) -> int:
     from mpsearch.api import join_study
 
     result = join_study(args.storage, args.study_name, out_dir=args.out, max_trials=args.trials,
-                        progress=not args.no_progress, retries=args.retries)
+                        progress=not args.no_progress, retries=args.retries, task=args.task)
     _summary(result, next_steps=False)
     return 0
 
@@ -628,12 +636,15 @@ def _next_steps(result, trial: int | None = None, what: str = "") -> str:
     out = shlex.quote(result.settings["out_dir"])
     lines = ["\nnext steps:"]
     best = result.best if trial is None else trial
+    ref = result.settings.get("task_ref") or result.task
+    task = "" if ":" not in ref else f" --task {shlex.quote(ref)}"  # a task file runs only when named
     if best is not None:
         pick = "" if trial is None or trial == result.best else f" --trial {trial}"
-        lines.append(f"  mpsearch export {out}{pick} --out best.onnx    # {what or 'the best configuration'} (trial "
-                     f"{best}) as its deployed ONNX QDQ graph; --out best.json for its precisions")
+        lines.append(f"  mpsearch export {out}{pick}{task} --out best.onnx    # {what or 'the best configuration'} "
+                     f"(trial {best}) as its deployed ONNX QDQ graph; --out best.json for its precisions")
         if trial is None:
-            lines.append(f"  mpsearch verify {out}    # measure it and the front on this machine, as deployed graphs")
+            lines.append(f"  mpsearch verify {out}{task}    # measure it and the front on this machine, as deployed "
+                         "graphs")
     uri = result.tracking.get("mlflow_uri") if result.tracking.get("run_id") else None
     if uri:
         if uri.startswith(("http://", "https://")):

@@ -23,6 +23,11 @@ class InvalidConfigError(MpsearchError):
     """Search options that cannot work: bad trial count, unknown sampler or precision, ..."""
 
 
+class UntrustedTaskError(InvalidConfigError):
+    """A task named only inside a data file (result.json, a shared study): mpsearch runs code only
+    from a task the user names (mpsearch.tasks.trusted_task)."""
+
+
 class BudgetError(InvalidConfigError):
     """A budget no configuration in the space can meet."""
 

@@ -164,12 +164,16 @@ def verify(
     backend: str = "local",
     ray_address: str | None = None,
     progress: bool = True,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """Measure the front of the search in `result_dir` as deployed graphs (module doc); write the
     verification into its result.json and report, and return it. Holds the directory's
-    OutputLock while it measures and writes."""
+    OutputLock while it measures and writes. task: the search's task, named by the user; needed
+    when result.json names a task file or module (mpsearch.tasks.trusted_task: code runs only
+    from a task the user names), not for a built-in task."""
     from mpsearch.outlock import OutputLock
     from mpsearch.result import SearchResult
+    from mpsearch.tasks import trusted_task
 
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise InvalidConfigError(f"--top must be a non-negative integer, got {top!r}")
@@ -179,13 +183,14 @@ def verify(
         raise InvalidConfigError(f"unknown backend {backend!r} (known: local, ray)")
     out = Path(result_dir)
     path = out / "result.json" if out.is_dir() else out
-    SearchResult.read(path)  # a missing or broken result.json: its one-line error, before any lock
+    res = SearchResult.read(path)  # a missing or broken result.json: its one-line error, before any lock
+    task_ref = trusted_task(res.settings.get("task_ref") or res.task, task, str(path))
     with OutputLock(path.parent, "mpsearch verify"):  # nobody else writes this result.json meanwhile
-        return _verify(path, top, threads, batch_size, rounds, backend, ray_address, progress)
+        return _verify(path, task_ref, top, threads, batch_size, rounds, backend, ray_address, progress)
 
 
-def _verify(path: Path, top: int, threads: int | None, batch_size: int | None, rounds: int, backend: str,
-            ray_address: str | None, progress: bool) -> dict[str, Any]:
+def _verify(path: Path, task_ref: str, top: int, threads: int | None, batch_size: int | None, rounds: int,
+            backend: str, ray_address: str | None, progress: bool) -> dict[str, Any]:
     from mpsearch.api import resolve_target
     from mpsearch.errors import MpsearchError
     from mpsearch.result import SearchResult
@@ -214,7 +219,6 @@ def _verify(path: Path, top: int, threads: int | None, batch_size: int | None, r
     candidates = {"fp32": fp32, "int8": int8, **{f"trial {n}": complete[n].config for n in chosen}}
     threads = threads or profile.threads or 1
     batch_size = batch_size or int(res.settings.get("batch_size") or 1)
-    task_ref = res.settings.get("task_ref") or res.task
     args = (task_ref, res.settings.get("quant"), candidates)
     kw = {"threads": threads, "batch_size": batch_size, "rounds": rounds,
           "fingerprint": res.settings.get("evaluator_key"), "progress": progress}

@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from mpsearch.errors import MpsearchError, TaskLoadError, UnknownTaskError
+from mpsearch.errors import MpsearchError, TaskLoadError, UnknownTaskError, UntrustedTaskError
 from mpsearch.tasks.base import Batch, MetricFn, Task, run_model
 
-__all__ = ["BUILTIN_TASKS", "Batch", "MetricFn", "Task", "list_tasks", "load_task", "run_model"]
+__all__ = ["BUILTIN_TASKS", "Batch", "MetricFn", "Task", "list_tasks", "load_task", "run_model", "task_ref",
+           "trusted_task"]
 
 # name -> ("module:function", one-line description)
 BUILTIN_TASKS: dict[str, tuple[str, str]] = {
@@ -42,6 +43,31 @@ _FORMS = "a built-in name, package.module:function or path/to/file.py:function"
 def list_tasks() -> list[tuple[str, str]]:
     """(name, description) of every built-in task."""
     return [(name, desc) for name, (_, desc) in BUILTIN_TASKS.items()]
+
+
+def task_ref(spec: str) -> str:
+    """A task reference another process can load: a `file.py:function` with its file made
+    absolute; a built-in name or a module reference as it is."""
+    where, sep, fn = spec.rpartition(":")
+    return f"{Path(where).resolve()}:{fn}" if sep and where.endswith(".py") and Path(where).is_file() else spec
+
+
+def trusted_task(stored: str, given: str | None, source: str, *, same: bool = False) -> str:
+    """The trust boundary: which task to load for work on a data file (`source`: a result.json, a
+    shared study) that names the task `stored`. mpsearch runs code only from a task the user names
+    on the command line or in an API call (`given`): a built-in task is no user code and is loaded
+    by its stored name; a task file or module named only inside the data is refused
+    (UntrustedTaskError), saying how to name it. same: `given` must be the stored task (a worker
+    runs the study's task, no other)."""
+    if given is not None:
+        if same and task_ref(given) != task_ref(stored):
+            raise UntrustedTaskError(f"{source} runs the task {stored!r}, not {given!r}: a worker runs the study's task")
+        return given
+    if ":" not in stored and stored in BUILTIN_TASKS:
+        return stored
+    raise UntrustedTaskError(
+        f"{source} names the task {stored!r}: mpsearch runs code only from a task you name; if you trust that file, "
+        f"pass --task {stored} (API: task=...)")
 
 
 def load_task(spec: str) -> Task:

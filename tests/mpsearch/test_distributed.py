@@ -123,7 +123,7 @@ def start_shared_search(storage: str, name: str, n: int, out: Path) -> subproces
 def test_storage_workers_share_one_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     creator = start_shared_search(storage, "shared", 40, tmp_path / "a")
-    worker = subprocess.run([*CLI, "worker", "--storage", storage, "--study-name", "shared", "--out",
+    worker = subprocess.run([*CLI, "worker", "--storage", storage, "--study-name", "shared", "--task", SLOW_TASK, "--out",
                              str(tmp_path / "b"), "--no-progress"], capture_output=True, text=True, timeout=300,
                             check=False)
     _, err = creator.communicate(timeout=300)
@@ -172,7 +172,7 @@ def test_a_storage_worker_killed_mid_trial_has_its_trial_run_again(tmp_path):
     marks.mkdir()
     creator = start_shared_search(storage, "k", 60, tmp_path / "a")
     deadline = time.time() + 120
-    worker = subprocess.Popen([*CLI, "worker", "--storage", storage, "--study-name", "k", "--out",
+    worker = subprocess.Popen([*CLI, "worker", "--storage", storage, "--study-name", "k", "--task", SLOW_TASK, "--out",
                                str(tmp_path / "b"), "--no-progress"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "MPSEARCH_TEST_PIDS": str(marks)})
     try:
