@@ -28,7 +28,7 @@ from mpsearch.evaluator import Evaluator, Score
 from mpsearch.executors import THIS_PROCESS, Executor, LocalExecutor, Outcome
 from mpsearch.objectives import DEFAULT_OBJECTIVES
 from mpsearch.objectives import value as objective_value
-from mpsearch.result import SearchResult, TrialRecord
+from mpsearch.result import SearchResult, TrialRecord, speedup
 from mpsearch.tracking import Tracker
 from search_spaces import SearchSpace
 
@@ -490,8 +490,7 @@ def record_attrs(record: TrialRecord, fp32_latency_ms: float | None) -> dict[str
     del d["config"], d["number"]
     out: dict[str, object] = {k: v for k, v in d.items() if k != "proxies" and v != _RECORD_DEFAULTS.get(k, ())}
     out.update({f"{PROXY_PREFIX}{k}": v for k, v in record.proxies.items()})
-    out["speedup_fp32"] = (fp32_latency_ms / record.latency_ms
-                           if fp32_latency_ms and record.latency_ms and math.isfinite(record.latency_ms) else None)
+    out["speedup_fp32"] = speedup(fp32_latency_ms, record.latency_ms)
     out["mean_weight_bits"] = round(record.mean_weight_bits, 4)
     out["mean_activation_bits"] = round(record.mean_activation_bits, 4)
     return out

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mpsearch.errors import InvalidConfigError, MissingDependencyError
-from mpsearch.result import SearchResult, TrialRecord
+from mpsearch.result import SearchResult, TrialRecord, speedup
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 # one colour per precision, fewest bits darkest (colour-blind safe: Viridis, then greys for float)
@@ -84,12 +84,6 @@ def config_summary(t: TrialRecord) -> str:
     return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items(), key=lambda kn: (-kn[1], kn[0])))
 
 
-def _speedup(fp32_ms: float | None, ms: float | None) -> float | None:
-    if not fp32_ms or not ms or not math.isfinite(ms) or ms <= 0:
-        return None
-    return fp32_ms / ms
-
-
 def report_data(result: SearchResult, compare: dict | None) -> dict[str, Any]:
     """Everything the report shows, once: every figure and table is drawn from this.
 
@@ -117,7 +111,7 @@ def report_data(result: SearchResult, compare: dict | None) -> dict[str, Any]:
             if t.state != "complete" or (cost is not None and not cost["feasible"]):
                 continue
             lat = cost["latency_ms"] if cost is not None else t.latency_ms
-            points.append({"trial": t.number, "latency_ms": lat, "metric": t.metric, "speedup": _speedup(fp32_ms, lat),
+            points.append({"trial": t.number, "latency_ms": lat, "metric": t.metric, "speedup": speedup(fp32_ms, lat),
                            "front": t.number in front, "best": t.number == best, "config": config_summary(t)})
         targets.append({
             "name": name, "color": COLORS[i % len(COLORS)], "points": points, "front": front, "best": best,
@@ -192,7 +186,7 @@ def pareto_figure(data: dict):
             r = t[key]
             if r is None or r["latency_ms"] is None or r["metric"] is None:
                 continue
-            sp = _speedup(t["fp32"]["latency_ms"], r["latency_ms"])
+            sp = speedup(t["fp32"]["latency_ms"], r["latency_ms"])
             fig.add_trace(go.Scatter(
                 x=[r["latency_ms"]], y=[r["metric"]], mode="markers", name=label, legendgroup=key, showlegend=show,
                 legendrank=1004 if key == "fp32" else 1005,
@@ -416,7 +410,7 @@ def trials_table(data: dict) -> str:
             cost = t["priced"].get(tr.number)
             lat = cost["latency_ms"] if cost is not None else tr.latency_ms
             lat = lat if lat is not None and math.isfinite(lat) else None
-            row += [_num(lat, ".4g"), _num(_speedup(t["fp32"]["latency_ms"], lat), ".2f", "x")]
+            row += [_num(lat, ".4g"), _num(speedup(t["fp32"]["latency_ms"], lat), ".2f", "x")]
         on = [t["name"] for t in targets if tr.number in t["front"]]
         best = [t["name"] for t in targets if tr.number == t["best"]]
         row += [f"{tr.weight_bytes / 1024:.1f}", f"{tr.mean_weight_bits:.2f}", f"{tr.mean_activation_bits:.2f}",

@@ -14,6 +14,7 @@ trial, as it was then.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -243,3 +244,10 @@ class SearchResult:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InvalidConfigError(f"{path}: not a readable result.json ({type(e).__name__}: {e})") from None
+
+
+def speedup(fp32_latency_ms: float | None, latency_ms: float | None) -> float | None:
+    """FP32's latency over `latency_ms` (None where either is unknown, zero or not finite)."""
+    if not fp32_latency_ms or not latency_ms or not math.isfinite(latency_ms) or latency_ms <= 0:
+        return None
+    return fp32_latency_ms / latency_ms

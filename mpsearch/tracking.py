@@ -28,7 +28,7 @@ import urllib.parse
 from typing import Any
 
 from mpsearch.defaults import DEFAULT_EXPERIMENT
-from mpsearch.result import SearchResult, TrialRecord
+from mpsearch.result import SearchResult, TrialRecord, speedup
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 LAYER_PREFIX = "layer."
@@ -79,12 +79,6 @@ def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def layer_params(config, prefix: str = LAYER_PREFIX) -> dict[str, str]:
     """A configuration's per-layer precisions: `layer.<fqn>` -> "weight/activation"."""
     return {f"{prefix}{fqn}": f"{c.weight.value}/{c.activation.value}" for fqn, c in config.items()}
-
-
-def speedup(fp32_latency_ms: float | None, latency_ms: float | None) -> float | None:
-    if not fp32_latency_ms or not latency_ms or not math.isfinite(latency_ms):
-        return None
-    return fp32_latency_ms / latency_ms
 
 
 class Tracker:
