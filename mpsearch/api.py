@@ -598,7 +598,15 @@ def open_study(storage_url: str, study_name: str | None, resume: bool, sampler, 
         if resume:
             study_name = pick_study(store, study_name, "nothing to resume: the storage holds no study")
             study = optuna.load_study(study_name=study_name, storage=store, sampler=sampler)
-            stored = study.user_attrs.get("mpsearch") or {}
+            stored = study.user_attrs.get("mpsearch")
+            if stored is None and not study.get_trials(deepcopy=False):
+                # its search was killed between creating it and recording what it searches: start it over
+                _name_objectives(study, names)
+                study.set_user_attr("mpsearch", identity)
+                if launch is not None:
+                    study.set_user_attr(LAUNCH_ATTR, launch)
+                return study, study_name, [], store
+            stored = stored or {}
             differs = [f"{k}: stored {stored.get(k)!r}, this run {v!r}" for k, v in identity.items()
                        if stored.get(k) != v]
             if differs:
@@ -617,9 +625,9 @@ def open_study(storage_url: str, study_name: str | None, resume: bool, sampler, 
             raise InvalidConfigError(f"a study named {study_name!r} already exists in the storage: "
                                      "continue it with --resume or pick another --study-name") from None
         _name_objectives(study, names)
-        study.set_user_attr("mpsearch", identity)
         if launch is not None:
             study.set_user_attr(LAUNCH_ATTR, launch)
+        study.set_user_attr("mpsearch", identity)  # last: a study with it is complete (see resume above)
         return study, study_name, [], store
     except (ImportError, ValueError, sqlalchemy_errors()) as e:
         raise InvalidConfigError(f"cannot open the study storage {_redact(storage_url)}: "
@@ -674,8 +682,22 @@ def make_storage(url: str, retries: int | None = None):
                          "heartbeat_stale_trial_callback":
                          RetryHeartbeatStaleTrialCallback(max_retry=retries) if retries else None}
         if url.startswith("sqlite:///"):
-            return sqlite_storage(Path(url.removeprefix("sqlite:///")), **heartbeat)
-        return optuna.storages.RDBStorage(url, **heartbeat) if heartbeat else url
+            return _created(lambda: sqlite_storage(Path(url.removeprefix("sqlite:///")), **heartbeat))
+        return _created(lambda: optuna.storages.RDBStorage(url, **heartbeat)) if heartbeat else url
+
+
+def _created(make, attempts: int = 5):
+    """make(): an RDB storage. Two processes opening a new database at once both create its
+    tables and version row; the later one's create or insert fails ("table ... already exists",
+    a UNIQUE constraint). It tries again: the database is complete by then."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for i in range(attempts - 1):
+        try:
+            return make()
+        except (IntegrityError, OperationalError):
+            time.sleep(0.05 * (i + 1))
+    return make()
 
 
 def _journal_file(path: str):

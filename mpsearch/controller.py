@@ -6,6 +6,7 @@ that the target cannot run, is told to the study as infeasible without scoring.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import math
 import signal
 import sys
@@ -28,6 +29,7 @@ from mpsearch.evaluator import Evaluator, Score
 from mpsearch.executors import THIS_PROCESS, Executor, LocalExecutor, Outcome
 from mpsearch.objectives import DEFAULT_OBJECTIVES
 from mpsearch.objectives import value as objective_value
+from mpsearch.outlock import process_gone, this_process
 from mpsearch.result import SearchResult, TrialRecord, speedup
 from mpsearch.tracking import Tracker
 from search_spaces import SearchSpace
@@ -44,6 +46,8 @@ RECORD_ATTR = "mpsearch.record"
 PROXY_PREFIX = "proxy."
 _DERIVED_ATTRS = ("speedup_fp32", "mean_weight_bits", "mean_activation_bits")
 GATHER_TIMEOUT_S = 300.0  # how long a search waits for other processes' trials on a shared study
+OWNER_ATTR = "mpsearch.owner"  # a running trial's process (outlock.this_process): a dead one's trial is failed
+ORPHAN_GRACE_S = 20.0  # a running trial that names no owner this long after it started is an orphan
 
 
 @dataclass(frozen=True)
@@ -269,6 +273,11 @@ def run_search(
     in_flight: dict[Candidate, int] = {}  # configuration -> the trial scoring it
     interrupts = _DeferredInterrupt()
     asked = 0
+    owner = this_process()
+    orphans = fail_stale_trials(study, heartbeats)
+    if orphans:
+        print(f"mpsearch: failed {_trials(len(orphans))} left running by a process that is gone "
+              f"(trial{'s' if len(orphans) > 1 else ''} {', '.join(map(str, orphans))})", file=sys.stderr)
 
     def ask() -> bool:
         """Ask, price and dispatch one more trial; False when there are no more to run."""
@@ -276,7 +285,7 @@ def run_search(
         if asked >= n_trials:
             return False
         if study_total is not None:
-            fail_stale_trials(study)
+            fail_stale_trials(study, heartbeats)
             if counted_trials(study) >= study_total:
                 return False
         t0 = time.perf_counter()
@@ -289,8 +298,17 @@ def run_search(
             with warnings.catch_warnings():  # heartbeats kept by hand (Heartbeats), not by Study.optimize
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed", category=UserWarning)
                 trial = study.ask(dists)
-            p = pending[trial.number] = _Pending(trial, t0,
-                                                 heartbeat=heartbeats.start(trial) if heartbeats else None)
+            # a trial this process dies holding is recognised by its heartbeat (its first one is
+            # recorded now), by its owner, or by having neither (fail_stale_trials)
+            beat = heartbeats.start(trial) if heartbeats else None
+            trial.set_user_attr(OWNER_ATTR, owner)
+            if study_total is not None and _over_total(study, trial.number, study_total):
+                # another process asked the study's last trials meanwhile: the total holds
+                study.tell(trial, state=TrialState.FAIL)
+                if beat is not None:
+                    beat.join()
+                return False
+            p = pending[trial.number] = _Pending(trial, t0, heartbeat=beat)
         asked += 1
         candidate = space.candidate(trial.params)
         t1 = time.perf_counter()
@@ -405,7 +423,8 @@ def run_search(
         drive()
         # a shared study: while other processes finish their trials, one of them may die and its
         # trial be enqueued again (heartbeats): run it here
-        while gather and study_total is not None and asked < n_trials and _slot_freed(study, study_total, progress):
+        while (gather and study_total is not None and asked < n_trials
+               and _slot_freed(study, study_total, heartbeats)):
             drive()
     except (KeyboardInterrupt, MpsearchError) as stop:
         # Ctrl-C, or the workers are gone: keep what is finished, fail what is in flight
@@ -435,7 +454,7 @@ def run_search(
             _stop_heartbeat(p)
     result.settings["search_s"] = time.perf_counter() - loop_t0  # this run's trials, wall time
     if gather:
-        _gather(result, study, space, tracker, progress)
+        _gather(result, study, space, tracker, heartbeats)
     result.interrupted = False
     result.write(result_path)
     if tracker is not None:
@@ -443,7 +462,7 @@ def run_search(
     return result
 
 
-def _slot_freed(study: optuna.Study, total: float, progress: bool) -> bool:
+def _slot_freed(study: optuna.Study, total: float, heartbeats: Heartbeats | None) -> bool:
     """Wait (up to GATHER_TIMEOUT_S) while other processes run trials of a shared study; True as
     soon as the study counts fewer than `total` trials again (a dead process's trial was failed
     and enqueued again: heartbeats), False when nothing runs any more (or on the timeout, saying
@@ -451,28 +470,28 @@ def _slot_freed(study: optuna.Study, total: float, progress: bool) -> bool:
     deadline = time.monotonic() + GATHER_TIMEOUT_S
     said = False
     while True:
-        fail_stale_trials(study)
+        fail_stale_trials(study, heartbeats)
         if counted_trials(study) < total:
             return True
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
             return False
         if time.monotonic() > deadline:
-            print(f"mpsearch: {len(running)} trial{'s' if len(running) > 1 else ''} still running elsewhere after "
+            print(f"mpsearch: {_trials(len(running))} still running elsewhere after "
                   f"{GATHER_TIMEOUT_S:.0f} s, left out of result.json (their process may have died)", file=sys.stderr)
             return False
-        if progress and not said:
-            print(f"mpsearch: waiting for {len(running)} trial{'s' if len(running) > 1 else ''} other processes are "
-                  "running", file=sys.stderr)
+        if not said:
+            print(f"mpsearch: waiting (up to {GATHER_TIMEOUT_S:.0f} s) for {_trials(len(running))} other processes "
+                  f"are running (a trial whose process died is failed within {ORPHAN_GRACE_S:.0f} s)", file=sys.stderr)
             said = True
         time.sleep(0.5)
 
 
 def _gather(result: SearchResult, study: optuna.Study, space: SearchSpace, tracker: Tracker | None,
-            progress: bool) -> None:
+            heartbeats: Heartbeats | None) -> None:
     """Wait for the trials other processes are running on a shared study (see _slot_freed), then
     take every trial of the study into the result, logging the others' to the tracker."""
-    _slot_freed(study, -math.inf, progress)
+    _slot_freed(study, -math.inf, heartbeats)
     mine = {t.number for t in result.trials}
     records = [record_of(t, space) for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
                if has_record(t)]
@@ -540,17 +559,58 @@ def _apply(record: TrialRecord, score: Score | None, error: str | None, seconds:
 def counted_trials(study: optuna.Study) -> int:
     """The trials that count towards a shared study's total: every one asked, except those failed
     because their process died (no record: a retry of it, if any, is counted instead)."""
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state != TrialState.WAITING and (t.state != TrialState.FAIL or has_record(t)))
+    return sum(1 for t in study.get_trials(deepcopy=False) if _counts(t))
 
 
-def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail the trials of processes that stopped sending heartbeats (RDB storages with a heartbeat
-    interval; their retry callback enqueues them again). Optuna's public function; it does nothing
-    on a storage without heartbeats."""
+def _counts(t: FrozenTrial) -> bool:
+    return t.state != TrialState.WAITING and (t.state != TrialState.FAIL or has_record(t))
+
+
+def fail_stale_trials(study: optuna.Study, heartbeats: Heartbeats | None = None) -> list[int]:
+    """Fail the running trials of processes that are gone; the numbers of those failed here (not
+    by the heartbeats).
+
+    - RDB storages with a heartbeat interval: a trial whose heartbeat stopped (Optuna's public
+      fail_stale_trials; the retry callback enqueues it again).
+    - Every storage: a trial whose owner (OWNER_ATTR) is a process of this host that has ended,
+      and a trial that names no owner ORPHAN_GRACE_S after it started (its process died between
+      asking and naming itself). A dead owner on another host is known by its heartbeat only.
+      With `heartbeats`, these go to the storage's stale-trial callback too (enqueued again).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    failed = []
+    now = _dt.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get(OWNER_ATTR)
+        if owner is None and t.datetime_start is not None:
+            gone = (now - t.datetime_start).total_seconds() > ORPHAN_GRACE_S
+        else:
+            gone = isinstance(owner, str) and process_gone(owner)
+        if gone:
+            try:
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):  # failed by another process meanwhile
+                continue
+            failed.append(t.number)
+    retry = heartbeats.storage.get_heartbeat_stale_trial_callback() if heartbeats and failed else None
+    if retry is not None:
+        for t in study.get_trials(states=(TrialState.FAIL,)):
+            if t.number in failed:
+                retry(study, t)
+    return failed
+
+
+def _over_total(study: optuna.Study, number: int, total: float) -> bool:
+    """Whether trial `number` comes after the first `total` trials the study counts (counted_trials):
+    processes sharing a study may each see room for one more and ask at once; the later ones yield."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.number <= number and _counts(t)) > total
+
+
+def _trials(n: int) -> str:
+    return f"{n} trial{'s' if n != 1 else ''}"
 
 
 class Heartbeats:
@@ -571,7 +631,9 @@ class Heartbeats:
         return None
 
     def start(self, trial: optuna.Trial) -> _Beat:
+        """Record the trial's first heartbeat now, then one every interval in a thread."""
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+        self.storage.record_heartbeat(trial_id)
         beat = _Beat(self.storage, trial_id, self.interval)
         beat.start()
         return beat
@@ -584,10 +646,8 @@ class _Beat(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while True:
+        while not self.stop.wait(self.interval):
             self.storage.record_heartbeat(self.trial_id)
-            if self.stop.wait(self.interval):
-                return
 
     def join(self, timeout: float | None = None) -> None:
         self.stop.set()

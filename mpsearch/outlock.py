@@ -34,6 +34,36 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _start_ticks(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, from /proc; "" where there is none):
+    with the pid, it names one process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2:].split()[19]  # field 22, after the (command) that may hold spaces
+
+
+def this_process() -> str:
+    """This process, as `host:pid:start` (see process_gone)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+
+
+def process_gone(token: str) -> bool:
+    """Whether the process a `this_process()` token names has ended. Only a process of this host
+    can be checked: one of another host (or a malformed token) is not known to be gone."""
+    try:
+        host, pid, start = token.rsplit(":", 2)
+        pid_n = int(pid)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    if not _alive(pid_n):
+        return True
+    return bool(start) and _start_ticks(pid_n) not in ("", start)  # the pid now names another process
+
+
 def _owner(path: Path) -> dict | None:
     """The lock's owner; None when the file is gone. A half-written lock counts as a live owner
     for a few seconds (its writer is between create and write), then as stale."""

@@ -1,0 +1,139 @@
+"""Resume after kill -9: a trial whose process is gone is recognised on every storage (with or
+without a heartbeat, with or without an owner) and failed, and resume reaches exactly --trials."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mpsearch.api import make_storage
+
+SLOW_TASK = f"{Path(__file__).with_name('slow_digits.py')}:build"
+CLI = [sys.executable, "-m", "mpsearch.cli"]
+
+
+def study_of(url: str, name: str | None = None) -> optuna.Study | None:
+    names = optuna.study.get_all_study_names(make_storage(url))
+    if not names:
+        return None
+    return optuna.load_study(study_name=name or names[0], storage=make_storage(url))
+
+
+def recorded(study: optuna.Study) -> list[int]:
+    return sorted(t.number for t in study.get_trials() if "state" in t.user_attrs)
+
+
+def result_numbers(out: Path) -> list[int]:
+    return [t["number"] for t in json.loads((out / "result.json").read_text())["trials"]]
+
+
+# a process that asks the study for a trial and dies holding it: before naming itself (no owner),
+# or after (an owner that is gone); neither ever records a heartbeat
+ASK_AND_DIE = """
+import os, sys, optuna
+from mpsearch.api import make_storage
+from mpsearch.controller import OWNER_ATTR
+from mpsearch.outlock import this_process
+study = optuna.load_study(study_name="m", storage=make_storage(sys.argv[1]))
+trial = study.ask(study.trials[0].distributions)
+if sys.argv[2] == "owner":
+    trial.set_user_attr(OWNER_ATTR, this_process())
+os._exit(9)
+"""
+
+
+def test_resume_fails_trials_whose_process_died_before_its_first_heartbeat(tmp_path):
+    """Trials asked by a process killed before its first heartbeat stayed RUNNING forever on SQLite:
+    each counted towards --trials and every resume waited 300 s for them (silently with
+    --no-progress). Now the one with a dead owner is failed at once and the one with no owner
+    after ORPHAN_GRACE_S; the resume completes exactly --trials and says what it waited for."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    out = tmp_path / "o"
+    args = [*CLI, "search", "--task", "digits", "--strategy", "optuna", "--seed", "0", "--storage", url,
+            "--study-name", "m", "--out", str(out), "--no-mlflow", "--no-progress"]
+    subprocess.run([*args, "--trials", "3"], check=True, capture_output=True, timeout=300)
+    for how in ("owner", "none"):
+        subprocess.run([sys.executable, "-c", ASK_AND_DIE, url, how], check=False, timeout=120)
+    running = study_of(url).get_trials(states=(TrialState.RUNNING,))
+    assert [t.number for t in running] == [3, 4]
+    t0 = time.monotonic()
+    p = subprocess.run([*args, "--trials", "6", "--resume"], check=False, capture_output=True, text=True, timeout=280)
+    took = time.monotonic() - t0
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "failed 1 trial left running by a process that is gone (trial 3)" in p.stderr
+    assert "waiting (up to 300 s) for 1 trial other processes are running" in p.stderr  # said with --no-progress
+    assert took < 120, took  # the owner-less one is failed after ORPHAN_GRACE_S (20 s), not after 300 s
+    study = study_of(url)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert len(recorded(study)) == 6
+    assert result_numbers(out) == recorded(study)
+    assert {t.number for t in study.get_trials(states=(TrialState.FAIL,))} >= {3, 4}
+
+
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_killed_at_random_moments_resume_reaches_exactly_the_trials_asked_for(storage, tmp_path):
+    """kill -9 three times at random moments (set-up, study creation, mid-trial), resuming in
+    between; the last resume completes exactly --trials, result.json equal to the study."""
+    n = 12
+    out = tmp_path / "o"
+    url = f"sqlite:///{tmp_path / 's.db'}" if storage == "sqlite" else f"journal:///{out / 'study.log'}"
+    where = ["--storage", url, "--study-name", "m"] if storage == "sqlite" else []
+    args = [*CLI, "search", "--task", SLOW_TASK, "--strategy", "optuna", "--seed", "0", "--trials", str(n),
+            "--out", str(out), *where, "--no-mlflow", "--no-progress"]
+    rng = random.Random(storage)
+    exists = (tmp_path / "s.db") if storage == "sqlite" else (out / "study.log")
+
+    def started() -> list[str]:
+        return [*args, "--resume"] if exists.exists() and study_of(url) is not None else args
+
+    for _ in range(3):
+        proc = subprocess.Popen(started(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(3.0, 12.0))
+        assert proc.poll() is None, proc.stderr.read()[-3000:]  # still running: killed mid-search
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    t0 = time.monotonic()
+    p = subprocess.run(started(), check=False, capture_output=True, text=True, timeout=280)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert time.monotonic() - t0 < 150
+    study = study_of(url)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert len(recorded(study)) == n
+    assert result_numbers(out) == recorded(study)
+
+
+# two processes open a new SQLite database at the same moment, round after round, and create a
+# study each: both create the tables and the version row, and the later one once failed with an
+# IntegrityError ("UNIQUE constraint failed: alembic_version") or "table ... already exists"
+OPEN_AT_ONCE = """
+import sys, time, optuna
+from mpsearch.api import make_storage
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+folder, me, t0, rounds = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+for i in range(rounds):
+    time.sleep(max(0.0, t0 + 0.25 * i - time.time()))
+    optuna.create_study(study_name=me, storage=make_storage(f"sqlite:///{folder}/db{i}.db", retries=0))
+print("created", rounds)
+"""
+
+
+def test_processes_opening_a_new_sqlite_storage_at_once_both_get_it(tmp_path):
+    rounds = 40
+    t0 = time.time() + 8  # past both imports
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(tmp_path), me, str(t0), str(rounds)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me in ("a", "b")]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0 and out.split() == ["created", str(rounds)], err[-2000:]
+    for i in range(rounds):
+        assert sorted(optuna.study.get_all_study_names(f"sqlite:///{tmp_path}/db{i}.db")) == ["a", "b"]
