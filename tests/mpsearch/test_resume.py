@@ -137,3 +137,22 @@ def test_processes_opening_a_new_sqlite_storage_at_once_both_get_it(tmp_path):
         assert p.returncode == 0 and out.split() == ["created", str(rounds)], err[-2000:]
     for i in range(rounds):
         assert sorted(optuna.study.get_all_study_names(f"sqlite:///{tmp_path}/db{i}.db")) == ["a", "b"]
+
+
+def test_two_resumes_of_one_shared_study_together_run_exactly_its_trials(tmp_path):
+    """--trials is the study's total, not each process's: two resumes of one study at once (each
+    with its own --out) stop when the study holds --trials, and each result.json holds them all."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+
+    def args(out: str) -> list[str]:
+        return [*CLI, "search", "--task", SLOW_TASK, "--strategy", "optuna", "--seed", "0", "--storage", url,
+                "--study-name", "m", "--out", str(tmp_path / out), "--no-mlflow", "--no-progress"]
+
+    subprocess.run([*args("a"), "--trials", "2"], check=True, capture_output=True, timeout=300)
+    procs = [subprocess.Popen([*args(out), "--trials", "16", "--resume"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for out in ("a", "b")]
+    errs = [p.communicate(timeout=280)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    study = study_of(url)
+    assert len(recorded(study)) == 16
+    assert result_numbers(tmp_path / "a") == result_numbers(tmp_path / "b") == recorded(study)
