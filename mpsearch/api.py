@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -97,11 +97,13 @@ def parse_precisions(names: Iterable[str | Precision] | None, what: str) -> tupl
     return tuple(dict.fromkeys(out))
 
 
-def prepare_out_dir(out_dir: str | os.PathLike | None, task: str, target: str) -> Path:
+def prepare_out_dir(out_dir: str | os.PathLike | None, task: str, target: str) -> tuple[Path, bool]:
+    """(the output directory, made writable, whether it was made now)."""
     if out_dir is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = Path(OUT_ROOT) / f"{_slug(task)}-{_slug(target)}-{stamp}"  # a name from a file is no path
     path = Path(out_dir)
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -109,7 +111,31 @@ def prepare_out_dir(out_dir: str | os.PathLike | None, task: str, target: str) -
         probe.unlink()
     except OSError as e:
         raise OutputDirError(f"cannot write to output directory {path}: {e.strerror or e}") from None
-    return path
+    return path, created
+
+
+class Leftovers:
+    """What a run that ends in an error would leave in OUT for nothing: the files it created
+    (its new study, result.json) while no trial was scored or priced (none, or all failed), and
+    OUT itself if it made it and it is empty then. A run that finished any trial keeps it all (a
+    resume goes on from it); so does Ctrl-C, which says what it kept."""
+
+    def __init__(self, out: Path, created: bool, files: Iterable[Path]) -> None:
+        self.out, self.created = out, created
+        self.files = [f for f in files if not f.exists()]  # those this run will create
+
+    def remove(self, error: BaseException | None, result: SearchResult | None) -> None:
+        if error is None or isinstance(error, KeyboardInterrupt):
+            return
+        if result is not None and any(t.state != "fail" for t in result.trials):
+            return
+        for f in self.files:
+            f.unlink(missing_ok=True)
+        if self.created:
+            try:
+                self.out.rmdir()  # only if empty
+            except OSError:
+                pass
 
 
 STAGE_QUIET_S = 5.0  # a stage says what it does once it has run this long (seconds)
@@ -280,9 +306,11 @@ def search(
     # the FP32 model's cost (None where the target cannot run fp32, e.g. an integer accelerator)
     fp32 = cost_model.price(Candidate.uniform(space.fqns, Precision.FP32, Precision.FP32))
     cheapest = check_budgets(space, cost_model, budgets)
-    out = prepare_out_dir(out_dir, task_name, profile.name)
+    out, created = prepare_out_dir(out_dir, task_name, profile.name)
     lock = OutputLock(out, "mpsearch worker" if join else "mpsearch search").acquire()  # one writer per OUT
     storage_url = storage or default_storage(out)
+    leftovers = Leftovers(out, created, [out / "result.json", *([] if storage else [out / STUDY_FILE])])
+    result = error = None
     shared = storage is not None and strategy in ("hybrid", "optuna")
     identity = {"task": task_name, "target": profile.name, "space": space_signature(space),
                 "objectives": list(objectives), "budgets": budgets.to_dict()}
@@ -296,8 +324,9 @@ def search(
             evaluator = Evaluator(
                 task_obj, analysis, quant, cache_dir=cache_dir("evaluator") if evaluator_cache else None
             )
-        except BaseException:
+        except BaseException as e:
             lock.release()
+            leftovers.remove(e, None)
             raise
     # from here on, conversions are priced where the deployed graph has them (hw_models.graph)
     cost_model = CostModel(analysis.layers, profile, batch_size=batch_size, graph=evaluator.deploy_graph)
@@ -411,10 +440,14 @@ def search(
         finally:
             if executor is not None:
                 executor.close()
+    except BaseException as e:
+        error = e
+        raise
     finally:
         evaluator.save_cache()
         evaluator.close()
         lock.release()
+        leftovers.remove(error, result)
 
 
 def int8_reference(result: SearchResult, cost_model: CostModel, evaluator: Evaluator,
@@ -903,9 +936,16 @@ def compare(
         if isinstance(b, bool) or not isinstance(b, int | float) or not (b > 0 and math.isfinite(b)):
             raise InvalidConfigError(f"latency budgets must be positive, finite numbers of ms, got {b!r}")
     given = search_options.get("out_dir")  # held through the search and the writes after it
-    lock = OutputLock(prepare_out_dir(given, "", ""), "mpsearch compare") if given is not None else nullcontext()
-    with lock:
+    if given is None:
         return _compare(task, names, profiles, n_trials, objectives, batch_size, budgets, search_options)
+    out, created = prepare_out_dir(given, "", "")
+    leftovers = Leftovers(out, created, ())  # the search inside removes its own
+    try:
+        with OutputLock(out, "mpsearch compare"):
+            return _compare(task, names, profiles, n_trials, objectives, batch_size, budgets, search_options)
+    except BaseException as e:
+        leftovers.remove(e, None)
+        raise
 
 
 def _compare(task, names, profiles, n_trials, objectives, batch_size, budgets, search_options):

@@ -445,7 +445,7 @@ def run_search(
         done = len(result.trials)
         kept = f"{done} finished trial{'s' if done != 1 else ''} kept in {result_path} and in the study storage"
         if isinstance(stop, MpsearchError):
-            raise type(stop)(f"{stop}; {kept}") from None
+            raise type(stop)(f"{stop}; {kept}" if done else str(stop)) from None
         raise SearchInterrupted(kept, str(result_path)) from None
     finally:
         interrupts.restore()
