@@ -34,7 +34,8 @@ Layout (every number in SI units; see HardwareProfile for what each field means)
     fp32 = 1.1e-4
     int8 = 6.0e-5
 
-Errors name the file and the field: a missing, negative or non-numeric figure, an unknown
+Errors name the file and the field: a missing, negative or non-numeric figure, one outside its
+physical bounds (hw_models.profiles.FIGURE_BOUNDS: the value and the allowed range), an unknown
 precision, a rule whose compute kind has no throughput.
 """
 
@@ -170,9 +171,11 @@ def profile_from_dict(data: dict[str, Any], where: str = "profile") -> HardwareP
         kw["layer_table"] = LayerTable(layers, bs, number("layer_table.other_s", lt.get("other_s", 0.0)))
     kw["sources"].setdefault("efficiency", f"from {where}")
     try:
-        return HardwareProfile(**kw)
+        profile = HardwareProfile(**kw)
+        profile.check_bounds()
     except ValueError as e:
         raise ProfileFileError(f"{where}: {e}") from None
+    return profile
 
 
 def dump_profile(profile: HardwareProfile) -> str:

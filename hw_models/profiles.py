@@ -16,6 +16,59 @@ class UnknownProfileError(LookupError):
     """A target name that is not registered."""
 
 
+# Physical bounds of a profile's figures, inclusive: (low, high, unit). Every built-in profile and
+# every profile `mpsearch calibrate` fits lies well inside them; a figure outside is a unit slip
+# (GB/s written as B/s) or a number that breaks the arithmetic (1e308 overflows a sum of latencies,
+# 1e-300 makes them infinite). Checked where a profile file is loaded (hw_models.profile_file) and
+# by HardwareProfile.check_bounds; a profile built in code is only required to be finite (the
+# calibration's own design matrices use a 1 B/s bandwidth and 1 s conversions as unit columns).
+#   peak_macs_per_s: a microcontroller at 1 MHz to an exa-MAC/s device (an H100 is ~1e15)
+#   efficiency: share of peak; the calibration's fitting grid starts at 0.002
+#   mem_bw_bytes_per_s: a slow serial bus (kB/s) to 1 PB/s (HBM3 is ~3e12)
+#   *_overhead_s: a dispatch or kernel launch takes microseconds; 10 s is far beyond any
+#   *_bytes_per_elem: bytes a conversion moves per element (~2-20)
+#   energy_pj_per_mac / energy_pj_per_byte: ~0.1-1000 pJ in practice
+#   *_bytes capacities, threads: at least one; at most an exabyte, a million threads
+#   layer_table: MACs per sample, measured seconds per layer (other_s included)
+FIGURE_BOUNDS: Mapping[str, tuple[float, float, str]] = MappingProxyType({
+    "peak_macs_per_s": (1e3, 1e18, "MAC/s"),
+    "efficiency": (1e-4, 1.0, ""),
+    "mem_bw_bytes_per_s": (1e3, 1e15, "B/s"),
+    "layer_overhead_s": (0.0, 10.0, "s"),
+    "transition_overhead_s": (0.0, 10.0, "s"),
+    "transition_bytes_per_elem": (0.0, 1e4, "B"),
+    "quantize_bytes_per_elem": (0.0, 1e4, "B"),
+    "dequantize_bytes_per_elem": (0.0, 1e4, "B"),
+    "energy_pj_per_mac": (0.0, 1e6, "pJ"),
+    "energy_pj_per_byte": (0.0, 1e6, "pJ"),
+    "threads": (1, 1e6, ""),
+    "on_chip_bytes": (1, 1e18, "B"),
+    "off_chip_bytes": (1, 1e18, "B"),
+    "weight_capacity_bytes": (1, 1e18, "B"),
+    "act_capacity_bytes": (1, 1e18, "B"),
+    "layer_table.macs": (0.0, 1e18, ""),
+    "layer_table.seconds": (0.0, 1e3, "s"),
+})
+
+
+def _bound_text(v: float) -> str:
+    """1e3, 1e-4, 10, 0: how FIGURE_BOUNDS are written in messages and docs."""
+    if v == int(v) and 0 <= v <= 100:
+        return str(int(v))
+    mantissa, exp = f"{v:e}".split("e")
+    return f"{float(mantissa):g}e{int(exp)}"
+
+
+def bound_problem(field_name: str, value: float, bounds: str | None = None) -> str | None:
+    """None when `value` is within FIGURE_BOUNDS[bounds or field_name]; else the one-line reason,
+    "field <field_name>: <value> is outside the allowed range [low, high] <unit>"."""
+    lo, hi, unit = FIGURE_BOUNDS[bounds or field_name]
+    if lo <= value <= hi:
+        return None
+    return f"field {field_name}: {value!r} is outside the allowed range [{_bound_text(lo)}, {_bound_text(hi)}]" + (
+        f" {unit}" if unit else "")
+
+
 @dataclass(frozen=True)
 class ExecRule:
     """How a target runs a layer whose weights and input activations have given precisions.
@@ -123,6 +176,9 @@ class HardwareProfile:
     )
 
     def __post_init__(self) -> None:
+        for key, v in self._figures():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"profile {self.name}: {key} must be finite, got {v}")
         for key in ("peak_macs_per_s", "efficiency", "sources", "energy_pj_per_mac"):
             object.__setattr__(self, key, MappingProxyType(dict(getattr(self, key))))
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -154,6 +210,41 @@ class HardwareProfile:
         for key in required:
             if not self.sources.get(key):
                 raise ValueError(f"profile {self.name}: figure {key} has no source")
+
+    def _figures(self) -> list[tuple[str, float]]:
+        """(field as a profile file names it, value) of every number the profile holds."""
+        out: list[tuple[str, float]] = []
+        for key in ("peak_macs_per_s", "efficiency", "energy_pj_per_mac"):
+            out += [(f"{key}.{k}", v) for k, v in getattr(self, key).items()]
+        for key in ("mem_bw_bytes_per_s", "layer_overhead_s", "transition_overhead_s", "transition_bytes_per_elem",
+                    "quantize_bytes_per_elem", "dequantize_bytes_per_elem", "energy_pj_per_byte", "threads",
+                    "on_chip_bytes", "off_chip_bytes", "weight_capacity_bytes", "act_capacity_bytes"):
+            if getattr(self, key) is not None:
+                out.append((key, getattr(self, key)))
+        t = self.layer_table
+        if t is not None:
+            out += [(f"layer_table.layers.{fqn}.{k}", v) for fqn, e in t.layers.items() for k, v in e.items()]
+            out.append(("layer_table.other_s", t.other_s))
+        return out
+
+    def bound_problems(self) -> list[str]:
+        """One line per figure outside its physical bounds (FIGURE_BOUNDS); [] when all are in."""
+        out = []
+        for name, v in self._figures():
+            group = name.split(".", 1)[0]
+            if group == "layer_table":
+                group = "layer_table.macs" if name.endswith(".macs") else "layer_table.seconds"
+            problem = bound_problem(name, v, group)
+            if problem:
+                out.append(problem)
+        return out
+
+    def check_bounds(self) -> None:
+        """Raise ValueError naming the first figure outside its physical bounds (FIGURE_BOUNDS):
+        "field <name>: <value> is outside the allowed range [low, high] <unit>"."""
+        problems = self.bound_problems()
+        if problems:
+            raise ValueError(problems[0])
 
     def rule(self, weight: Precision, activation: Precision) -> ExecRule | None:
         """How this target runs the pair, or None when it cannot."""

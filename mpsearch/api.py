@@ -72,6 +72,9 @@ HEARTBEAT_GRACE_S = 20  # and how long without one before the trial counts as de
 
 def resolve_target(target: str | HardwareProfile) -> HardwareProfile:
     if isinstance(target, HardwareProfile):
+        problems = target.bound_problems()  # as a profile file's figures are (hw_models.profiles.FIGURE_BOUNDS)
+        if problems:
+            raise InvalidConfigError(f"profile {target.name}: {problems[0]}")
         return target
     try:
         return get_profile(target)

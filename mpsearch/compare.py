@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import InvalidConfigError
 from mpsearch.report import best_lines, text_table
 from mpsearch.report_html import layer_breakdown
-from mpsearch.result import SearchResult, TrialRecord, pareto_front
+from mpsearch.result import SearchResult, TrialRecord, dumps_strict, pareto_front
 
 COMPARE_SCHEMA = "mpsearch.compare/1"
 FASTEST_SLACK = 0.05
@@ -69,7 +70,7 @@ class Comparison:
                                for t, d in self.per_target.items()}}
 
     def write(self, path: str | Path) -> None:
-        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=1) + "\n").encode())
+        atomic_write_bytes(path, (dumps_strict(self.to_dict(), indent=1) + "\n").encode())
 
     @classmethod
     def read(cls, out_dir: str | Path) -> Comparison:
@@ -77,8 +78,15 @@ class Comparison:
         d = json.loads((out_dir / "compare.json").read_text())
         if d.get("schema") != COMPARE_SCHEMA:
             raise InvalidConfigError(f"{out_dir / 'compare.json'}: schema {d.get('schema')!r}, expected {COMPARE_SCHEMA!r}")
-        per = {t: {**v, "trials": {int(k): x for k, x in v["trials"].items()}} for t, v in d["per_target"].items()}
+        per = {t: {**v, "trials": {int(k): _latency_back(x) for k, x in v["trials"].items()}}
+               for t, v in d["per_target"].items()}
         return cls(SearchResult.read(out_dir / d.get("search", "result.json")), list(d["targets"]), per)
+
+
+def _latency_back(cost: dict) -> dict:
+    """A priced trial read from compare.json: a null latency was infinite (a pair the target
+    cannot run; strict JSON has no Infinity)."""
+    return {**cost, "latency_ms": math.inf} if cost.get("latency_ms", 0.0) is None else cost
 
 
 def _on_target(t: TrialRecord, cost: dict | None) -> TrialRecord:

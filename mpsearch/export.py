@@ -76,7 +76,7 @@ from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import EvaluationError, InvalidConfigError
 from mpsearch.evaluator import Evaluator, QuantSettings, input_pre_hook
 from mpsearch.onnx_export import _import_onnx
-from mpsearch.result import SearchResult
+from mpsearch.result import SearchResult, dumps_strict
 from mpsearch.tasks import load_task
 from mpsearch.tasks.base import Batch, Task
 
@@ -140,7 +140,7 @@ def export_config(result: str | Path, trial: int | None = None) -> dict[str, Any
 def write_config(config: Mapping[str, Any], path: str | Path) -> None:
     """Validate `config` (read_config) and write it to `path` as JSON, atomically."""
     checked = read_config(config)
-    atomic_write_bytes(path, (json.dumps(checked, indent=1) + "\n").encode())
+    atomic_write_bytes(path, (dumps_strict(checked, indent=1) + "\n").encode())
 
 
 def read_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -404,7 +404,7 @@ def export_onnx(
         raise InvalidConfigError(f"{prepared.name}: cannot export to ONNX: {e}") from None
     proto = deployment.proto
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "mpsearch.config", json.dumps(prepared.config)
+    entry.key, entry.value = "mpsearch.config", dumps_strict(prepared.config)
     if path is not None:
         onnx.save(proto, str(path))
     return proto

@@ -104,14 +104,14 @@ class _Problem:
             common = [c for c in dict.fromkeys(options[group[0]]) if all(c in options[f] for f in group[1:])]
             kept, sens, cost = [], [], []
             for c in common:
-                s = 0.0 if sensitivity is None else math.fsum(_sensitivity(sensitivity, f, c) for f in group)
+                s = 0.0 if sensitivity is None else _fsum((_sensitivity(sensitivity, f, c) for f in group), "sensitivity")
                 if math.isinf(s):
                     continue
                 if any(_cost(layer_costs, f, c, k) > lim for k, lim in limits.items() for f in group):
                     continue
                 kept.append(c)
                 sens.append(s)
-                cost.append([math.fsum(_cost(layer_costs, f, c, k) for f in group) for k in self.keys])
+                cost.append([_fsum((_cost(layer_costs, f, c, k) for f in group), k) for k in self.keys])
             keep = _undominated([(s, *c) for s, c in zip(sens, cost, strict=True)])
             self.feasible &= bool(keep)
             self.choices.append([kept[i] for i in keep])
@@ -128,7 +128,7 @@ class _Problem:
 
     def total(self, picked: list[int], key: str | None) -> float:
         parts = self.sens if key is None else self.costs[key]
-        return math.fsum(float(parts[g][i]) for g, i in enumerate(picked))
+        return _fsum((float(parts[g][i]) for g, i in enumerate(picked)), key or "sensitivity")
 
     def solve(self, objective: np.ndarray, budgets: Mapping[str, float]) -> list[int] | None:
         """Index of the chosen option per group minimising `objective`, or None if infeasible."""
@@ -187,10 +187,10 @@ class _Problem:
         for group, opts, i in zip(self.groups, self.choices, picked, strict=True):
             chosen.update(dict.fromkeys(group, opts[i]))
         choices = {f: chosen[f] for f in self.fqns}
-        objective = math.fsum(_sensitivity(sensitivity, f, c) for f, c in choices.items())
+        objective = _fsum((_sensitivity(sensitivity, f, c) for f, c in choices.items()), "sensitivity")
         entries = [layer_costs[f][c] for f, c in choices.items()]
         common = [k for k in entries[0] if all(k in e for e in entries[1:])] if entries else []
-        costs = {k: math.fsum(float(e[k]) for e in entries) for k in common}
+        costs = {k: _fsum((float(e[k]) for e in entries), k) for k in common}
         return Allocation(choices, objective, costs, time.perf_counter() - start)
 
 
@@ -265,6 +265,17 @@ def _cost(layer_costs, fqn: str, c: LayerChoice, key: str) -> float:
     return v
 
 
+def _fsum(values, what: str) -> float:
+    """math.fsum; finite values whose total exceeds the float range (a cost of 1e308 s: a hardware
+    profile built in code with a figure outside hw_models.profiles.FIGURE_BOUNDS) are a one-line
+    InvalidConfigError naming the total, not an OverflowError."""
+    try:
+        return math.fsum(values)
+    except OverflowError:
+        raise InvalidConfigError(f"the {what} total of an allocation overflows a float: a per-layer figure is "
+                                 "out of range (see the profile bounds, hw_models.profiles.FIGURE_BOUNDS)") from None
+
+
 def _scale(v: np.ndarray) -> float:
     """A positive scale bringing the typical nonzero |v| to ~1 (solver gaps are absolute too)."""
     nz = np.abs(v[np.isfinite(v) & (v != 0)])
@@ -306,7 +317,7 @@ def min_total(
 ) -> float:
     """The smallest achievable total of `key`: per (tied group of) layer(s) the cheapest choice."""
     p = _Problem(options, layer_costs, [key], ties)
-    return math.fsum(float(c.min()) for c in p.costs[key]) if p.feasible else math.inf
+    return _fsum((float(c.min()) for c in p.costs[key]), key) if p.feasible else math.inf
 
 
 def sweep(

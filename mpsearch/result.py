@@ -9,6 +9,10 @@ deployed graphs, mpsearch.deploy.verify), settings.target_ref, settings.task_ref
 settings.evaluator_key (what verify reloads and checks). A file
 without settings.drop_budget was written before drop budgets: its best is its highest-metric
 trial, as it was then.
+
+result.json is strict JSON: a number that is not finite (the infinite latency of a pair the target
+cannot run, an FP32-exact trial's infinite SQNR, a NaN hypervolume) is written as null; a null
+latency_ms reads back as inf. Reading checks each trial record's types (`check_record`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,35 @@ from mpsearch.objectives import pareto_front as objectives_front
 from mpsearch.selection import Best, select_best
 
 SCHEMA = "mpsearch.result/1"
+STATES = ("complete", "infeasible", "pruned", "fail")
+
+
+# -- strict JSON ----------------------------------------------------------------------------------
+def finite_or_null(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN, +-inf) replaced by None, through dicts, lists and
+    tuples (a new object where something changed)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
+def dumps_strict(obj: Any, **kw: Any) -> str:
+    """json.dumps as strict JSON (RFC 8259): NaN and +-Infinity, which Python's json writes as
+    tokens other parsers refuse, are written as null. result.json, compare.json, exported
+    configurations and the sensitivity cache are written through it. Costs one pass of json's C encoder when there is no such float (the common case; a second
+    pass after `finite_or_null` otherwise)."""
+    encoder = json.JSONEncoder(allow_nan=False, **kw) if kw else _STRICT_ENCODER
+    try:
+        return encoder.encode(obj)
+    except ValueError:  # "Out of range float values are not JSON compliant"
+        return encoder.encode(finite_or_null(obj))
+
+
+_STRICT_ENCODER = json.JSONEncoder(allow_nan=False)  # reused: json.dumps builds an encoder per call given any option
 
 
 @dataclass
@@ -68,7 +101,7 @@ class TrialRecord:
     def to_json(self) -> str:
         """to_dict() as compact JSON (the configuration's JSON is computed once per Candidate)."""
         d = {name: getattr(self, name) for name in _RECORD_FIELDS if name != "config"}
-        return json.dumps(d)[:-1] + ', "config": ' + self.config.to_json() + "}"
+        return dumps_strict(d)[:-1] + ', "config": ' + self.config.to_json() + "}"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialRecord:
@@ -136,7 +169,9 @@ class SearchResult:
         ref = self.settings.get("hv_reference")
         if not ref:
             return None
-        return {"value": front_hypervolume(self.trials, self.objectives, ref), "reference": ref,
+        # a reference cost written as null (an infinite upper bound: strict JSON) is infinite again
+        finite = {k: math.inf if v is None else v for k, v in ref.items()}
+        return {"value": front_hypervolume(self.trials, self.objectives, finite), "reference": ref,
                 "objectives": list(self.objectives),
                 "note": "metric maximized, costs minimized; reference: metric at fp32 - |fp32|, "
                         "each cost at an upper bound over the space (every layer's most expensive choice)"}
@@ -199,7 +234,7 @@ class SearchResult:
         json's C encoder does not indent). memo: the JSON of records that no longer change, by
         id (the search loop rewrites the file after every trial; it encodes each record once)."""
         d = self.to_dict(trials=False)
-        head = json.dumps(d, indent=1)
+        head = dumps_strict(d, indent=1)
         if memo is None:
             body = ",\n  ".join(t.to_json() for t in self.trials)
         else:
@@ -218,7 +253,9 @@ class SearchResult:
     @classmethod
     def read(cls, path: str | Path) -> SearchResult:
         """The result.json at `path`. Raises InvalidConfigError (one line naming the file) when it
-        is missing, not JSON, of another schema or lacks a field this schema has."""
+        is missing, not JSON, of another schema or lacks a field this schema has, and (naming the
+        trial and the field) when a trial record holds a value of the wrong type (`check_record`).
+        A latency written as null (it was infinite: a pair the target cannot run) reads as inf."""
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -231,11 +268,24 @@ class SearchResult:
         if schema != SCHEMA:
             raise InvalidConfigError(f"{path}: schema {schema!r}, expected {SCHEMA!r}: not a result.json of mpsearch")
         try:
+            head = {"task": d["task"], "target": d["target"], "reference": d["reference"]}
+            trials_data = d["trials"]
+        except KeyError as e:
+            raise InvalidConfigError(f"{path}: not a readable result.json (KeyError: {e})") from None
+        if not isinstance(trials_data, list):
+            raise InvalidConfigError(f"{path}: trials: expected a list of trial records, found {trials_data!r:.60}")
+        trials = []
+        for i, t in enumerate(trials_data):
+            n = t.get("number") if isinstance(t, dict) else None
+            label = f"trial {n}" if isinstance(n, int) and not isinstance(n, bool) else f"trials[{i}]"
+            try:
+                trials.append(check_record(t))
+            except RecordError as e:
+                raise InvalidConfigError(f"{path}: {label}: {e}") from None
+        try:
             return cls(
-                task=d["task"],
-                target=d["target"],
-                reference=d["reference"],
-                trials=[TrialRecord.from_dict(t) for t in d["trials"]],
+                **head,
+                trials=trials,
                 settings=d.get("settings", {}),
                 space=d.get("space", {}),
                 tracking=d.get("tracking", {}),
@@ -244,6 +294,73 @@ class SearchResult:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InvalidConfigError(f"{path}: not a readable result.json ({type(e).__name__}: {e})") from None
+
+
+class RecordError(ValueError):
+    """A trial record with a value of the wrong type; the message starts with the field."""
+
+
+_INT_FIELDS = ("number", "weight_bytes", "bops", "peak_act_bytes")
+_FLOAT_FIELDS = ("seconds", "fidelity", "sampler_s", "pricing_s", "scoring_s")
+_STR_FIELDS = ("reason", "worker")
+_REQUIRED = ("number", "state", "config", "metric", "latency_ms", "weight_bytes", "bops", "feasible")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def check_record(d: Any) -> TrialRecord:
+    """The TrialRecord a result.json trial entry holds, its types checked: integers for numbers,
+    sizes and BOPs, numbers for times, a known state, a finite metric in a complete trial (a
+    number or null otherwise), a number or null for latency_ms (null: inf), energy_mj and each
+    proxy, true / false for feasible, strings for reason and worker. Fields this version does not
+    know are ignored (a newer writer's). Raises RecordError "<field>: <what is wrong>"."""
+    if not isinstance(d, dict):
+        raise RecordError(f"expected an object, found {d!r:.60}")
+    for k in _REQUIRED:
+        if k not in d:
+            raise RecordError(f"{k}: missing")
+    kw: dict[str, Any] = {k: v for k, v in d.items() if k in _RECORD_FIELDS}
+
+    def bad(field_name: str, expected: str) -> RecordError:
+        return RecordError(f"{field_name}: expected {expected}, found {d[field_name]!r:.60}")
+
+    for k in _INT_FIELDS:
+        if k in kw:
+            v = kw[k]
+            if isinstance(v, float) and v.is_integer():
+                v = kw[k] = int(v)
+            if not (_is_number(v) and isinstance(v, int)) or v < 0:
+                raise bad(k, "a non-negative integer")
+    for k in _FLOAT_FIELDS:
+        if k in kw and not (_is_number(kw[k]) and math.isfinite(kw[k])):
+            raise bad(k, "a finite number")
+    for k in _STR_FIELDS:
+        if k in kw and not isinstance(kw[k], str):
+            raise bad(k, "a string")
+    if kw["state"] not in STATES:
+        raise RecordError(f"state: {kw['state']!r:.60} is not one of {', '.join(STATES)}")
+    if not isinstance(kw["feasible"], bool):
+        raise bad("feasible", "true or false")
+    for k in ("metric", "latency_ms", "energy_mj"):
+        if k in kw and kw[k] is not None and not _is_number(kw[k]):
+            raise bad(k, "a number or null")
+    if kw["state"] == "complete" and (kw["metric"] is None or not math.isfinite(kw["metric"])):
+        raise RecordError(f"metric: a complete trial needs a finite number, found {kw['metric']!r}")
+    if kw["latency_ms"] is None:
+        kw["latency_ms"] = math.inf
+    dup = kw.get("duplicate_of")
+    if dup is not None and (not _is_number(dup) or not isinstance(dup, int)):
+        raise bad("duplicate_of", "a trial number or null")
+    proxies = kw.get("proxies", {})
+    if not isinstance(proxies, dict) or not all(v is None or _is_number(v) for v in proxies.values()):
+        raise bad("proxies", "an object of numbers or nulls")
+    try:
+        kw["config"] = Candidate.from_dict(kw["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise RecordError(f"config: {type(e).__name__}: {e}") from None
+    return TrialRecord(**kw)
 
 
 def speedup(fp32_latency_ms: float | None, latency_ms: float | None) -> float | None:

@@ -52,6 +52,7 @@ from mpsearch import metrics
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import EvaluationError, InvalidConfigError
 from mpsearch.evaluator import Evaluator
+from mpsearch.result import dumps_strict
 from mpsearch.tasks.base import run_model
 
 __all__ = [
@@ -137,8 +138,9 @@ def _values_to_json(values: Mapping[str, Mapping[LayerChoice, float]]) -> dict[s
     return {fqn: {pair_name(c): float(v) for c, v in per.items()} for fqn, per in values.items()}
 
 
-def _values_from_json(d: Mapping[str, Mapping[str, float]]) -> dict[str, dict[LayerChoice, float]]:
-    return {fqn: {parse_pair(k): float(v) for k, v in per.items()} for fqn, per in d.items()}
+def _values_from_json(d: Mapping[str, Mapping[str, float | None]]) -> dict[str, dict[LayerChoice, float]]:
+    """null (a value that was not finite: strict JSON has no NaN or Infinity) counts as not measured."""
+    return {fqn: {parse_pair(k): float(v) for k, v in per.items() if v is not None} for fqn, per in d.items()}
 
 
 def default_batches(evaluator: Evaluator, samples: int = DEFAULT_SAMPLES) -> int:
@@ -535,4 +537,4 @@ def _write_cache(
         "values": _values_to_json(merged),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(path, dumps_strict(doc, indent=1, sort_keys=True).encode())
