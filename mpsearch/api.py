@@ -32,7 +32,7 @@ from hw_models import (
 )
 from hw_models.profile_file import ProfileFileError
 from mpsearch.analysis import analyze
-from mpsearch.cache import cache_dir
+from mpsearch.cache import append_bytes, cache_dir
 from mpsearch.controller import Budgets, Heartbeats, has_record, make_sampler, record_of, run_search
 from mpsearch.defaults import (
     BACKENDS,
@@ -418,14 +418,14 @@ def search(
         tracker = None
         if track:
             tracker = Tracker(mlflow_uri, experiment)
-            run_id = tracker.start(
+            tracker.start(
                 run_name=study_name,
                 params={k: v for k, v in settings.items() if k not in ("storage", "setup_s", "hv_reference", "worker_startup_s")}
                 | {"task": task_name, "target": profile.name, "space_size": space.size},
                 tags={"mpsearch.task": task_name, "mpsearch.target": profile.name},
                 reference=result.reference,
             )
-            result.tracking = {"mlflow_uri": tracker.uri, "experiment": experiment, "run_id": run_id}
+            result.tracking = tracker.tracking  # its run id; if MLflow fails, why tracking is off (mpsearch.tracking)
         try:
             result = run_search(result=result, space=space, cost_model=cost_model, evaluator=evaluator, study=study,
                               n_trials=max(remaining, 0), budgets=budgets, objectives=objectives, seeds=plan.seeds,
@@ -756,8 +756,7 @@ def _journal_file(path: str):
         def append_logs(self, logs) -> None:
             self.lock.acquire()
             try:
-                with open(self.path, "ab") as f:
-                    f.write(("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode())
+                append_bytes(self.path, ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode())
             finally:
                 self.lock.release()
 

@@ -30,7 +30,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
     """Write a file so that readers see the old or the new content, never a partial one.
     durable: also survive a power cut (fsync; a killed process loses nothing either way).
-    An OSError names `path` (not the temporary file beside it)."""
+    On any failure (a full disk, a read-only directory, an interrupt) the temporary file beside
+    `path` is removed and the old content stays; an OSError names `path`, not the temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -40,6 +41,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = Tru
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # name the file the caller asked for, not the temporary one
-        tmp.unlink(missing_ok=True)
-        raise type(e)(e.errno, e.strerror, str(path)) from None
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # pragma: no cover - a directory that vanished meanwhile
+            pass
+        if isinstance(e, OSError):  # name the file the caller asked for, not the temporary one
+            raise type(e)(e.errno, e.strerror, str(path)) from None
+        raise
+
+
+def append_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Append `data` to the file at `path` whole or not at all: a write that fails part-way (a
+    full disk, the file size limit) is cut off again, so a log of lines never keeps a partial
+    one that the next append would run into. An OSError names `path`. Appenders in several
+    processes must hold a lock around it (the end of the file is read first)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException as e:
+            os.ftruncate(fd, start)  # shrinking needs no space
+            if isinstance(e, OSError):
+                raise type(e)(e.errno, e.strerror, str(path)) from None
+            raise
+    finally:
+        os.close(fd)

@@ -1,17 +1,24 @@
 """Command-line interface. Parses arguments and calls the API; no logic of its own.
 
-User errors print one line on stderr and exit with status 2.
+User errors print one line on stderr and exit with status 2, and so does every file that cannot
+be written (a full disk, a read-only or missing directory): the line names the file and, where a
+search was running, says that its finished trials are kept and how to continue it.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import os
+import shlex
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mpsearch import defaults as D
-from mpsearch.errors import InvalidConfigError, MpsearchError, SearchInterrupted
+from mpsearch.errors import InvalidConfigError, MpsearchError, OutputDirError, SearchInterrupted
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -470,15 +477,19 @@ def _search_kwargs(args) -> dict:
 def _cmd_search(args) -> int:
     from mpsearch.api import search
 
-    result = search(args.task, args.target, latency_budget_ms=args.latency_budget, **_search_kwargs(args))
+    with _on_write_error(_trials_kept(args)):
+        result = search(args.task, args.target, latency_budget_ms=args.latency_budget, **_search_kwargs(args))
     _summary(result)
     out = Path(result.settings["out_dir"])
     if args.verify:
         from mpsearch.deploy.verify import summary, verify
 
         print(f"\nverifying the best and {args.verify} front configuration(s) as deployed graphs:")
-        print(summary(verify(out, top=args.verify, task=args.task, backend=args.backend, ray_address=args.ray_address,
-                             progress=not args.no_progress)))
+        redo = _command("verify", str(out), *(["--task", args.task] if ":" in args.task else []),
+                        "--top", str(args.verify))
+        with _on_write_error(lambda e: f"the search is complete in {out}: {_remedy(e)}, then `{redo}` measures it"):
+            print(summary(verify(out, top=args.verify, task=args.task, backend=args.backend,
+                                 ray_address=args.ray_address, progress=not args.no_progress)))
     _pngs(out, result.tracking)
     return 0
 
@@ -500,11 +511,14 @@ def _cmd_compare(args) -> int:
     from mpsearch.compare import compare_table
 
     kw = _search_kwargs(args)
-    cmp = compare(args.task, args.targets, kw.pop("n_trials"), objectives=kw.pop("objectives"),
-                  batch_size=kw.pop("batch_size"), latency_budget_ms=args.latency_budget, **kw)
+    with _on_write_error(_trials_kept(args)):
+        cmp = compare(args.task, args.targets, kw.pop("n_trials"), objectives=kw.pop("objectives"),
+                      batch_size=kw.pop("batch_size"), latency_budget_ms=args.latency_budget, **kw)
     print(compare_table(cmp))
     out = Path(cmp.result.settings["out_dir"])
     print(f"\nresults: {out / 'compare.json'} (the search: result.json beside it); report: {out / 'report.html'}")
+    if cmp.result.tracking.get("off"):
+        print(_tracking_line(cmp.result.tracking))
     first = cmp.targets[0]
     print(_next_steps(cmp.result, cmp.view(first).best, f"{first}'s best configuration"))
     _pngs(out, cmp.result.tracking)
@@ -519,8 +533,11 @@ def _pngs(out: Path, tracking: dict) -> None:
     from mpsearch.report_html import write_report
     from mpsearch.tracking import Tracker
 
+    redo = _command("report", str(out))
     try:
-        files = write_report(out, png=True)
+        with _on_write_error(lambda e: f"the search is complete in {out}: {_remedy(e)}, then `{redo}` draws the "
+                                       "report and its plots"):
+            files = write_report(out, png=True)
     except MissingDependencyError as e:
         print(f"mpsearch: PNG plots skipped: {e}; {out / 'report.html'} has the same views", file=sys.stderr)
         return
@@ -553,10 +570,12 @@ def _cmd_export(args) -> int:
     if fmt == "onnx":
         import json
 
+        from mpsearch.cache import atomic_write_bytes
         from mpsearch.tasks import trusted_task
 
         task = trusted_task(config["task"], args.task, str(Path(args.dir) / "result.json"))
-        proto = export_onnx(task, config, args.out)
+        proto = export_onnx(task, config)
+        atomic_write_bytes(args.out, proto.SerializeToString())  # whole or not at all, as onnx.save writes it
         runtime = json.loads({p.key: p.value for p in proto.metadata_props}["mpsearch.runtime"])
         storage = {}
         for fqn, how in runtime["storage"].items():
@@ -590,8 +609,10 @@ def _cmd_report(args) -> int:
 def _cmd_worker(args) -> int:
     from mpsearch.api import join_study
 
-    result = join_study(args.storage, args.study_name, out_dir=args.out, max_trials=args.trials,
-                        progress=not args.no_progress, retries=args.retries, task=args.task)
+    with _on_write_error(lambda e: f"the finished trials are kept in the study: {_remedy(e)}, then "
+                                   f"`{_command(*args.argv)}` runs the worker again"):
+        result = join_study(args.storage, args.study_name, out_dir=args.out, max_trials=args.trials,
+                            progress=not args.no_progress, retries=args.retries, task=args.task)
     _summary(result, next_steps=False)
     return 0
 
@@ -621,11 +642,23 @@ def _summary(result, next_steps: bool = True) -> None:
               + (f", {result.settings['workers']} Ray workers" if result.settings.get("backend") == "ray" else "") + ")")
     print(f"\nresults: {out / 'result.json'} (Optuna study {result.settings['study_name']!r} in "
           f"{result.settings['storage']}); report: {out / 'report.html'}")
-    if result.tracking.get("run_id"):
-        print(f"MLflow: {result.tracking['mlflow_uri']} experiment {result.tracking['experiment']!r}, "
-              f"run {result.tracking['run_id']}")
+    tracked = _tracking_line(result.tracking)
+    if tracked:
+        print(tracked)
     if next_steps:
         print(_next_steps(result))
+
+
+def _tracking_line(tracking: dict) -> str | None:
+    """Where the MLflow runs went, or that tracking went off and why (the store failed:
+    mpsearch.tracking; result.json has everything); None when the search was not tracked."""
+    if tracking.get("run_id"):
+        return f"MLflow: {tracking['mlflow_uri']} experiment {tracking['experiment']!r}, run {tracking['run_id']}"
+    if tracking.get("off"):
+        incomplete = tracking.get("incomplete_run_id")
+        return (f"MLflow: tracking off ({tracking['mlflow_uri']} {tracking['off']})"
+                + (f"; run {incomplete} is incomplete" if incomplete else "") + "; everything is in result.json")
+    return None
 
 
 def _next_steps(result, trial: int | None = None, what: str = "") -> str:
@@ -660,6 +693,100 @@ def _next_steps(result, trial: int | None = None, what: str = "") -> str:
     return "\n".join(lines)
 
 
+# errors of a file that cannot be written: the disk (or quota) is full, the file too large for
+# the process's limit, the directory read-only or not ours, the device failing
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+# the files a search writes in its output directory (an error naming one names the directory)
+OUT_FILES = frozenset({"result.json", "report.html", "best_config.json", "compare.json", D.STUDY_FILE, "study.db"})
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError in words, naming its file: "No space left on device: OUT/result.json"."""
+    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+
+
+def _remedy(e: OSError) -> str:
+    """What lets the write succeed next time."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space"
+    if e.errno == errno.EFBIG:
+        return "raise the file size limit (ulimit -f)"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "make it writable"
+    return "fix the disk"
+
+
+def _command(*argv: str) -> str:
+    return shlex.join(["mpsearch", *argv])
+
+
+@contextmanager
+def _on_write_error(then: Callable[[OSError], str]) -> Iterator[None]:
+    """A file that cannot be written (WRITE_ERRNOS) is one line (OutputDirError): the OSError
+    naming its file, then `then(error)`: what was kept and the command that goes on from there."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise OutputDirError(f"{_os_error(e)}; {then(e)}") from None
+
+
+def _trials_kept(args) -> Callable[[OSError], str]:
+    """The hint of a search (or compare) a write stopped: its finished trials are in the study
+    (each is stored when told, and result.json is rebuilt from it), and the same command with
+    --resume (and the output directory) continues it and writes the rest; a search stopped before
+    its study held anything (its new study file is removed then) is simply run again."""
+
+    def then(e: OSError) -> str:
+        out = args.out
+        if out is None and e.filename and (Path(e.filename).name in OUT_FILES or str(e.filename).endswith(".png")):
+            out = str(Path(e.filename).parent)  # the default output directory, named by its file
+        study = _study_file(args.storage, out)
+        if study is not None and not study.exists():
+            return f"nothing was kept: {_remedy(e)}, then run it again"
+        argv = list(args.argv)
+        if "--resume" not in argv:
+            argv.append("--resume")
+        if args.out is None and (out or not args.storage):  # --storage alone finds the study, not the outputs
+            argv += ["--out", out or "DIR"]
+        where = f" ({study})" if study is not None else ""
+        return (f"the finished trials are kept in the study{where}: {_remedy(e)}, then `{_command(*argv)}` "
+                "continues the search and writes the rest")
+
+    return then
+
+
+def _study_file(storage: str | None, out: str | None) -> Path | None:
+    """The file of a search's study: --storage's journal or SQLite file, else the one in its output
+    directory (as mpsearch.api.default_storage picks it); None for a database server, or when the
+    output directory is not known."""
+    if storage:
+        for prefix in ("journal:///", "sqlite:///"):
+            if storage.startswith(prefix):
+                return Path(storage.removeprefix(prefix).split("?", 1)[0])
+        return None
+    if out is None:
+        return None
+    old = Path(out) / "study.db"
+    return old if old.exists() else Path(out) / D.STUDY_FILE
+
+
+def _flush_stdout() -> None:
+    """Flush stdout; if that fails (a full disk, a closed pipe), an OSError naming it, and stdout
+    goes to /dev/null so that Python's own flush at exit says nothing more."""
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        except (OSError, ValueError):  # pragma: no cover - a stdout without a file descriptor
+            pass
+        raise OSError(e.errno, e.strerror, "<stdout>") from None
+
+
 COMMANDS = {
     "tasks": _cmd_tasks,
     "targets": _cmd_targets,
@@ -676,15 +803,18 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line, for the one that continues a search a full disk stopped
     try:
-        return COMMANDS[args.command](args)
+        rc = COMMANDS[args.command](args)
+        _flush_stdout()  # a full disk behind stdout is one line too, not Python's words at exit
+        return rc
     except MpsearchError as e:
         print(f"mpsearch: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # a file the user named cannot be read or written
-        where = f": {e.filename}" if e.filename else ""
-        print(f"mpsearch: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"mpsearch: error: {_os_error(e)}", file=sys.stderr)
         return EXIT_USAGE
     except SearchInterrupted as e:
         print(f"mpsearch: interrupted; {e}", file=sys.stderr)

@@ -426,8 +426,9 @@ def run_search(
         while (gather and study_total is not None and asked < n_trials
                and _slot_freed(study, study_total, heartbeats)):
             drive()
-    except (KeyboardInterrupt, MpsearchError) as stop:
-        # Ctrl-C, or the workers are gone: keep what is finished, fail what is in flight
+    except (KeyboardInterrupt, MpsearchError, OSError) as stop:
+        # Ctrl-C, the workers are gone, or a file cannot be written (a full disk): keep what is
+        # finished, fail what is in flight (a resume runs it again)
         for p in list(pending.values()):
             try:
                 if p.ready:
@@ -439,9 +440,15 @@ def run_search(
                 pass
         executor.close()
         result.interrupted = True
-        result.write(result_path)
+        try:
+            result.write(result_path)
+        except OSError:
+            if not isinstance(stop, OSError):
+                raise
         if tracker is not None:
             tracker.finish(result, status="KILLED" if isinstance(stop, KeyboardInterrupt) else "FAILED")
+        if isinstance(stop, OSError):
+            raise  # the caller says what was kept (the study holds every told trial)
         done = len(result.trials)
         kept = f"{done} finished trial{'s' if done != 1 else ''} kept in {result_path} and in the study storage"
         if isinstance(stop, MpsearchError):

@@ -24,11 +24,15 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import InvalidConfigError, MissingDependencyError
 from mpsearch.result import SearchResult, TrialRecord, speedup
 
@@ -506,12 +510,15 @@ def render(result: SearchResult, compare: dict | None, figs: dict | None = None)
 
 def write_report(out_dir: str | Path, png: bool = False) -> list[Path]:
     """DIR/report.html from DIR/result.json (and compare.json); with png, its figures as PNGs too
-    (write_pngs). Returns the files written; the HTML is written before the PNGs are tried."""
+    (write_pngs). Returns the files written; the HTML is written before the PNGs are tried.
+    Each file is replaced whole or not at all: a write that fails (a full disk, a read-only
+    directory) raises an OSError naming the file and leaves the previous one, and no temporary
+    file."""
     out_dir = Path(out_dir)
     result, compare = _load(out_dir)
     figs = figures(report_data(result, compare))
     path = out_dir / "report.html"
-    path.write_text(render(result, compare, figs), encoding="utf-8")
+    atomic_write_bytes(path, render(result, compare, figs).encode("utf-8"), durable=False)
     written = [path]
     if png:
         written += write_pngs(out_dir, figs)
@@ -521,14 +528,19 @@ def write_report(out_dir: str | Path, png: bool = False) -> list[Path]:
 def write_pngs(out_dir: Path, figs: dict) -> list[Path]:
     """The figures as OUT/<name>.png, WIDTH pixels wide, in one kaleido session (it drives a
     headless Chrome or Chromium, found as kaleido finds it: BROWSER_PATH, else on PATH;
-    MissingDependencyError when there is none)."""
-    import plotly.io as pio
+    MissingDependencyError when there is none).
 
+    kaleido draws them into a private folder in OUT, then each replaces its PNG: a failed write
+    raises an OSError naming the PNG (plotly's write_images would drop it: kaleido returns
+    write errors rather than raising them there) and leaves the previous PNGs whole."""
     no_browser = MissingDependencyError(
         "no Chrome or Chromium for kaleido to draw them in (apt install chromium, or plotly_get_chrome; "
         "BROWSER_PATH names one not on PATH)")
     try:
+        import kaleido
+        import plotly.io as pio
         from choreographer.browsers.chromium import Chromium
+        from kaleido.errors import ChromeNotFoundError
     except ImportError:
         raise MissingDependencyError("kaleido is not installed (pip install kaleido)") from None
     found = Chromium.find_browser(skip_local=False)
@@ -536,9 +548,32 @@ def write_pngs(out_dir: Path, figs: dict) -> list[Path]:
         raise no_browser
     paths = [out_dir / f"{k}.png" for k in figs]
     try:
-        pio.write_images(list(figs.values()), paths, width=WIDTH, height=[f.layout.height for f in figs.values()])
-    except RuntimeError as e:  # plotly's words for kaleido's ChromeNotFoundError
-        if "Chrome" not in str(e):
-            raise
-        raise no_browser from None
+        folder = Path(tempfile.mkdtemp(prefix=f".png-{os.getpid()}-", suffix=".tmp", dir=out_dir))
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(paths[0])) from None
+    drawn = {folder / p.name: p for p in paths}
+    # what plotly.io.write_images gives kaleido (its defaults: a local plotly.js, MathJax, ...)
+    kopts = {k: getattr(pio.defaults, k) for k in ("plotlyjs", "mathjax", "headers") if getattr(pio.defaults, k, None)}
+    specs = [{"fig": fig.to_dict(), "path": tmp, "topojson": pio.defaults.topojson,
+              "opts": {"format": "png", "width": WIDTH, "height": fig.layout.height, "scale": 1}}
+             for tmp, fig in zip(drawn, figs.values(), strict=True)]
+    try:
+        try:  # kaleido returns the errors of the figures it could not write (cancelling the others is noisy)
+            errors = kaleido.write_fig_from_object_sync(specs, kopts=kopts)
+        except ChromeNotFoundError:
+            raise no_browser from None
+        for e in errors or ():
+            if isinstance(e, OSError):
+                raise e
+        if errors:
+            if isinstance(errors[0], ChromeNotFoundError):
+                raise no_browser
+            raise MissingDependencyError(f"kaleido could not draw them ({type(errors[0]).__name__}: {errors[0]})")
+        for tmp, path in drawn.items():
+            os.replace(tmp, path)
+    except OSError as e:  # name the PNG, not the file in the private folder
+        where = drawn.get(Path(e.filename), e.filename) if e.filename else paths[0]
+        raise type(e)(e.errno, e.strerror, str(where)) from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return paths

@@ -1,8 +1,12 @@
 """MLflow tracking from the driver: one parent run per search, one child run per trial.
 
 Uses MlflowClient with explicit run ids (nesting through the `mlflow.parentRunId` tag), so it
-never touches MLflow's global active-run state. If the tracking store fails, the search goes
-on: the tracker says so in one line on stderr and stops logging; result.json keeps everything.
+never touches MLflow's global active-run state. If the tracking store fails (a server that cannot
+be reached or dies, a store MLflow refuses such as file:// in maintenance mode, an SQLite file
+that cannot be written), the search goes on: the tracker says so in one line on stderr, stops
+logging and marks `Tracker.tracking` (the search's result.tracking, result.json's "tracking") off:
+run_id None, "off" saying why, "incomplete_run_id" the parent run it had started, if any;
+result.json keeps everything.
 
 What a run holds, so that the MLflow UI reads well and runs are queryable:
 - params are flat, one per option (`flat_params`): a quantizer setting is `quant.<field>`, a list
@@ -18,13 +22,16 @@ What a run holds, so that the MLflow UI reads well and runs are queryable:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import socket
 import sys
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 from mpsearch.defaults import DEFAULT_EXPERIMENT
@@ -48,6 +55,51 @@ def _unreachable(uri: str) -> str | None:
             return None
     except OSError as e:
         return f"cannot connect: {e.strerror or e}"
+
+
+def _unwritable(uri: str) -> str | None:
+    """Why an SQLite tracking store cannot be written (None: it can, or the URI is not an SQLite
+    file). MLflow retries opening a database it cannot create for about two minutes; a probe file
+    in its directory (what SQLite needs to write: the database and its journal) answers at once."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    name = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if name in ("", ":memory:") or name.startswith("file:"):
+        return None
+    path = Path(name)  # sqlite:///rel.db is relative to the working directory, sqlite:////abs.db absolute
+    folder = path.parent
+    if not folder.is_dir():
+        return f"cannot write {path}: no directory {folder}"
+    probe = folder / f".mpsearch-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write to {folder}: {e.strerror or e}"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"cannot write {path}: {os.strerror(errno.EACCES)}"
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    """An MLflow error in a few words: the cause of a failed HTTP request ("cannot connect:
+    Connection refused"), else the first sentence of its message."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    if "ConnectionPool" in text:  # urllib3's words, a few hundred characters of them
+        cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+        return f"cannot connect: {cause.group(1).strip() if cause else 'the request failed'}"
+    line = text.splitlines()[0]
+    request = re.match(r"API request to \S+ failed with exception (.*)", line)
+    if request:  # a server that went away mid-answer: ('Connection broken: ...', ...)
+        quoted = re.search(r"'([^']+)'", request.group(1))
+        line = f"request failed: {quoted.group(1) if quoted else request.group(1)}"
+    first = line.split(". ", 1)[0].rstrip(".")
+    if "MLFLOW_ALLOW_FILE_STORE" in text:  # MLflow 3's file store: say what works instead
+        first += "; use a database store such as sqlite:///mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)"
+    return first if len(first) <= 300 else first[:297] + "..."
 
 
 def _text(v: Any) -> str:
@@ -82,9 +134,16 @@ def layer_params(config, prefix: str = LAYER_PREFIX) -> dict[str, str]:
 
 
 class Tracker:
-    """Logs a search to MLflow. uri None: MLFLOW_TRACKING_URI, else MLflow's default store."""
+    """Logs a search to MLflow. uri None: MLFLOW_TRACKING_URI, else MLflow's default store.
 
-    def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT):
+    `tracking`: what result.json says of it, {"mlflow_uri", "experiment", "run_id"}; a search
+    makes it its result.tracking (pass one to keep up to date, as Tracker.resume does; run_id:
+    the parent run to log more to). When the store fails the tracker goes off for good (`_off`):
+    run_id becomes None, "off" says what failed and why, "incomplete_run_id" names the parent
+    run it had started."""
+
+    def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+                 tracking: dict[str, Any] | None = None, run_id: str | None = None):
         # MLflow retries a failed HTTP request 7 times with exponential backoff (minutes per call
         # against a server that is down); a search would rather go on without it (user settings win)
         for key, value in HTTP_DEFAULTS.items():
@@ -94,14 +153,20 @@ class Tracker:
 
         self.uri = uri or mlflow.get_tracking_uri()
         self.experiment = experiment
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.tracking = tracking if tracking is not None else {}
+        self.tracking.update(mlflow_uri=self.uri, experiment=experiment)
+        self.tracking.setdefault("run_id", None)
         self.enabled = True
-        self.parent_run_id: str | None = None
+        self.client = None
+        self.parent_run_id: str | None = run_id
         self.experiment_id: str | None = None
         self.reference: dict[str, Any] = {}
-        down = _unreachable(self.uri)
+        what = "connecting" if self.uri.startswith(("http://", "https://")) else "opening the store"
+        down = _unreachable(self.uri) or _unwritable(self.uri)
         if down:
-            self._off("connecting", down)
+            self._off(what, down)
+        else:  # MLflow refuses some stores here (file:// since MLflow 3: "maintenance mode")
+            self.client = self._guard(what, MlflowClient, tracking_uri=self.uri)
 
     def _guard(self, what: str, fn, *args, **kwargs):
         if not self.enabled:
@@ -109,12 +174,17 @@ class Tracker:
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never lose a search
-            self._off(what, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            self._off(what, _reason(e))
             return None
 
     def _off(self, what: str, why: str) -> None:
+        """Stop tracking for good: one line on stderr, and `tracking` says it is off and why."""
         self.enabled = False
-        print(f"mpsearch: MLflow tracking at {self.uri} failed while {what} ({why}); continuing without it, "
+        verb = "stopped" if self.parent_run_id is not None else "failed"
+        self.tracking.update(run_id=None, off=f"{verb} while {what}: {why}")
+        if self.parent_run_id is not None:
+            self.tracking["incomplete_run_id"] = self.parent_run_id
+        print(f"mpsearch: MLflow tracking at {self.uri} {verb} while {what} ({why}); continuing without it, "
               "results are kept in result.json", file=sys.stderr)
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str],
@@ -134,7 +204,7 @@ class Tracker:
             if key not in exp.tags:  # an experiment made before: MLflow 3 would open its GenAI view
                 self.client.set_experiment_tag(self.experiment_id, key, kind)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        self.parent_run_id = run.info.run_id
+        self.parent_run_id = self.tracking["run_id"] = run.info.run_id
         self._log(self.parent_run_id, params=flat_params(params), metrics=self._reference_metrics())
         return self.parent_run_id
 
@@ -225,10 +295,9 @@ class Tracker:
     @classmethod
     def resume(cls, tracking: dict) -> Tracker | None:
         """The tracker of a finished search (result.tracking), to log more to its parent run."""
-        if not tracking.get("run_id"):
+        if not tracking.get("run_id"):  # never tracked, or tracking went off
             return None
-        t = cls(tracking["mlflow_uri"], tracking["experiment"])
-        t.parent_run_id = tracking["run_id"]
+        t = cls(tracking["mlflow_uri"], tracking["experiment"], tracking=tracking, run_id=tracking["run_id"])
         t.experiment_id = t._guard("finding the search run", lambda: t.client.get_run(t.parent_run_id).info.experiment_id)
         return t if t.enabled else None
 
