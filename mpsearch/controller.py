@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -222,6 +223,7 @@ def run_search(
 ) -> SearchResult:
     """Run up to n_trials more trials, appending to result.trials; result.json is rewritten after
     each, and each finished trial's record is kept in the study (user attribute RECORD_ATTR).
+    The loop itself is TrialLoop (its steps: ask, price, dispatch, on_outcome, tell, publish).
 
     Each trial: the study proposes a candidate (the next of `seeds` while there are any: they are
     enqueued one at a time, so an exhaustive enumeration costs no storage up front; then the
@@ -251,70 +253,166 @@ def run_search(
     told their scores), every finished trial stays in result.json and in the study's storage,
     and KeyboardInterrupt propagates.
     """
-    executor = executor or LocalExecutor(evaluator)
-    dists = space.distributions()
-    costs = [o for o in objectives if o != "metric"]
-    # What the study should be told in place of a metric for an infeasible trial: worse than
-    # anything a scored trial reports. Samplers that know constraints rank by those instead.
-    floor = -abs(result.reference["fp32_metric"]) * 10 - 1.0
-    fp32_ms = result.reference.get("fp32_latency_ms")
-    first_trial_of: dict[Candidate, int] = {}
-    scored: dict[Candidate, TrialRecord] = {}  # complete trials (of a resumed search too): not scored again
-    for t in result.trials:
-        if t.state in ("complete", "pruned"):
-            first_trial_of.setdefault(t.config, t.number)
-        if t.state == "complete":
-            scored.setdefault(t.config, t)
-    seeds = iter(seeds)
-    result_path = out_dir / "result.json"
-    bar = tqdm(total=n_trials, desc="search", unit="trial", file=sys.stderr, disable=not progress)
-    pending: dict[int, _Pending] = {}  # by trial number, in the order asked
-    memo: dict[int, tuple[TrialRecord, str]] = {}  # result.json lines of told records
-    in_flight: dict[Candidate, int] = {}  # configuration -> the trial scoring it
-    interrupts = _DeferredInterrupt()
-    asked = 0
-    owner = this_process()
-    orphans = fail_stale_trials(study, heartbeats)
-    if orphans:
-        print(f"mpsearch: failed {_trials(len(orphans))} left running by a process that is gone "
-              f"(trial{'s' if len(orphans) > 1 else ''} {', '.join(map(str, orphans))})", file=sys.stderr)
+    loop = TrialLoop(result=result, space=space, cost_model=cost_model, study=study, out_dir=out_dir,
+                     tracker=tracker, executor=executor or LocalExecutor(evaluator), budgets=budgets,
+                     objectives=objectives, seeds=seeds, seeds_only=seeds_only, on_trial=on_trial,
+                     early_stop=early_stop, study_total=study_total, heartbeats=heartbeats)
+    return loop.run(n_trials, gather=gather, progress=progress)
 
-    def ask() -> bool:
+
+class TrialLoop:
+    """The trials of one search, each through named steps:
+
+        ask       the study proposes a candidate (a seed first, while there are any)
+        price     the cost model prices it; over a budget or unrunnable: priced only
+        dispatch  scored again never: a repeat reuses a score or waits for the one in flight;
+                  anything else goes to the executor
+        on_outcome  a scoring came back: its trial (and repeats waiting for it) are ready
+        tell      the study learns of the oldest ready trial, in the order asked
+        publish   result.json, MLflow, the callback and the progress bar learn of it
+
+    `drive` runs them: up to `executor.slots` trials in flight, trial k asked right after trial
+    k - slots is told. `stop` is the fallback on Ctrl-C, a lost cluster or a failed write. See
+    run_search for what each option means."""
+
+    def __init__(self, *, result: SearchResult, space: SearchSpace, cost_model: CostModel, study: optuna.Study,
+                 out_dir: Path, tracker: Tracker | None, executor: Executor, budgets: Budgets = Budgets(),
+                 objectives: Sequence[str] = DEFAULT_OBJECTIVES, seeds: Iterable[Candidate] = (),
+                 seeds_only: bool = False, on_trial: Callable[[TrialRecord], None] | None = None,
+                 early_stop: bool = False, study_total: int | None = None,
+                 heartbeats: Heartbeats | None = None) -> None:
+        self.result, self.space, self.cost_model, self.study = result, space, cost_model, study
+        self.tracker, self.executor, self.budgets, self.on_trial = tracker, executor, budgets, on_trial
+        self.seeds, self.seeds_only, self.early_stop = iter(seeds), seeds_only, early_stop
+        self.study_total, self.heartbeats = study_total, heartbeats
+        self.result_path = out_dir / "result.json"
+        self.dists = space.distributions()
+        self.costs = [o for o in objectives if o != "metric"]
+        # What the study is told in place of a metric for an infeasible trial: worse than anything
+        # a scored trial reports. Samplers that know constraints rank by those instead.
+        self.floor = -abs(result.reference["fp32_metric"]) * 10 - 1.0
+        self.fp32_ms = result.reference.get("fp32_latency_ms")
+        self.first_trial_of: dict[Candidate, int] = {}
+        self.scored: dict[Candidate, TrialRecord] = {}  # complete trials (of a resumed search too): not scored again
+        for t in result.trials:
+            if t.state in ("complete", "pruned"):
+                self.first_trial_of.setdefault(t.config, t.number)
+            if t.state == "complete":
+                self.scored.setdefault(t.config, t)
+        self.pending: dict[int, _Pending] = {}  # by trial number, in the order asked
+        self.memo: dict[int, tuple[TrialRecord, str]] = {}  # result.json lines of told records
+        self.in_flight: dict[Candidate, int] = {}  # configuration -> the trial scoring it
+        self.interrupts = _DeferredInterrupt()
+        self.owner = this_process()
+        self.asked = 0
+        self.n_trials = 0
+        self.bar = None
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self, n_trials: int, gather: bool = False, progress: bool = True) -> SearchResult:
+        """Up to n_trials more trials (see run_search); the result, written."""
+        result, tracker = self.result, self.tracker
+        self.n_trials = n_trials
+        self.bar = tqdm(total=n_trials, desc="search", unit="trial", file=sys.stderr, disable=not progress)
+        orphans = fail_stale_trials(self.study, self.heartbeats)
+        if orphans:
+            print(f"mpsearch: failed {_trials(len(orphans))} left running by a process that is gone "
+                  f"(trial{'s' if len(orphans) > 1 else ''} {', '.join(map(str, orphans))})", file=sys.stderr)
+        loop_t0 = time.perf_counter()
+        try:
+            self.interrupts.install()
+            self.drive()
+            # a shared study: while other processes finish their trials, one of them may die and its
+            # trial be enqueued again (heartbeats): run it here
+            while (gather and self.study_total is not None and self.asked < n_trials
+                   and _slot_freed(self.study, self.study_total, self.heartbeats)):
+                self.drive()
+        except (KeyboardInterrupt, MpsearchError, OSError) as stop:
+            self.stop(stop)
+        finally:
+            self.interrupts.restore()
+            self.bar.close()
+            for p in self.pending.values():
+                _stop_heartbeat(p)
+        result.settings["search_s"] = time.perf_counter() - loop_t0  # this run's trials, wall time
+        if gather:
+            _gather(result, self.study, self.space, tracker, self.heartbeats)
+        result.interrupted = False
+        result.write(self.result_path)
+        if tracker is not None:
+            tracker.finish(result)
+        return result
+
+    def drive(self) -> None:
+        """Keep `executor.slots` trials in flight; tell each, in the order asked, once ready."""
+        while len(self.pending) < self.executor.slots and self.step():
+            pass
+        while self.pending:
+            head = next(iter(self.pending.values()))
+            if not head.ready:
+                for outcome in self.executor.wait():
+                    self.on_outcome(outcome)
+                continue
+            told = self.tell(head)
+            self.step()  # trial k is asked right after trial k - slots is told, and sent to a worker at once
+            # result.json while the workers score; when the next trial is ready too, after it (the
+            # writes of trials told back to back are one, so a waiting worker is not kept waiting)
+            self.publish(told, write=not (self.pending and next(iter(self.pending.values())).ready))
+
+    def step(self) -> bool:
         """Ask, price and dispatch one more trial; False when there are no more to run."""
-        nonlocal asked
-        if asked >= n_trials:
+        p = self.ask()
+        if p is None:
             return False
-        if study_total is not None:
-            fail_stale_trials(study, heartbeats)
-            if counted_trials(study) >= study_total:
-                return False
+        self.price(p)
+        if not p.ready:
+            self.dispatch(p)
+        return True
+
+    # -- the steps --------------------------------------------------------------------------------
+    def ask(self) -> _Pending | None:
+        """The next trial from the study (a seed enqueued first, while there are any), held by
+        this process: its heartbeat started and its owner named; None when no more are to run
+        (n_trials asked, the seeds of a seeds-only plan used, or the shared study's total reached)."""
+        study = self.study
+        if self.asked >= self.n_trials:
+            return None
+        if self.study_total is not None:
+            fail_stale_trials(study, self.heartbeats)
+            if counted_trials(study) >= self.study_total:
+                return None
         t0 = time.perf_counter()
-        seed = next(seeds, None)
-        if seed is None and seeds_only:
-            return False
-        with interrupts.critical():  # a trial created in the storage is always one we hold
+        seed = next(self.seeds, None)
+        if seed is None and self.seeds_only:
+            return None
+        with self.interrupts.critical():  # a trial created in the storage is always one we hold
             if seed is not None:
-                study.enqueue_trial(space.params(seed), skip_if_exists=False)
+                study.enqueue_trial(self.space.params(seed), skip_if_exists=False)
             with warnings.catch_warnings():  # heartbeats kept by hand (Heartbeats), not by Study.optimize
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed", category=UserWarning)
-                trial = study.ask(dists)
+                trial = study.ask(self.dists)
             # a trial this process dies holding is recognised by its heartbeat (its first one is
             # recorded now), by its owner, or by having neither (fail_stale_trials)
-            beat = heartbeats.start(trial) if heartbeats else None
-            trial.set_user_attr(OWNER_ATTR, owner)
-            if study_total is not None and _over_total(study, trial.number, study_total):
+            beat = self.heartbeats.start(trial) if self.heartbeats else None
+            trial.set_user_attr(OWNER_ATTR, self.owner)
+            if self.study_total is not None and _over_total(study, trial.number, self.study_total):
                 # another process asked the study's last trials meanwhile: the total holds
                 study.tell(trial, state=TrialState.FAIL)
                 if beat is not None:
                     beat.join()
-                return False
-            p = pending[trial.number] = _Pending(trial, t0, heartbeat=beat)
-        asked += 1
-        candidate = space.candidate(trial.params)
-        t1 = time.perf_counter()
-        cost = cost_model.price(candidate)
+                return None
+            p = self.pending[trial.number] = _Pending(trial, t0, heartbeat=beat)
+        self.asked += 1
+        return p
+
+    def price(self, p: _Pending) -> None:
+        """The candidate's costs into its record; over a budget or unrunnable, it is ready
+        (priced only: "infeasible")."""
+        candidate = self.space.candidate(p.trial.params)
+        p.t1 = time.perf_counter()
+        cost = self.cost_model.price(candidate)
         record = TrialRecord(
-            number=trial.number,
+            number=p.trial.number,
             state="complete",
             config=candidate,
             metric=None,
@@ -326,147 +424,117 @@ def run_search(
             energy_mj=None if cost.energy_j is None else cost.energy_j * 1e3,
             worker=THIS_PROCESS,
         )
-        p.t1, p.record, p.feasible, p.overruns = t1, record, cost.feasible, budgets.overruns(cost)
+        p.record, p.feasible, p.overruns = record, cost.feasible, self.budgets.overruns(cost)
         if not cost.feasible:
             record.state, record.reason = "infeasible", cost.reason
         elif any(v > 0 for v in p.overruns.values()):
             record.state, record.feasible = "infeasible", False
-            record.reason = budgets.reason(cost)
-        record.pricing_s = time.perf_counter() - t1
-        if record.state != "complete":
-            p.ready = True
-            return True
-        record.duplicate_of = first_trial_of.setdefault(candidate, trial.number)
-        if record.duplicate_of == trial.number:
+            record.reason = self.budgets.reason(cost)
+        record.pricing_s = time.perf_counter() - p.t1
+        p.ready = record.state != "complete"
+
+    def dispatch(self, p: _Pending) -> None:
+        """A candidate worth scoring: a configuration scored before reuses its score, a repeat of
+        one in flight waits for it, anything else goes to the executor."""
+        record = p.record
+        candidate = record.config
+        record.duplicate_of = self.first_trial_of.setdefault(candidate, record.number)
+        if record.duplicate_of == record.number:
             record.duplicate_of = None
-        earlier = scored.get(candidate)
+        earlier = self.scored.get(candidate)
         if earlier is not None:
             _apply(record, Score(earlier.metric, dict(earlier.proxies)), None, 0.0, None)
             p.ready = True
-        elif candidate in in_flight:
-            p.waits_for = in_flight[candidate]
+        elif candidate in self.in_flight:
+            p.waits_for = self.in_flight[candidate]
         else:
-            p.threshold = _dominating_metric(result.trials, record, costs) if early_stop else None
-            in_flight[candidate] = trial.number
-            executor.submit(trial.number, candidate, p.threshold)
-        return True
+            p.threshold = _dominating_metric(self.result.trials, record, self.costs) if self.early_stop else None
+            self.in_flight[candidate] = record.number
+            self.executor.submit(record.number, candidate, p.threshold)
 
-    def finish(outcome: Outcome) -> None:
+    def on_outcome(self, outcome: Outcome) -> None:
         """A scoring came back: its trial, and any repeat waiting for it, are ready."""
-        p = pending[outcome.key]
-        in_flight.pop(p.record.config, None)
-        for q in (p, *(q for q in pending.values() if q.waits_for == outcome.key)):
+        p = self.pending[outcome.key]
+        self.in_flight.pop(p.record.config, None)
+        for q in (p, *(q for q in self.pending.values() if q.waits_for == outcome.key)):
             _apply(q.record, outcome.score, outcome.error, outcome.seconds if q is p else 0.0, p.threshold)
             q.record.worker = outcome.worker or q.record.worker
             q.ready = True
 
-    def tell(p: _Pending) -> TrialRecord:
+    def tell(self, p: _Pending) -> TrialRecord:
         """Tell the study of a ready trial (in the order asked) and add it to the result."""
-        record, trial = p.record, p.trial
+        record, trial, study = p.record, p.trial, self.study
         t3 = time.perf_counter()
-        with interrupts.critical():  # the study and the result learn of the trial together
+        with self.interrupts.critical():  # the study and the result learn of the trial together
             trial.set_constraint(UNSUPPORTED, 0.0 if p.feasible else 1.0)
             for key, over in p.overruns.items():
                 trial.set_constraint(key, over if p.feasible else 0.0)
             record.sampler_s = p.t1 - p.t0
             record.seconds = time.perf_counter() - p.t0
-            for key, v in record_attrs(record, fp32_ms).items():  # what a dashboard shows, a resume reads back
+            for key, v in record_attrs(record, self.fp32_ms).items():  # what a dashboard shows, a resume reads back
                 trial.set_user_attr(key, v)
             if record.state == "fail":
                 study.tell(trial, state=TrialState.FAIL)
             else:
-                metric = record.metric if record.state in ("complete", "pruned") else floor
-                study.tell(trial, [metric, *(_told(record, c) for c in costs)])
-            del pending[record.number]
+                metric = record.metric if record.state in ("complete", "pruned") else self.floor
+                study.tell(trial, [metric, *(_told(record, c) for c in self.costs)])
+            del self.pending[record.number]
             _stop_heartbeat(p)
             # the sampler's share: asking, and telling (constraints, record, tell: storage and
             # the sampler's own bookkeeping); the stored record has the asking part only
             record.sampler_s = (p.t1 - p.t0) + (time.perf_counter() - t3)
             record.seconds = time.perf_counter() - p.t0
-            result.trials.append(record)
+            self.result.trials.append(record)
         if record.state == "complete":
-            scored.setdefault(record.config, record)
+            self.scored.setdefault(record.config, record)
         return record
 
-    def publish(record: TrialRecord, write: bool = True) -> None:
+    def publish(self, record: TrialRecord, write: bool = True) -> None:
         """result.json, MLflow, the callback and the progress bar learn of a told trial."""
+        result = self.result
         if write:
-            result.write(result_path, memo)  # told records do not change: each is encoded once
-        if tracker is not None:
-            tracker.log_trial(record)
-        if on_trial is not None:
-            on_trial(record)
+            result.write(self.result_path, self.memo)  # told records do not change: each is encoded once
+        if self.tracker is not None:
+            self.tracker.log_trial(record)
+        if self.on_trial is not None:
+            self.on_trial(record)
         best = result.best
         if best is not None:
             b = result.trial(best)
-            bar.set_postfix(best=f"{b.metric:.4f}", latency_ms=f"{b.latency_ms:.4g}", refresh=False)
-        bar.update(1)
+            self.bar.set_postfix(best=f"{b.metric:.4f}", latency_ms=f"{b.latency_ms:.4g}", refresh=False)
+        self.bar.update(1)
 
-    def drive() -> None:
-        while len(pending) < executor.slots and ask():
-            pass
-        while pending:
-            head = next(iter(pending.values()))
-            if not head.ready:
-                for outcome in executor.wait():
-                    finish(outcome)
-                continue
-            told = tell(head)
-            ask()  # trial k is asked right after trial k - slots is told, and sent to a worker at once
-            # result.json while the workers score; when the next trial is ready too, after it (the
-            # writes of trials told back to back are one, so a waiting worker is not kept waiting)
-            publish(told, write=not (pending and next(iter(pending.values())).ready))
-
-    loop_t0 = time.perf_counter()
-    try:
-        interrupts.install()
-        drive()
-        # a shared study: while other processes finish their trials, one of them may die and its
-        # trial be enqueued again (heartbeats): run it here
-        while (gather and study_total is not None and asked < n_trials
-               and _slot_freed(study, study_total, heartbeats)):
-            drive()
-    except (KeyboardInterrupt, MpsearchError, OSError) as stop:
-        # Ctrl-C, the workers are gone, or a file cannot be written (a full disk): keep what is
-        # finished, fail what is in flight (a resume runs it again)
-        for p in list(pending.values()):
+    # -- the fallback -----------------------------------------------------------------------------
+    def stop(self, stop: BaseException) -> NoReturn:
+        """Ctrl-C, the workers are gone, or a file cannot be written (a full disk): keep what is
+        finished, fail what is in flight (a resume runs it again), then raise: SearchInterrupted
+        on Ctrl-C, the error otherwise (saying what was kept)."""
+        result = self.result
+        for p in list(self.pending.values()):
             try:
                 if p.ready:
-                    publish(tell(p))
+                    self.publish(self.tell(p))
                 else:
-                    study.tell(p.trial, state=TrialState.FAIL)
+                    self.study.tell(p.trial, state=TrialState.FAIL)
                     _stop_heartbeat(p)
             except Exception:  # noqa: BLE001, S110 - storage may be mid-write; finished trials are safe
                 pass
-        executor.close()
+        self.executor.close()
         result.interrupted = True
         try:
-            result.write(result_path)
+            result.write(self.result_path)
         except OSError:
             if not isinstance(stop, OSError):
                 raise
-        if tracker is not None:
-            tracker.finish(result, status="KILLED" if isinstance(stop, KeyboardInterrupt) else "FAILED")
+        if self.tracker is not None:
+            self.tracker.finish(result, status="KILLED" if isinstance(stop, KeyboardInterrupt) else "FAILED")
         if isinstance(stop, OSError):
-            raise  # the caller says what was kept (the study holds every told trial)
+            raise stop  # the caller says what was kept (the study holds every told trial)
         done = len(result.trials)
-        kept = f"{done} finished trial{'s' if done != 1 else ''} kept in {result_path} and in the study storage"
+        kept = f"{done} finished trial{'s' if done != 1 else ''} kept in {self.result_path} and in the study storage"
         if isinstance(stop, MpsearchError):
             raise type(stop)(f"{stop}; {kept}" if done else str(stop)) from None
-        raise SearchInterrupted(kept, str(result_path)) from None
-    finally:
-        interrupts.restore()
-        bar.close()
-        for p in pending.values():
-            _stop_heartbeat(p)
-    result.settings["search_s"] = time.perf_counter() - loop_t0  # this run's trials, wall time
-    if gather:
-        _gather(result, study, space, tracker, heartbeats)
-    result.interrupted = False
-    result.write(result_path)
-    if tracker is not None:
-        tracker.finish(result)
-    return result
+        raise SearchInterrupted(kept, str(self.result_path)) from None
 
 
 def _slot_freed(study: optuna.Study, total: float, heartbeats: Heartbeats | None) -> bool:
