@@ -57,11 +57,13 @@ import numpy as np
 from hw_models import Candidate, CostModel, HardwareProfile, LayerChoice, get_profile, list_profiles
 from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
-from mpsearch.calibrate import calibrate, first_samples, random_configs, timing_number
+from mpsearch.calibrate import calibrate, random_configs
 from mpsearch.evaluator import Evaluator
 from mpsearch.fit import fidelity as scores
-from mpsearch.measure import build_session, config_candidate, time_interleaved
+from mpsearch.host import cpu_info
+from mpsearch.measure import build_session, config_candidate, time_interleaved, timing_number
 from mpsearch.tasks import load_task
+from mpsearch.tasks.base import first_samples
 
 
 def log(msg: str) -> None:
@@ -165,8 +167,6 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     ap.add_argument("--batch-size", type=int, default=1)
     args = ap.parse_args()
-    from mpsearch.deploy.verify import cpu_info
-
     cpu = cpu_info()
     print(f"CPU: {cpu['cpu']} ({cpu['machine']}, {cpu['cores']} cores); features: {', '.join(cpu['features']) or 'none'}")
     results = {"quick": args.quick, "cpu": cpu, "tasks": {}}

@@ -40,13 +40,13 @@ from hw_models import Candidate, LayerChoice, Precision
 from mpsearch import metrics
 from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
-from mpsearch.calibrate import first_samples, timing_number
 from mpsearch.deploy.build import build
-from mpsearch.deploy.verify import cpu_info
 from mpsearch.evaluator import Evaluator
-from mpsearch.measure import time_interleaved
+from mpsearch.host import cpu_info
+from mpsearch.measure import time_interleaved, timing_number
 from mpsearch.onnx_export import OrtRunner
 from mpsearch.tasks import load_task
+from mpsearch.tasks.base import first_samples
 
 W8A8 = LayerChoice(Precision.INT8, Precision.INT8)
 FP32 = LayerChoice(Precision.FP32, Precision.FP32)

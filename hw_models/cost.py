@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from hw_models.graph import Boundary, DeployGraph
 from hw_models.layers import Candidate, LayerChoice, LayerSpec
 from hw_models.precision import Precision
-from hw_models.profiles import HardwareProfile
+from hw_models.profile import HardwareProfile
 
 SCALE_BYTES = 4  # one fp32 scale per output channel (integer) or per tensor (fp8)
 GRAPH_KINDS = ("int8", "fp32")  # compute kinds the deployed-graph mode prices (hw_models.graph's rule)

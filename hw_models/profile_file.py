@@ -35,7 +35,7 @@ Layout (every number in SI units; see HardwareProfile for what each field means)
     int8 = 6.0e-5
 
 Errors name the file and the field: a missing, negative or non-numeric figure, one outside its
-physical bounds (hw_models.profiles.FIGURE_BOUNDS: the value and the allowed range), an unknown
+physical bounds (hw_models.profile.FIGURE_BOUNDS: the value and the allowed range), an unknown
 precision, a rule whose compute kind has no throughput.
 """
 
@@ -49,7 +49,7 @@ from typing import Any
 import tomli_w
 
 from hw_models.precision import Precision
-from hw_models.profiles import ExecRule, HardwareProfile, LayerTable
+from hw_models.profile import ExecRule, HardwareProfile, LayerTable
 
 _NUMBERS = ("mem_bw_bytes_per_s", "layer_overhead_s")
 _OPTIONAL_NUMBERS = ("transition_overhead_s", "transition_bytes_per_elem", "quantize_bytes_per_elem",

@@ -23,6 +23,7 @@ not divide it (a layer run once per batch on a constant, e.g. learned queries). 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from hw_models.layers import LayerSpec
 from mpsearch.errors import TaskLoadError
 from mpsearch.tasks.base import Batch, run_model
 
-__all__ = ["IgnoredModule", "ModelAnalysis", "UnsupportedModule", "WeightHandle", "analyze"]
+__all__ = ["IgnoredModule", "ModelAnalysis", "UnsupportedModule", "WeightHandle", "analyze", "pre_hook"]
 
 NOT_EXECUTED = "not executed by the example input"
 NORMALIZATION = "normalization"
@@ -120,6 +121,38 @@ class WeightHandle:
     @property
     def weight(self) -> torch.Tensor:
         return getattr(self.module, self.param)
+
+
+def pre_hook(module: torch.nn.Module, handle_args: tuple[int | str, ...], fn, prepend: bool = False):
+    """A forward pre-hook applying fn to the module's inputs `handle_args` (positions or keywords).
+
+    One tensor passed as several arguments (self-attention's query, key and value) is
+    transformed once and passed on as one tensor, so `query is key` checks still hold.
+    """
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        names = []
+    slots = [(a, a if isinstance(a, int) else (names.index(a) if a in names else None)) for a in handle_args]
+
+    def hook(mod, args, kwargs):
+        args, kwargs, memo = list(args), dict(kwargs), {}
+
+        def apply(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            if id(x) not in memo:
+                memo[id(x)] = fn(x)
+            return memo[id(x)]
+
+        for name, pos in slots:
+            if isinstance(name, str) and name in kwargs:
+                kwargs[name] = apply(kwargs[name])
+            elif pos is not None and pos < len(args):
+                args[pos] = apply(args[pos])
+        return tuple(args), kwargs
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True, prepend=prepend)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from mpsearch.analysis import analyze
 from mpsearch.cache import append_bytes, cache_dir
 from mpsearch.controller import Budgets, Heartbeats, has_record, make_sampler, record_of, run_search
 from mpsearch.defaults import (
-    BACKENDS,
     COMPARE_OBJECTIVES,
     DEFAULT_BACKEND,
     DEFAULT_BATCH_SIZE,
@@ -49,16 +48,16 @@ from mpsearch.defaults import (
     DEFAULT_WORKER_THREADS,
     EXHAUSTIVE_LIMIT,
     OUT_ROOT,
-    STRATEGIES,
     STUDY_FILE,
 )
 from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError, UnknownTargetError
 from mpsearch.evaluator import ADAROUND_MAX_BITS, Evaluator, QuantSettings
 from mpsearch.ilp import cost_table, solve_allocation
-from mpsearch.objectives import MB, OBJECTIVES, parse_objectives, reference_point
+from mpsearch.objectives import MB, OBJECTIVES, reference_point
+from mpsearch.options import SearchOptions, parse_precisions
 from mpsearch.outlock import OutputLock
-from mpsearch.result import SearchResult
-from mpsearch.selection import drop_budget, is_proportion, n_eval_samples, parse_max_drop
+from mpsearch.result import SearchResult, layer_breakdown
+from mpsearch.selection import drop_budget, is_proportion, n_eval_samples
 from mpsearch.strategy import check_strategy
 from mpsearch.strategy import plan as make_plan
 from mpsearch.tasks import Task, load_task, task_ref, trusted_task
@@ -72,7 +71,7 @@ HEARTBEAT_GRACE_S = 20  # and how long without one before the trial counts as de
 
 def resolve_target(target: str | HardwareProfile) -> HardwareProfile:
     if isinstance(target, HardwareProfile):
-        problems = target.bound_problems()  # as a profile file's figures are (hw_models.profiles.FIGURE_BOUNDS)
+        problems = target.bound_problems()  # as a profile file's figures are (hw_models.profile.FIGURE_BOUNDS)
         if problems:
             raise InvalidConfigError(f"profile {target.name}: {problems[0]}")
         return target
@@ -82,22 +81,6 @@ def resolve_target(target: str | HardwareProfile) -> HardwareProfile:
         raise UnknownTargetError(str(e)) from None
     except ProfileFileError as e:
         raise InvalidConfigError(str(e)) from None
-
-
-def parse_precisions(names: Iterable[str | Precision] | None, what: str) -> tuple[Precision, ...] | None:
-    if names is None:
-        return None
-    if isinstance(names, str):
-        names = [n for n in names.split(",") if n.strip()]
-    out = []
-    for n in names:
-        try:
-            out.append(n if isinstance(n, Precision) else Precision.parse(n))
-        except ValueError as e:
-            raise InvalidConfigError(f"{what} precisions: {e}") from None
-    if not out:
-        raise InvalidConfigError(f"{what} precisions: the list is empty")
-    return tuple(dict.fromkeys(out))
 
 
 def prepare_out_dir(out_dir: str | os.PathLike | None, task: str, target: str) -> tuple[Path, bool]:
@@ -257,24 +240,24 @@ def search(
     batches once it clearly cannot reach the metric of a trial no costlier (recorded as
     "pruned"; see mpsearch.controller.run_search).
     """
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
-        raise InvalidConfigError(f"the number of trials must be a positive integer, got {n_trials!r}")
-    for name, v in (("latency", latency_budget_ms), ("size", size_budget_mb), ("memory", memory_budget_mb)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not (v > 0 and math.isfinite(v))):
-            raise InvalidConfigError(f"the {name} budget must be a positive, finite number, got {v!r}")
-    parse_max_drop(max_drop)  # refused before any work
+    profile = resolve_target(target)
+    options = SearchOptions(  # every option checked here, before any work
+        task=_task_ref(task), target=_target_ref(target, profile), n_trials=n_trials, strategy=strategy,
+        sampler=sampler if isinstance(sampler, str) else DEFAULT_SAMPLER, seed=seed, objectives=objectives,
+        latency_budget_ms=latency_budget_ms, size_budget_mb=size_budget_mb, memory_budget_mb=memory_budget_mb,
+        max_drop=max_drop, weight_precisions=weight_precisions, activation_precisions=activation_precisions,
+        ties=ties, pins=pins or {}, pin_first_last=pin_first_last, batch_size=batch_size,
+        quant=quant or QuantSettings(), early_stop=early_stop, evaluator_cache=evaluator_cache, n_seeds=n_seeds,
+        exhaustive_limit=exhaustive_limit, backend=backend, ray_address=ray_address, workers=workers,
+        worker_threads=worker_threads, retries=retries)
+    objectives = options.objectives
     budgets = Budgets(latency_budget_ms, None if size_budget_mb is None else size_budget_mb * MB,
                       None if memory_budget_mb is None else memory_budget_mb * MB)
-    objectives = parse_objectives(objectives)
-    profile = resolve_target(target)
     sampler_obj = make_sampler(sampler, seed, n_trials)
     if "energy" in objectives and not profile.energy_pj_per_mac:
         raise InvalidConfigError(f"objective energy: target {profile.name} has no energy figures")
-    wp = parse_precisions(weight_precisions, "weight")
-    ap = parse_precisions(activation_precisions, "activation")
-    if strategy not in STRATEGIES:
-        raise InvalidConfigError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
-    check_backend(backend, ray_address, workers, worker_threads, retries)
+    wp = parse_precisions(options.weight_precisions, "weight")
+    ap = parse_precisions(options.activation_precisions, "activation")
     if backend == "ray":
         from mpsearch.executors.ray_executor import preflight
 
@@ -325,7 +308,7 @@ def search(
                if evaluator_cache else ""):
         try:
             evaluator = Evaluator(
-                task_obj, analysis, quant, cache_dir=cache_dir("evaluator") if evaluator_cache else None
+                task_obj, analysis, options.quant, cache_dir=cache_dir("evaluator") if evaluator_cache else None
             )
         except BaseException as e:
             lock.release()
@@ -338,10 +321,7 @@ def search(
         study, study_name, previous, store = open_study(
             storage_url, study_name, resume, sampler_obj, identity, objectives, task_obj.metric_name, space,
             default_name=f"{_slug(task_name)}-{_slug(profile.name)}", retries=retries if shared else None,
-            launch=None if join else _launch(task, target, profile, n_trials, sampler, wp, ap, ties, pins,
-                                             pin_first_last, batch_size, evaluator, early_stop, objectives,
-                                             latency_budget_ms, size_budget_mb, memory_budget_mb, evaluator_cache,
-                                             max_drop))
+            launch=None if join else options.to_dict())
         if previous and isinstance(sampler, str) and seed is not None:
             # a sampler reseeded as at the start would propose what the first run already tried
             study.sampler = make_sampler(sampler, seed + len(previous), n_trials)
@@ -355,6 +335,7 @@ def search(
                          n_trials=max(remaining, 0), n_seeds=n_seeds, tried=[t.config for t in previous],
                          cache_dir=cache_dir("sensitivity") if evaluator_cache else None, progress=progress)
         settings = {
+            "options": options.to_dict(),  # what `mpsearch worker` joins with (SearchOptions), versioned
             "n_trials": n_trials,
             "strategy": strategy,
             "sampler": sampler if isinstance(sampler, str) else type(sampler).__name__,
@@ -484,31 +465,6 @@ def _target_ref(target, profile) -> str:
     return target if isinstance(target, str) else profile.name
 
 
-def _launch(task, target, profile, n_trials, sampler, wp, ap, ties, pins, pin_first_last, batch_size,
-            evaluator, early_stop, objectives, latency_ms, size_mb, memory_mb, evaluator_cache, max_drop) -> dict:
-    """The search options a worker needs to join the study (JSON; paths made absolute)."""
-    return {
-        "task": _task_ref(task),
-        "target": _target_ref(target, profile),
-        "n_trials": n_trials,
-        "sampler": sampler if isinstance(sampler, str) else "tpe",
-        "weight_precisions": None if wp is None else [p.value for p in wp],
-        "activation_precisions": None if ap is None else [p.value for p in ap],
-        "ties": [list(t) for t in ties],
-        "pins": {f: c if isinstance(c, str) else f"{c.weight.value}/{c.activation.value}" for f, c in (pins or {}).items()},
-        "pin_first_last": pin_first_last,
-        "batch_size": batch_size,
-        "quant": evaluator.settings.to_dict(),
-        "early_stop": early_stop,
-        "objectives": list(objectives),
-        "latency_budget_ms": latency_ms,
-        "size_budget_mb": size_mb,
-        "memory_budget_mb": memory_mb,
-        "evaluator_cache": evaluator_cache,
-        "max_drop": max_drop,
-    }
-
-
 def join_study(storage: str, study_name: str | None = None, *, out_dir: str | os.PathLike | None = None,
                max_trials: int | None = None, progress: bool = True,
                retries: int = DEFAULT_RETRIES, task: str | None = None) -> SearchResult:
@@ -534,28 +490,20 @@ def join_study(storage: str, study_name: str | None = None, *, out_dir: str | os
     if not launch or not launch.get("task"):
         raise InvalidConfigError(f"study {study_name!r} has no search options a worker can use (it was not created "
                                  "by mpsearch search with a task name or reference)")
-    launch = dict(launch)
-    launch["task"] = trusted_task(launch["task"], task, f"study {study_name!r}", same=True)
-    print(f"mpsearch worker: study {study_name!r}: task {launch['task']}, target {launch.get('target')}",
-          file=sys.stderr)
-    total = launch.pop("n_trials")  # search() reads it from the study again
-    quant = QuantSettings(**launch.pop("quant"))
-    return search(**launch, n_trials=max_trials or total, quant=quant, seed=None, storage=storage,
+    options = SearchOptions.from_dict(launch, f"study {study_name!r}")
+    task = trusted_task(options.task, task, f"study {study_name!r}", same=True)
+    print(f"mpsearch worker: study {study_name!r}: task {task}, target {options.target}", file=sys.stderr)
+    kw = {f: getattr(options, f) for f in WORKER_OPTIONS}  # search() reads the study's n_trials again
+    return search(task, **kw, n_trials=max_trials or options.n_trials, seed=None, storage=storage,
                   study_name=study_name, resume=True, join=True, track=False, out_dir=out_dir, progress=progress,
                   strategy="optuna", retries=retries)
 
 
-def check_backend(backend: str, ray_address: str | None, workers: int | None, worker_threads: int,
-                  retries: int) -> None:
-    if backend not in BACKENDS:
-        raise InvalidConfigError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
-    if backend != "ray":
-        for name, v in (("ray_address", ray_address), ("workers", workers)):
-            if v is not None:
-                raise InvalidConfigError(f"{name.replace('_', '-')} needs the ray backend (--backend ray)")
-    for name, v, low in (("workers", workers, 1), ("worker threads", worker_threads, 1), ("retries", retries, 0)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise InvalidConfigError(f"{name}: expected an integer of at least {low}, got {v!r}")
+# the study's options a worker searches with; its own: the trials it runs, the sampler's random
+# stream, where it writes, the strategy (the sampler: the study's seeds are the creator's) and retries
+WORKER_OPTIONS = ("target", "sampler", "objectives", "latency_budget_ms", "size_budget_mb", "memory_budget_mb",
+                  "max_drop", "weight_precisions", "activation_precisions", "ties", "pins", "pin_first_last",
+                  "batch_size", "quant", "early_stop", "evaluator_cache")
 
 
 def finish_report(result: SearchResult, out: Path, cost_model: CostModel | None, tracker: Tracker | None,
@@ -564,7 +512,7 @@ def finish_report(result: SearchResult, out: Path, cost_model: CostModel | None,
     OUT/best_config.json (mpsearch.export), OUT/report.html, and all of them (with `extra` files)
     as artifacts of the MLflow parent run."""
     from mpsearch.export import export_config, write_config
-    from mpsearch.report_html import layer_breakdown, write_report
+    from mpsearch.report_html import write_report
 
     files = []
     if result.best is not None:
@@ -833,7 +781,7 @@ def profile_config(
     profile = resolve_target(target)
     task_obj = load_task(task) if isinstance(task, str) else task
     analysis = analyze(task_obj.model, task_obj.example_input)
-    from mpsearch.deploy.build import deploy_graph_of
+    from mpsearch.onnx_graph import deploy_graph_of
 
     cost_model = CostModel(analysis.layers, profile, batch_size=batch_size, graph=deploy_graph_of(task_obj, analysis))
     if config is None:

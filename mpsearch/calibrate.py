@@ -18,7 +18,7 @@ What is fitted:
 * the profile's efficiency per compute kind (fp32, int8) and its per-layer overhead, by a grid
   search minimising the squared log error of the roofline against the per-layer times;
 * a lookup table of the measured per-layer times (and the model's non-layer time), which the
-  cost model uses for this model (`hw_models.profiles.LayerTable`); other models get the
+  cost model uses for this model (`hw_models.profile.LayerTable`); other models get the
   fitted roofline;
 * the cost of the deployed graph's conversions (hw_models.graph: a QuantizeLinear where an int8
   layer reads a float tensor, a DequantizeLinear where a float op reads an int8 one, residual Adds
@@ -53,36 +53,26 @@ from tqdm import tqdm
 
 from hw_models import CostModel, HardwareProfile, LayerChoice, Precision
 from hw_models.graph import DeployGraph
+from hw_models.profile import LayerTable
 from hw_models.profile_file import dump_profile
-from hw_models.profiles import LayerTable
 from mpsearch.analysis import ModelAnalysis, analyze
 from mpsearch.cache import atomic_write_bytes, cache_dir
 from mpsearch.defaults import DEFAULT_TARGET
 from mpsearch.errors import InvalidConfigError
 from mpsearch.evaluator import Evaluator
 from mpsearch.fit import fidelity, fit_roofline
+from mpsearch.host import cpu_info
 from mpsearch.tasks import Task, load_task
-from mpsearch.tasks.base import Batch
+from mpsearch.tasks.base import first_samples
 
 if TYPE_CHECKING:  # pragma: no cover
     from mpsearch.gpu_calibrate import GpuCalibration
 
-# Each timing is the median of at least this many back-to-back runs, and of enough runs to last
-# MIN_TIMING_S: the reference, timed twice as often, would otherwise run with warmer caches than
-# the configuration it is compared with, and a run of tens of microseconds is mostly timer noise.
-TIMING_NUMBER = 3
-MIN_TIMING_S = 2e-3
 # Profiled runs per session: at least `repeats`, more for a fast model until they add up to
 # MIN_PROFILE_S (the profiler ticks in microseconds; averaging many runs resolves short kernels).
 MIN_PROFILE_S = 0.1
 MAX_PROFILE_RUNS = 400
 PROFILED_COPIES = 2
-
-
-def timing_number(runner, batch: Batch) -> int:
-    """Back-to-back runs per timing for this model (see MIN_TIMING_S)."""
-    t = sorted(runner.time_batch(batch, repeats=3, warmup=True))[1]
-    return max(TIMING_NUMBER, math.ceil(MIN_TIMING_S / max(t, 1e-7)))
 # Ridge penalty of the context fit (`_fit_states`), relative to one configuration's squared
 # residual: a context seen in a few configurations moves part of the way from its prior.
 STATE_RIDGE = 1.0
@@ -146,12 +136,6 @@ def session_noise(end_to_end: Mapping[str, float]) -> float | None:
     return sum(diffs) / len(diffs) if diffs else None
 
 
-def first_samples(batch: Batch, n: int) -> Batch:
-    if isinstance(batch, tuple):
-        return tuple(x[:n] for x in batch)
-    return batch[:n]
-
-
 def random_configs(fqns: tuple[str, ...], n: int, seed: int) -> list[frozenset[str]]:
     """n random int8 layer sets: a share p ~ U(0, 1) per configuration, each layer int8 with
     probability p (so configurations range from nearly FP32 to nearly all int8)."""
@@ -179,7 +163,13 @@ def calibrate(
     """Measure `task`'s model on this machine and fit `target`'s profile to it (module doc; a GPU
     profile gives a `mpsearch.gpu_calibrate.GpuCalibration`)."""
     from mpsearch.api import resolve_target
-    from mpsearch.measure import build_session, config_candidate, profile_layers, time_interleaved
+    from mpsearch.measure import (
+        build_session,
+        config_candidate,
+        profile_layers,
+        time_interleaved,
+        timing_number,
+    )
 
     base = resolve_target(target)
     if base.kind == "gpu":
@@ -287,8 +277,6 @@ def calibrate(
     q_bytes, dq_bytes = (per[0], per[1]) if graph is not None else (None, None)
     t_bytes = per[0] if graph is None else (per[0] + per[1]) / 2
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    from mpsearch.deploy.verify import cpu_info
-
     cpu = cpu_info()
     features = ", ".join(cpu["features"]) or "no int8 dot-product features"
     where = (f"measured by mpsearch calibrate on {cpu['host']} ({cpu['cpu']}; {features}), {stamp}, "

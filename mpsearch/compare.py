@@ -38,8 +38,7 @@ from hw_models import Candidate, CostModel, HardwareProfile, Precision
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import InvalidConfigError
 from mpsearch.report import best_lines, text_table
-from mpsearch.report_html import layer_breakdown
-from mpsearch.result import SearchResult, TrialRecord, dumps_strict, pareto_front
+from mpsearch.result import SearchResult, TrialRecord, dumps_strict, layer_breakdown, pareto_front
 
 COMPARE_SCHEMA = "mpsearch.compare/1"
 FASTEST_SLACK = 0.05

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import io
 import json
 import math
@@ -40,10 +39,12 @@ from hw_models import Candidate, Precision
 from hw_models.graph import DeployGraph, Plan, Point
 from mpsearch import metrics
 from mpsearch.adaround import adaround_weight
-from mpsearch.analysis import ModelAnalysis
+from mpsearch.analysis import ModelAnalysis, pre_hook
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import EvaluationError, InvalidConfigError, MpsearchError
 from mpsearch.folding import fold_batchnorm, remap_handles
+from mpsearch.onnx_export import export_fp32, fixed_sizes
+from mpsearch.onnx_graph import read_graph, read_layout
 from mpsearch.quant import (
     ActQuantParams,
     HistogramObserver,
@@ -199,8 +200,6 @@ class Evaluator:
     # -- one-time work -------------------------------------------------------------------
     def _read_deploy_graph(self) -> tuple[DeployGraph | None, str]:
         """The deploy graph of the model (hw_models.graph), or None and why not."""
-        from mpsearch.deploy.build import read_graph
-
         try:
             graph = read_graph(self.fp32_onnx, self.model, self.task.example_input, self.handles,
                                self.analysis.fqns)
@@ -218,8 +217,6 @@ class Evaluator:
     def fp32_onnx(self):
         """The FP32 ONNX export of the evaluator's model (batch norms folded), made once."""
         if self._fp32_onnx is None:
-            from mpsearch.onnx_export import export_fp32, fixed_sizes
-
             self._fp32_onnx = export_fp32(self.model, self.task.example_input,
                                           dynamic_dims="batch" if fixed_sizes(self.task) else "all")
         return self._fp32_onnx
@@ -227,10 +224,9 @@ class Evaluator:
     @property
     def fp32_layout(self) -> dict:
         """What every deployed graph of this model shares, read once from `fp32_onnx`: tensor ->
-        channels (dimension 1) and layer -> its nodes in the graph (mpsearch.deploy.build)."""
+        channels (dimension 1) and layer -> its nodes in the graph (mpsearch.onnx_graph; read by
+        mpsearch.deploy.build)."""
         if self._fp32_layout is None:
-            from mpsearch.deploy.build import read_layout
-
             self._fp32_layout = read_layout(self.fp32_onnx, self.model, self.analysis.fqns)
         return self._fp32_layout
 
@@ -306,7 +302,7 @@ class Evaluator:
                     acc[1] += x.numel() // x.shape[channel_dim]
                 return x
 
-            hooks.append(_pre_hook(h.input_module, _inputs(h), observe))
+            hooks.append(pre_hook(h.input_module, _inputs(h), observe))
         passes = 2 if self.settings.act_range != "minmax" else 1
         try:
             with torch.no_grad():
@@ -334,7 +330,7 @@ class Evaluator:
             params = self._active.get(fqn)
             return x if params is None else params.fake_quant(x)
 
-        return _pre_hook(h.input_module, _inputs(h), fake_quant)
+        return pre_hook(h.input_module, _inputs(h), fake_quant)
 
     def _install_out_hook(self, name: str):
         def fake_quant(module, args, out, name=name):
@@ -395,7 +391,7 @@ class Evaluator:
             captured.append(x.detach())
             raise _Captured
 
-        hook = _pre_hook(h.input_module, (h.input_arg,), capture)
+        hook = pre_hook(h.input_module, (h.input_arg,), capture)
         n = 0
         try:
             with torch.no_grad():
@@ -681,39 +677,7 @@ def _upper_bound(metric_k: float, per_batch: list[float], n: int) -> float:
 
 def input_pre_hook(h, fn, prepend: bool = False):
     """A forward pre-hook applying fn to a layer's input (every argument its handle names)."""
-    return _pre_hook(h.input_module, _inputs(h), fn, prepend)
-
-
-def _pre_hook(module: torch.nn.Module, handle_args: tuple[int | str, ...], fn, prepend: bool = False):
-    """A forward pre-hook applying fn to the module's inputs `handle_args` (positions or keywords).
-
-    One tensor passed as several arguments (self-attention's query, key and value) is
-    transformed once and passed on as one tensor, so `query is key` checks still hold.
-    """
-    try:
-        names = list(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        names = []
-    slots = [(a, a if isinstance(a, int) else (names.index(a) if a in names else None)) for a in handle_args]
-
-    def hook(mod, args, kwargs):
-        args, kwargs, memo = list(args), dict(kwargs), {}
-
-        def apply(x):
-            if not isinstance(x, torch.Tensor):
-                return x
-            if id(x) not in memo:
-                memo[id(x)] = fn(x)
-            return memo[id(x)]
-
-        for name, pos in slots:
-            if isinstance(name, str) and name in kwargs:
-                kwargs[name] = apply(kwargs[name])
-            elif pos is not None and pos < len(args):
-                args[pos] = apply(args[pos])
-        return tuple(args), kwargs
-
-    return module.register_forward_pre_hook(hook, with_kwargs=True, prepend=prepend)
+    return pre_hook(h.input_module, _inputs(h), fn, prepend)
 
 
 def _inputs(h) -> tuple[int | str, ...]:

@@ -75,7 +75,7 @@ from mpsearch.analysis import analyze
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import EvaluationError, InvalidConfigError
 from mpsearch.evaluator import Evaluator, QuantSettings, input_pre_hook
-from mpsearch.onnx_export import _import_onnx
+from mpsearch.onnx_export import import_onnx
 from mpsearch.result import SearchResult, dumps_strict
 from mpsearch.tasks import load_task
 from mpsearch.tasks.base import Batch, Task
@@ -395,7 +395,7 @@ def export_onnx(
     """
     from mpsearch.deploy.build import build
 
-    onnx, _ = _import_onnx()
+    onnx, _ = import_onnx()
     task = _load(task)
     prepared = _Prepared(task.model, config, task.calib_batches, None, None)
     try:

@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from hw_models import CostModel, HardwareProfile, LayerChoice, LayerSpec, Precision
-from hw_models.profiles import LayerTable
+from hw_models.profile import LayerTable
 from mpsearch.errors import InvalidConfigError
 from mpsearch.fit import fidelity, fit_roofline
 

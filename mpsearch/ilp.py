@@ -267,13 +267,13 @@ def _cost(layer_costs, fqn: str, c: LayerChoice, key: str) -> float:
 
 def _fsum(values, what: str) -> float:
     """math.fsum; finite values whose total exceeds the float range (a cost of 1e308 s: a hardware
-    profile built in code with a figure outside hw_models.profiles.FIGURE_BOUNDS) are a one-line
+    profile built in code with a figure outside hw_models.profile.FIGURE_BOUNDS) are a one-line
     InvalidConfigError naming the total, not an OverflowError."""
     try:
         return math.fsum(values)
     except OverflowError:
         raise InvalidConfigError(f"the {what} total of an allocation overflows a float: a per-layer figure is "
-                                 "out of range (see the profile bounds, hw_models.profiles.FIGURE_BOUNDS)") from None
+                                 "out of range (see the profile bounds, hw_models.profile.FIGURE_BOUNDS)") from None
 
 
 def _scale(v: np.ndarray) -> float:

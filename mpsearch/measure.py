@@ -32,6 +32,7 @@ layer) and `LayerProfile.kernels` names each layer's ops.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import statistics
@@ -51,9 +52,9 @@ from mpsearch.errors import MpsearchError
 from mpsearch.evaluator import Evaluator
 from mpsearch.onnx_export import (
     OrtRunner,
-    _import_onnx,
-    _import_ort,
-    _scope_fqn,
+    import_onnx,
+    import_ort,
+    scope_fqn,
     session_options,
 )
 from mpsearch.tasks.base import Batch, Task
@@ -70,6 +71,7 @@ __all__ = [
     "layer_latencies",
     "profile_layers",
     "time_interleaved",
+    "timing_number",
 ]
 
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -159,6 +161,20 @@ def build_session(
 
 
 # -- end-to-end latency -------------------------------------------------------------------------
+# Each timing is the median of at least this many back-to-back runs, and of enough runs to last
+# MIN_TIMING_S: the reference, timed twice as often, would otherwise run with warmer caches than
+# the configuration it is compared with, and a run of tens of microseconds is mostly timer noise.
+TIMING_NUMBER = 3
+MIN_TIMING_S = 2e-3
+
+
+def timing_number(runner: OrtRunner, batch: Batch) -> int:
+    """Back-to-back runs per timing (`time_interleaved`'s `number`) for this model: at least
+    TIMING_NUMBER, and enough to last MIN_TIMING_S."""
+    t = sorted(runner.time_batch(batch, repeats=3, warmup=True))[1]
+    return max(TIMING_NUMBER, math.ceil(MIN_TIMING_S / max(t, 1e-7)))
+
+
 def _time_once(runner: OrtRunner, batch: Batch, number: int) -> float:
     times = runner.time_batch(batch, repeats=number, warmup=False)
     return statistics.median(times)
@@ -255,8 +271,8 @@ def _source_info(source: onnx.ModelProto, fqns: Collection[str]) -> _SourceInfo:
 
     A layer's node is a Conv / Gemm / MatMul whose weight comes from an initializer named after it
     ("<fqn>.weight", "<fqn>.weight_quantized"), else whose scope name is the layer's
-    (`onnx_export._scope_fqn`: TorchScript's generated names for batch-norm-folded weights)."""
-    _, nh = _import_onnx()
+    (`onnx_export.scope_fqn`: TorchScript's generated names for batch-norm-folded weights)."""
+    _, nh = import_onnx()
     g = source.graph
     producers = {o: n for n in g.node for o in n.output}
     inits = {t.name: t for t in g.initializer}
@@ -271,7 +287,7 @@ def _source_info(source: onnx.ModelProto, fqns: Collection[str]) -> _SourceInfo:
         if w_chain[-1] not in inits:  # not a weight (attention's activation x activation MatMul)
             continue
         fqn = _match(_WEIGHT_NAME, w_chain[-1], fqns) or (
-            s if (s := _scope_fqn(n.name)) in fqns else None
+            s if (s := scope_fqn(n.name)) in fqns else None
         )
         if fqn is None:
             continue
@@ -372,7 +388,7 @@ def attribute_nodes(
     inits = {t.name: t for t in g.initializer}
     pending = [(pos, n) for pos, n in pending if any(i in inits and uses[i] == 1 for i in n.input[1:])]
     if pending:  # rule 4: by the values of a float weight
-        _, nh = _import_onnx()
+        _, nh = import_onnx()
         weights = {**_module_weights(analysis), **info.weights}
         nonzeros = {f: int(np.count_nonzero(w)) for f, w in weights.items()}
         prints: dict[str, np.ndarray] = {}  # computed when needed
@@ -451,7 +467,7 @@ class LayerProfile:
 def _profile_session(optimized: onnx.ModelProto, threads: int | None, prefix: str):
     """A profiling session of an already optimized graph: ORT does not optimize it again, so it
     runs exactly the runner's nodes and kernels (pre-packing happens at session start as usual)."""
-    ort = _import_ort()
+    ort = import_ort()
     so = session_options(threads, optimize=False)
     so.enable_profiling = True
     so.profile_file_prefix = prefix

@@ -2,8 +2,8 @@
 and an ONNX Runtime runner.
 
 `export_fp32(model, task)` exports the FP32 model (see "Exporter" below); mpsearch.deploy.build
-turns that graph into a configuration's deployed QDQ graph with the pieces here: `_Graph` reads
-it (each layer's Conv / Gemm / MatMul node and the initializer of its weight), `_Editor` adds
+turns that graph into a configuration's deployed QDQ graph with the pieces here: `Graph` reads
+it (each layer's Conv / Gemm / MatMul node and the initializer of its weight), `Editor` adds
 initializers and QuantizeLinear / DequantizeLinear nodes to it. `OrtRunner` runs a graph in ONNX
 Runtime and reports what its optimizer made of it (op counts, int8 kernels).
 
@@ -60,12 +60,21 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "DEFAULT_OPSET",
     "INT8_KERNEL_OPS",
+    "Editor",
+    "Graph",
     "OrtRunner",
+    "WeightSite",
     "count_int8_kernels",
     "count_ops",
     "default_weight_dtype",
     "export_fp32",
+    "find_sites",
     "fixed_sizes",
+    "import_onnx",
+    "import_ort",
+    "input_names",
+    "scope_fqn",
+    "set_nodes",
 ]
 
 DEFAULT_OPSET = 17
@@ -88,7 +97,8 @@ _INSTALL = "pip install onnx onnxruntime onnxscript (dependencies of mpsearch)"
 _FOLD_RTOL = 1e-4  # a folded weight must equal k_c * weight_c to this relative tolerance
 
 
-def _import_onnx():
+def import_onnx():
+    """(onnx, onnx.numpy_helper); MissingDependencyError, saying what to install, without onnx."""
     try:
         import onnx
         from onnx import numpy_helper
@@ -97,7 +107,8 @@ def _import_onnx():
     return onnx, numpy_helper
 
 
-def _import_ort():
+def import_ort():
+    """The onnxruntime module; MissingDependencyError, saying what to install, without it."""
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -113,7 +124,8 @@ def _as_tuple(x: Batch) -> tuple[torch.Tensor, ...]:
 EXPORTERS = ("torchscript", "dynamo")
 
 
-def _input_names(n: int) -> list[str]:
+def input_names(n: int) -> list[str]:
+    """The names `export_fp32` gives a model's `n` inputs: "input", or "input_0", "input_1", ..."""
     return ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
 
 
@@ -123,14 +135,14 @@ DYNAMIC_DIMS = ("batch", "all")
 def _export_fp32(
     model: nn.Module, example_input: Batch, opset: int, exporter: str, dynamic_dims: str
 ) -> onnx.ModelProto:
-    onnx, _ = _import_onnx()
+    onnx, _ = import_onnx()
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r} (known: {', '.join(EXPORTERS)})")
     if dynamic_dims not in DYNAMIC_DIMS:
         raise ValueError(f"unknown dynamic_dims {dynamic_dims!r} (known: {', '.join(DYNAMIC_DIMS)})")
     args = _as_tuple(example_input)
-    input_names = _input_names(len(args))
-    ndims = {name: (a.dim() if dynamic_dims == "all" else min(a.dim(), 1)) for name, a in zip(input_names, args)}
+    names = input_names(len(args))
+    ndims = {name: (a.dim() if dynamic_dims == "all" else min(a.dim(), 1)) for name, a in zip(names, args)}
     dynamic = {name: {d: "batch" if d == 0 else f"{name}_dim{d}" for d in range(n)} for name, n in ndims.items()}
     dynamic["output"] = {0: "batch"}
     was_training = model.training
@@ -146,7 +158,7 @@ def _export_fp32(
                     buf,
                     dynamo=False,
                     opset_version=opset,
-                    input_names=input_names,
+                    input_names=names,
                     output_names=["output"],
                     dynamic_axes=dynamic,
                     do_constant_folding=True,
@@ -154,14 +166,14 @@ def _export_fp32(
                 return onnx.load_from_string(buf.getvalue())
             dims = {"batch": torch.export.Dim("batch")}
             shapes = tuple(
-                {d: dims.setdefault(n, torch.export.Dim(n)) for d, n in dynamic[name].items()} for name in input_names
+                {d: dims.setdefault(n, torch.export.Dim(n)) for d, n in dynamic[name].items()} for name in names
             )
             program = torch.onnx.export(
                 model,
                 args,
                 dynamo=True,
                 opset_version=opset,
-                input_names=input_names,
+                input_names=names,
                 output_names=["output"],
                 dynamic_shapes=shapes,
                 verbose=False,
@@ -192,7 +204,7 @@ def export_fp32(model: nn.Module, example_input: Batch, *, dynamic_dims: str = "
     return _export_fp32(model, example_input, opset, exporter, dynamic_dims)
 
 
-def _scope_fqn(node_name: str) -> str | None:
+def scope_fqn(node_name: str) -> str | None:
     """The module fqn of a TorchScript-exported node name, e.g.
     "/features/features.3/conv/conv.0/conv.0.0/Conv" -> "features.3.conv.0.0"."""
     parts = [p for p in node_name.split("/") if p]
@@ -207,7 +219,9 @@ def _scope_fqn(node_name: str) -> str | None:
 
 
 @dataclass
-class _WeightSite:
+class WeightSite:
+    """A Conv / Gemm / MatMul node of an exported graph that consumes a weight initializer."""
+
     index: int  # position of the node in the graph
     node: Any  # onnx.NodeProto
     data_index: int  # input position of the activation
@@ -218,9 +232,12 @@ class _WeightSite:
     to_module: tuple[int, ...] | None  # permutation: node layout -> module layout (None: same)
 
 
-class _Graph:
+class Graph:
+    """An exported ONNX graph, read for editing: its nodes, initializers, the producer and the
+    consumer count of every value, and `sites`, every node that consumes a weight (WeightSite)."""
+
     def __init__(self, model: onnx.ModelProto):
-        _, self.nh = _import_onnx()
+        _, self.nh = import_onnx()
         self.model = model
         g = model.graph
         self.nodes = list(g.node)
@@ -263,7 +280,7 @@ class _Graph:
                 return None
         return None
 
-    def _sites(self) -> list[_WeightSite]:
+    def _sites(self) -> list[WeightSite]:
         sites = []
         for index, n in enumerate(self.nodes):
             if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
@@ -282,7 +299,7 @@ class _Graph:
                 if len(self.inits[init_name].dims) != 2:
                     continue
                 axis, perm = (0, None) if trans_b else (1, (1, 0))
-            sites.append(_WeightSite(index, n, 0, 1, init_name, transposed, axis, perm))
+            sites.append(WeightSite(index, n, 0, 1, init_name, transposed, axis, perm))
         return sites
 
     def reshape_chain_top(self, name: str) -> int | None:
@@ -295,12 +312,12 @@ class _Graph:
             i = self.producer.get(self.nodes[i].input[0])
         return top
 
-    def consumed(self, site: _WeightSite) -> np.ndarray:
+    def consumed(self, site: WeightSite) -> np.ndarray:
         """The weight as the node consumes it."""
         w = self.nh.to_array(self.inits[site.init_name])
         return w.T if site.transposed else w
 
-    def module_layout(self, site: _WeightSite) -> np.ndarray:
+    def module_layout(self, site: WeightSite) -> np.ndarray:
         w = self.consumed(site)
         return w if site.to_module is None else w.transpose(site.to_module)
 
@@ -320,7 +337,10 @@ def _channel_factors(folded: np.ndarray, w: np.ndarray) -> np.ndarray | None:
     return k
 
 
-def _find_sites(graph: _Graph, fqn: str, w: np.ndarray, claimed: set[int]) -> list[tuple[_WeightSite, np.ndarray]]:
+def find_sites(graph: Graph, fqn: str, w: np.ndarray, claimed: set[int]) -> list[tuple[WeightSite, np.ndarray]]:
+    """The node(s) of layer `fqn` (module weight `w`) among the sites not `claimed`, each with its
+    per-output-channel factor k (module doc, "Finding a layer's node"). Raises ValueError when the
+    initializer named after the layer does not match `w`, or the weight matches several nodes."""
     def matches(sites):
         out = []
         for s in sites:
@@ -336,7 +356,7 @@ def _find_sites(graph: _Graph, fqn: str, w: np.ndarray, claimed: set[int]) -> li
         if len(found) != len(by_name):
             raise ValueError(f"layer {fqn!r}: initializer {fqn}.weight does not match the module's weight")
         return found
-    by_scope = matches([s for s in free if _scope_fqn(s.node.name) == fqn])
+    by_scope = matches([s for s in free if scope_fqn(s.node.name) == fqn])
     if by_scope:
         return by_scope
     by_value = matches(free)
@@ -346,11 +366,11 @@ def _find_sites(graph: _Graph, fqn: str, w: np.ndarray, claimed: set[int]) -> li
     return by_value
 
 
-class _Editor:
+class Editor:
     """Collects the nodes and initializers an edit adds to a graph (mpsearch.deploy.build)."""
 
-    def __init__(self, graph: _Graph):
-        self.onnx, self.nh = _import_onnx()
+    def __init__(self, graph: Graph):
+        self.onnx, self.nh = import_onnx()
         self.graph = graph
         self.inits: list = []
         self.before: dict[int, list] = {}  # node position -> new nodes to insert before it
@@ -380,7 +400,7 @@ class _Editor:
         consumer.input[index] = xdq
         self.insert(position, [qn, dqn])
 
-    def bias(self, site: _WeightSite, fqn: str, act_scale: float, w_scale: np.ndarray) -> None:
+    def bias(self, site: WeightSite, fqn: str, act_scale: float, w_scale: np.ndarray) -> None:
         """An int32 bias (scale act_scale * w_scale, zero point 0) + DequantizeLinear, as ORT makes it
         for a Conv / Gemm followed by a QuantizeLinear; done here so that a layer whose output stays
         float (the last one) is fused too. Nothing for a bias that is not a float initializer."""
@@ -408,12 +428,12 @@ class _Editor:
             ordered.extend(self.before.get(i, ()))
             ordered.append(n)
             ordered.extend(self.after.get(i, ()))
-        _set_nodes(g, ordered)
+        set_nodes(g, ordered)
         g.initializer.extend(self.inits)
         _prune(g)
 
 
-def _set_nodes(g, nodes: list) -> None:
+def set_nodes(g, nodes: list) -> None:
     """Replace the graph's nodes by `nodes` (copied first: some may be the graph's own)."""
     copies = []
     for n in nodes:
@@ -433,7 +453,7 @@ def _prune(g) -> None:
                 or any(o in used for o in n.output)]
         if len(keep) == len(g.node):
             break
-        _set_nodes(g, keep)
+        set_nodes(g, keep)
     used = {i for n in g.node for i in n.input} | outputs
     keep_inits = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
@@ -459,7 +479,7 @@ def session_options(threads: int | None, optimize: bool = True):
     several sessions in one process, as when configurations are timed interleaved, each idle
     session's workers otherwise spin on and take the cores from the session being timed (here,
     mobilenet_v2 at 2 threads: 15-21 ms instead of 7, and identical sessions 10-50% apart)."""
-    ort = _import_ort()
+    ort = import_ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -485,8 +505,8 @@ class OrtRunner:
     """
 
     def __init__(self, model: onnx.ModelProto, threads: int | None = 1, optimize: bool = True):
-        onnx, _ = _import_onnx()
-        ort = _import_ort()
+        onnx, _ = import_onnx()
+        ort = import_ort()
         so = session_options(threads, optimize)
         self.threads = threads
         with tempfile.TemporaryDirectory(prefix="mpsearch-ort-") as d:
@@ -502,7 +522,7 @@ class OrtRunner:
 
     def _feed(self, inputs: Batch) -> dict[str, np.ndarray]:
         args = _as_tuple(inputs)
-        names = _input_names(len(args))
+        names = input_names(len(args))
         return {n: a.detach().cpu().contiguous().numpy() for n, a in zip(names, args) if n in self.input_names}
 
     def run(self, inputs: Batch) -> torch.Tensor:

@@ -47,14 +47,6 @@ PLOT_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions":
 FIGURES = ("pareto", "precision_map", "latency_breakdown", "history", "verification")
 
 
-def layer_breakdown(cost_model, record: TrialRecord) -> list[dict[str, Any]]:
-    """Per-layer latency of a trial's configuration on the cost model's target."""
-    return [{"fqn": c.fqn, "latency_us": c.latency_s * 1e6, "transition_us": c.transition_s * 1e6,
-             "compute": c.compute, "bound": c.bound if c.supported else "unsupported",
-             "precision": f"{c.choice.weight}/{c.choice.activation}"}
-            for c in cost_model.breakdown(record.config)]
-
-
 def _load(out_dir: Path) -> tuple[SearchResult, dict | None]:
     path = out_dir / "result.json"
     if not path.exists():

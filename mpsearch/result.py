@@ -368,3 +368,13 @@ def speedup(fp32_latency_ms: float | None, latency_ms: float | None) -> float | 
     if not fp32_latency_ms or not latency_ms or not math.isfinite(latency_ms) or latency_ms <= 0:
         return None
     return fp32_latency_ms / latency_ms
+
+
+def layer_breakdown(cost_model, record: TrialRecord) -> list[dict[str, Any]]:
+    """Per-layer latency of a trial's configuration on the cost model's target: the rows of
+    result.json's settings["breakdown"] and of each compare.json target's "breakdown" (what the
+    report's latency_breakdown figure draws)."""
+    return [{"fqn": c.fqn, "latency_us": c.latency_s * 1e6, "transition_us": c.transition_s * 1e6,
+             "compute": c.compute, "bound": c.bound if c.supported else "unsupported",
+             "precision": f"{c.choice.weight}/{c.choice.activation}"}
+            for c in cost_model.breakdown(record.config)]

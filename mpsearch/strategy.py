@@ -19,7 +19,6 @@ from pathlib import Path
 
 from hw_models import Candidate, CostModel
 from mpsearch.controller import Budgets
-from mpsearch.defaults import STRATEGIES
 from mpsearch.errors import InvalidConfigError
 from mpsearch.evaluator import Evaluator
 from search_spaces import SearchSpace
@@ -40,8 +39,8 @@ class Plan:
 
 
 def check_strategy(strategy: str, space: SearchSpace, exhaustive_limit: int) -> None:
-    if strategy not in STRATEGIES:
-        raise InvalidConfigError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    """The exhaustive strategy enumerates at most `exhaustive_limit` candidates (a strategy's name
+    is checked with the other options: mpsearch.options.SearchOptions)."""
     if strategy == "exhaustive" and space.size > exhaustive_limit:
         raise InvalidConfigError(
             f"the space has {space.size:.4g} candidates (10^{space.log10_size:.1f}), over the exhaustive "

@@ -48,263 +48,23 @@ import numpy as np
 import torch
 
 from hw_models import Candidate, LayerChoice, Precision
-from hw_models.graph import DeployGraph, GraphNode, Plan, Point
+from hw_models.graph import Plan
 from mpsearch.errors import EvaluationError, InvalidConfigError, MpsearchError
-from mpsearch.onnx_export import (
-    _Editor,
-    _find_sites,
-    _Graph,
-    _import_onnx,
-    _import_ort,
-    _set_nodes,
-    _WeightSite,
-    default_weight_dtype,
-)
+from mpsearch.onnx_export import Editor, Graph, WeightSite, default_weight_dtype, import_onnx, set_nodes
+from mpsearch.onnx_graph import find_layer_sites, graph_nodes, read_graph
 from mpsearch.quant import int_range, resolve_clipping, weight_qparams
-from mpsearch.tasks.base import Batch
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
-    from torch import nn
 
     from mpsearch.evaluator import Evaluator
 
+# find_layer_sites, graph_nodes and read_graph read the FP32 graph: they live in mpsearch.onnx_graph
+# (which the evaluator imports); importing them from here still works.
 __all__ = ["INT4_OPSET", "Deployment", "build", "find_layer_sites", "graph_nodes", "read_graph", "weight_ints"]
 
 INT4_OPSET = 21
 INT4_MAX_BITS = 4  # integer weights of this many bits and fewer are stored as INT4
-_FLOAT = 1  # onnx.TensorProto.FLOAT
-_MATCH_RTOL = 1e-3  # a module output matches a graph tensor within this share of the tensor's max
-_MATCH_SAMPLES = 2  # example samples compared
-
-
-# -- reading the FP32 graph ------------------------------------------------------------------
-def find_layer_sites(graph: _Graph, model: nn.Module, fqns) -> dict[str, list[tuple[_WeightSite, np.ndarray]]]:
-    """Each layer's Conv / Gemm / MatMul node(s) in the exported graph, with the per-channel factor
-    between the node's weight and the module's (1 unless the exporter folded a batch norm)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    claimed: set[int] = set()
-    out = {}
-    for fqn in fqns:
-        w = params.get(f"{fqn}.weight")
-        if w is None:
-            continue
-        found = _find_sites(graph, fqn, w.detach().to(torch.float32).numpy(), claimed)
-        claimed.update(s.index for s, _ in found)
-        if found:
-            out[fqn] = found
-    return out
-
-
-def read_layout(proto: onnx.ModelProto, model: nn.Module, fqns) -> dict[str, Any]:
-    """What every deployed graph made from this FP32 graph shares: "channels" (tensor -> size of
-    dimension 1) and "sites" (layer -> [(node position, factor k)] of its Conv / Gemm / MatMul
-    nodes); `build` reads it once per model (Evaluator.fp32_layout)."""
-    graph = _Graph(proto)
-    sites = find_layer_sites(graph, model, fqns)
-    return {"channels": _channels(proto),
-            "sites": {f: [(s.index, k) for s, k in found] for f, found in sites.items()}}
-
-
-def _float_values(proto: onnx.ModelProto) -> set[str]:
-    """Names of the float tensors computed by the graph (not initializers or constants)."""
-    onnx, _ = _import_onnx()
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    g = inferred.graph
-    floats = {v.name for v in [*g.value_info, *g.input, *g.output] if v.type.tensor_type.elem_type == _FLOAT}
-    constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    return floats - constants
-
-
-def _channels(proto: onnx.ModelProto) -> dict[str, int]:
-    """Tensor -> size of dimension 1, where shape inference knows it."""
-    return {t: dims[0] for t, dims in _sample_shapes(proto).items() if dims and dims[0] is not None}
-
-
-def _sample_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Tensor -> its dimensions after the batch dimension (None where shape inference does not
-    know one)."""
-    onnx, _ = _import_onnx()
-    g = onnx.shape_inference.infer_shapes(proto).graph
-    return {v.name: [int(d.dim_value) if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim[1:]]
-            for v in [*g.value_info, *g.input, *g.output]}
-
-
-def _elems(proto: onnx.ModelProto) -> dict[str, int]:
-    """Tensor -> elements per sample, where every dimension after the batch one is known."""
-    out = {}
-    for t, dims in _sample_shapes(proto).items():
-        if None not in dims:
-            n = 1
-            for d in dims:
-                n *= d
-            out[t] = n
-    return out
-
-
-def graph_nodes(proto: onnx.ModelProto, model: nn.Module, fqns) -> list[GraphNode]:
-    """The nodes of an FP32 export with a float output, their float data inputs (a layer's data
-    input first) and the layer each one is (layers with exactly one node)."""
-    graph = _Graph(proto)
-    sites = find_layer_sites(graph, model, fqns)
-    single = {found[0][0].index: fqn for fqn, found in sites.items() if len(found) == 1}
-    floats = _float_values(proto)
-    nodes = []
-    for i, n in enumerate(proto.graph.node):
-        if not n.output or n.output[0] not in floats:
-            continue
-        inputs = [t for t in n.input if t in floats]
-        layer = single.get(i)
-        if layer is not None:
-            data = n.input[sites[layer][0][0].data_index]
-            inputs = [data] + [t for t in inputs if t != data]
-        nodes.append(GraphNode(n.name, n.op_type, tuple(inputs), n.output[0], layer))
-    return nodes
-
-
-def read_graph(proto: onnx.ModelProto, model: nn.Module, example_input: Batch, handles: Mapping[str, Any],
-               fqns) -> DeployGraph:
-    """The DeployGraph of an FP32 export of `model`: its nodes, and a hook point for every tensor
-    the rule may quantize, found by comparing values on the first example samples (module doc of
-    hw_models.graph)."""
-    nodes = graph_nodes(proto, model, fqns)
-    outputs = [o.name for o in proto.graph.output]
-    skeleton = DeployGraph(nodes, outputs, {})
-    wanted = skeleton.candidates()
-    layer_inputs = {f: skeleton.sites[f].inputs[0] for f in skeleton.sites if handles[f].input_module is not None}
-    values = _ort_values(proto, example_input, set(wanted) | set(layer_inputs.values()))
-    hooked = _hooked_inputs(model, example_input, handles, layer_inputs, values)
-    points: dict[str, Point] = {}
-    need_module = []
-    for t in wanted:
-        layers, other = skeleton.readers(t)
-        if layers and not other and all(f in hooked for f in layers):
-            points[t] = Point("in", tuple(dict.fromkeys(layers)))
-        else:
-            need_module.append(t)
-    for t, module in _module_outputs(model, example_input, {t: values[t] for t in need_module if t in values}).items():
-        points[t] = Point("out", (module,))
-    missing = [t for t in wanted if t not in points]
-    note = f"{len(missing)} tensors have no hook point: {', '.join(missing[:5])}" if missing else ""
-    elems = _elems(proto)
-    return DeployGraph(nodes, outputs, points, note, {t: elems[t] for n in nodes for t in (n.output, *n.inputs)
-                                                       if t in elems})
-
-
-def deploy_graph_of(task, analysis, fold: bool = True) -> DeployGraph | None:
-    """The deployed graph of a task's model without an Evaluator (batch norms folded as the
-    evaluator folds them): for pricing alone (`mpsearch profile`). None when the model cannot be
-    exported to ONNX (the cost model then prices conversions along the chain of layers)."""
-    from mpsearch.folding import fold_batchnorm, remap_handles
-    from mpsearch.onnx_export import export_fp32, fixed_sizes
-
-    try:
-        model, _ = fold_batchnorm(task.model) if fold else (task.model, [])
-        handles = remap_handles(analysis.handles, task.model, model)
-        proto = export_fp32(model, task.example_input, dynamic_dims="batch" if fixed_sizes(task) else "all")
-        return read_graph(proto, model, task.example_input, handles, analysis.fqns)
-    except Exception:  # noqa: BLE001 - pricing falls back to the chain of layers
-        return None
-
-
-def _first(batch: Batch, n: int) -> Batch:
-    return tuple(x[:n] for x in batch) if isinstance(batch, tuple) else batch[:n]
-
-
-def _ort_values(proto: onnx.ModelProto, example_input: Batch, names: set[str]) -> dict[str, np.ndarray]:
-    """The values of graph tensors `names` on the first example samples, by ONNX Runtime."""
-    onnx, _ = _import_onnx()
-    ort = _import_ort()
-    from mpsearch.onnx_export import _input_names, session_options
-
-    probe = type(proto)()
-    probe.CopyFrom(proto)
-    have = {o.name for o in probe.graph.output}
-    order = sorted(names - have)
-    for name in order:
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    so = session_options(None, optimize=False)
-    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    args = _first(example_input, _MATCH_SAMPLES)
-    args = args if isinstance(args, tuple) else (args,)
-    feed_names = {i.name for i in session.get_inputs()}
-    feed = {n: a.detach().cpu().contiguous().numpy() for n, a in zip(_input_names(len(args)), args) if n in feed_names}
-    wanted = [n for n in [o.name for o in probe.graph.output] if n in names]
-    out = session.run(wanted, feed)
-    return dict(zip(wanted, out))
-
-
-def _close(a: torch.Tensor, ref: np.ndarray) -> bool:
-    if a.numel() != ref.size or ref.size == 0:
-        return False
-    b = torch.from_numpy(np.ascontiguousarray(ref)).reshape(-1).to(torch.float32)
-    a = a.detach().reshape(-1).to(torch.float32)
-    tol = _MATCH_RTOL * float(b.abs().max()) + 1e-6
-    return float((a - b).abs().max()) <= tol
-
-
-def _run_hooked(model: nn.Module, example_input: Batch, hooks: list) -> None:
-    """The model on the first example samples, then its `hooks` removed."""
-    from mpsearch.tasks.base import run_model
-
-    try:
-        with torch.no_grad():
-            run_model(model, _first(example_input, _MATCH_SAMPLES))
-    finally:
-        for hk in hooks:
-            hk.remove()
-
-
-def _hooked_inputs(model: nn.Module, example_input: Batch, handles: Mapping[str, Any],
-                   layer_inputs: Mapping[str, str], values: Mapping[str, np.ndarray]) -> set[str]:
-    """Layers whose input hook sees exactly the graph's data input of their node."""
-    from mpsearch.evaluator import _pre_hook
-
-    seen: dict[str, torch.Tensor] = {}
-    hooks = []
-    for f in layer_inputs:
-        h = handles[f]
-
-        def grab(x, f=f):
-            seen.setdefault(f, x.detach().clone())
-            return x
-
-        hooks.append(_pre_hook(h.input_module, (h.input_arg,), grab))
-    _run_hooked(model, example_input, hooks)
-    return {f for f, t in layer_inputs.items() if f in seen and t in values and _close(seen[f], values[t])}
-
-
-def _module_outputs(model: nn.Module, example_input: Batch, values: Mapping[str, np.ndarray]) -> dict[str, str]:
-    """Tensor -> the module whose output it is (values compared; the innermost module, the last
-    to return it among siblings; modules called more than once are not used)."""
-
-    if not values:
-        return {}
-    by_shape: dict[tuple[int, ...], list[str]] = {}
-    for t, v in values.items():
-        by_shape.setdefault(tuple(v.shape), []).append(t)
-    calls: dict[str, int] = {}
-    matches: dict[str, list[tuple[int, str]]] = {t: [] for t in values}
-    order = [0]
-    hooks = []
-    for name, m in model.named_modules():
-        def after(mod, args, out, name=name):
-            calls[name] = calls.get(name, 0) + 1
-            order[0] += 1
-            if isinstance(out, torch.Tensor):
-                for t in by_shape.get(tuple(out.shape), ()):
-                    if _close(out, values[t]):
-                        matches[t].append((order[0], name))
-        hooks.append(m.register_forward_hook(after))
-    _run_hooked(model, example_input, hooks)
-    out = {}
-    for t, found in matches.items():
-        names = {n for _, n in found if calls.get(n) == 1}
-        inner = [(o, n) for o, n in found if n in names
-                 and not any(other != n and (n == "" or other.startswith(n + ".")) for other in names)]
-        if inner:
-            out[t] = max(inner)[1]
-    return out
 
 
 # -- building a deployed graph ---------------------------------------------------------------
@@ -356,14 +116,14 @@ def weight_ints(evaluator: Evaluator, fqn: str, precision: Precision) -> tuple[t
     return ints.to(torch.int8), per_channel.to(torch.float32).contiguous()
 
 
-class _Builder(_Editor):
+class _Builder(Editor):
     """The edits that turn the FP32 graph into a deployed one (module doc)."""
 
-    def __init__(self, graph: _Graph):
+    def __init__(self, graph: Graph):
         super().__init__(graph)
         self.float_inputs: list[tuple[int, int]] = []  # (node position, data input) of float layers
 
-    def int_weight(self, site: _WeightSite, fqn: str, ints: torch.Tensor, scale: torch.Tensor, k: np.ndarray,
+    def int_weight(self, site: WeightSite, fqn: str, ints: torch.Tensor, scale: torch.Tensor, k: np.ndarray,
                    weight_dtype: str) -> np.ndarray:
         """Feed the site's node integer weights through a per-channel DequantizeLinear; returns the
         scales (per output channel, the folding factor k included)."""
@@ -461,7 +221,7 @@ def build(
     Raises InvalidConfigError for what ONNX QDQ cannot express (an activation other than int8 or
     fp32, int16 or group-wise weights), MpsearchError when the model has no deploy graph.
     """
-    onnx, _ = _import_onnx()
+    onnx, _ = import_onnx()
     if weight_dtype == "auto":
         weight_dtype = default_weight_dtype()
     if weight_dtype not in ("int8", "uint8"):
@@ -479,7 +239,7 @@ def build(
     proto.CopyFrom(evaluator.fp32_onnx)
     layout = evaluator.fp32_layout
     channels = layout["channels"]
-    graph = _Graph(proto)
+    graph = Graph(proto)
     by_index = {s.index: s for s in graph.sites}
     sites = {f: [(by_index[i], k) for i, k in found] for f, found in layout["sites"].items()}
     b = _Builder(graph)
@@ -549,7 +309,7 @@ def build(
     return dep
 
 
-def _edge_qdq(b: _Builder, site: _WeightSite, fqn: str, scale: float, zero: int) -> None:
+def _edge_qdq(b: _Builder, site: WeightSite, fqn: str, scale: float, zero: int) -> None:
     """Q -> DQ on a layer's own input (and before the reshapes feeding it, with the same
     parameters: a no-op on values already on the grid, so that the producer fuses with it)."""
     s, z = b.act(f"{fqn}.input", scale, zero)
@@ -559,7 +319,7 @@ def _edge_qdq(b: _Builder, site: _WeightSite, fqn: str, scale: float, zero: int)
         b.input_qdq(top, 0, f"{fqn}.input_source", s, z)
 
 
-def _add_bias(b: _Builder, site: _WeightSite, fqn: str, value: np.ndarray, k: np.ndarray) -> None:
+def _add_bias(b: _Builder, site: WeightSite, fqn: str, value: np.ndarray, k: np.ndarray) -> None:
     """bias += value (in the module's units, times the folding factor k of the node's weight)."""
     node = site.node
     v = (value * k).astype(np.float32)
@@ -580,7 +340,7 @@ def _add_bias(b: _Builder, site: _WeightSite, fqn: str, value: np.ndarray, k: np
     b.graph.inits[name] = b.inits[-1]
 
 
-def _set_float_weight(b: _Builder, site: _WeightSite, weight: torch.Tensor, k: np.ndarray) -> None:
+def _set_float_weight(b: _Builder, site: WeightSite, weight: torch.Tensor, k: np.ndarray) -> None:
     w = weight.detach().to(torch.float32).contiguous().numpy()
     w = w * k.reshape((-1,) + (1,) * (w.ndim - 1)).astype(np.float32)
     if site.to_module is not None:
@@ -602,7 +362,7 @@ def _store_int4(proto: onnx.ModelProto, fqns: set[str]) -> tuple[onnx.ModelProto
     """The model at opset INT4_OPSET with the integer weights of `fqns` stored as INT4 and widened
     by Cast(to=INT8) before their DequantizeLinear; (the model unchanged, False) where the opset
     converter cannot convert it."""
-    onnx, nh = _import_onnx()
+    onnx, nh = import_onnx()
     from onnx import version_converter
 
     try:
@@ -631,7 +391,7 @@ def _store_int4(proto: onnx.ModelProto, fqns: set[str]) -> tuple[onnx.ModelProto
     kept = [t for t in g.initializer if t.name not in replaced]
     del g.initializer[:]
     g.initializer.extend([*kept, *replaced.values()])
-    _set_nodes(g, nodes)
+    set_nodes(g, nodes)
     onnx.checker.check_model(out)
     return out, True
 

@@ -23,8 +23,6 @@ now (its evaluator fingerprint differs) is refused.
 
 from __future__ import annotations
 
-import platform
-import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -33,33 +31,13 @@ from typing import Any
 
 from hw_models import Candidate, LayerChoice, Precision
 from mpsearch.errors import InvalidConfigError
+from mpsearch.host import cpu_info
 
 __all__ = ["VERIFY_SCHEMA", "cpu_info", "measure_candidates", "verify"]
 
 VERIFY_SCHEMA = "mpsearch.verify/1"
-CPU_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
-                "amx_bf16", "asimd", "asimddp", "i8mm", "sve")
 DEFAULT_TOP = 3
 DEFAULT_ROUNDS = 7
-
-
-def cpu_info() -> dict[str, Any]:
-    """This machine: host name, CPU model, the CPU features int8 kernels depend on, cores."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "Processor", "CPU part") and model in ("", platform.machine(), platform.processor()):
-                model = value.strip() or model
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    import os
-
-    return {"host": socket.gethostname(), "cpu": model, "machine": platform.machine(),
-            "features": [f for f in CPU_FEATURES if f in flags], "cores": os.cpu_count()}
 
 
 def measure_candidates(
@@ -86,11 +64,11 @@ def measure_candidates(
     from mpsearch import metrics
     from mpsearch.analysis import analyze
     from mpsearch.cache import cache_dir
-    from mpsearch.calibrate import first_samples, timing_number
     from mpsearch.deploy.build import build
     from mpsearch.evaluator import Evaluator, QuantSettings
-    from mpsearch.measure import ConfigRunner, time_interleaved
+    from mpsearch.measure import ConfigRunner, time_interleaved, timing_number
     from mpsearch.tasks import load_task
+    from mpsearch.tasks.base import first_samples
 
     task = load_task(task_ref) if isinstance(task_ref, str) else task_ref
     analysis = analyze(task.model, task.example_input)

@@ -25,6 +25,13 @@ def run_model(model: nn.Module, inputs: Batch) -> torch.Tensor:
     return model(inputs)
 
 
+def first_samples(batch: Batch, n: int) -> Batch:
+    """The first `n` samples of a batch (of each of its tensors, for a tuple)."""
+    if isinstance(batch, tuple):
+        return tuple(x[:n] for x in batch)
+    return batch[:n]
+
+
 @dataclass
 class Task:
     """Everything a search needs to score a configuration.

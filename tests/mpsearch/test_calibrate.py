@@ -82,7 +82,7 @@ def test_calibrate_command_writes_a_profile_that_works_as_a_target(tmp_path, cap
     assert not any(">" in k or "@" in k for e in table.layers.values() for k in e)
     assert prof.quantize_bytes_per_elem is not None and prof.dequantize_bytes_per_elem is not None
     # pricing sums the layers' measured times, the non-layer time and the graph's conversions
-    from mpsearch.deploy.build import deploy_graph_of
+    from mpsearch.onnx_graph import deploy_graph_of
     from mpsearch.tasks import load_task
 
     task = load_task("digits")
