@@ -8,18 +8,14 @@ import json
 import math
 import os
 import re
-import sqlite3
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
 
 from hw_models import (
     Candidate,
@@ -32,8 +28,8 @@ from hw_models import (
 )
 from hw_models.profile_file import ProfileFileError
 from mpsearch.analysis import analyze
-from mpsearch.cache import append_bytes, cache_dir
-from mpsearch.controller import Budgets, Heartbeats, has_record, make_sampler, record_of, run_search
+from mpsearch.cache import cache_dir
+from mpsearch.controller import Budgets, Heartbeats, make_sampler, run_search
 from mpsearch.defaults import (
     COMPARE_OBJECTIVES,
     DEFAULT_BACKEND,
@@ -53,20 +49,25 @@ from mpsearch.defaults import (
 from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError, UnknownTargetError
 from mpsearch.evaluator import ADAROUND_MAX_BITS, Evaluator, QuantSettings
 from mpsearch.ilp import cost_table, solve_allocation
-from mpsearch.objectives import MB, OBJECTIVES, reference_point
+from mpsearch.objectives import MB, reference_point
 from mpsearch.options import SearchOptions, parse_precisions
 from mpsearch.outlock import OutputLock
 from mpsearch.result import SearchResult, layer_breakdown
 from mpsearch.selection import drop_budget, is_proportion, n_eval_samples
+from mpsearch.storage import (
+    LAUNCH_ATTR,
+    default_storage,
+    make_storage,
+    open_study,
+    pick_study,
+    redact,
+    sqlalchemy_errors,
+)
 from mpsearch.strategy import check_strategy
 from mpsearch.strategy import plan as make_plan
 from mpsearch.tasks import Task, load_task, task_ref, trusted_task
 from mpsearch.tracking import Tracker
 from search_spaces import SearchSpace, SpaceError
-
-LAUNCH_ATTR = "mpsearch.launch"  # a study's search options, for the workers that join it
-HEARTBEAT_S = 5  # shared RDB storages: a running trial's heartbeat interval
-HEARTBEAT_GRACE_S = 20  # and how long without one before the trial counts as dead
 
 
 def resolve_target(target: str | HardwareProfile) -> HardwareProfile:
@@ -256,8 +257,6 @@ def search(
     sampler_obj = make_sampler(sampler, seed, n_trials)
     if "energy" in objectives and not profile.energy_pj_per_mac:
         raise InvalidConfigError(f"objective energy: target {profile.name} has no energy figures")
-    wp = parse_precisions(options.weight_precisions, "weight")
-    ap = parse_precisions(options.activation_precisions, "activation")
     if backend == "ray":
         from mpsearch.executors.ray_executor import preflight
 
@@ -274,21 +273,7 @@ def search(
     drop = drop_budget(max_drop, task_obj.fp32_metric, task_obj.metric_name, n_samples,
                        is_proportion(task_obj.metric_fn, task_obj.metric_name, task_obj.fp32_metric))
 
-    analysis = analyze(task_obj.model, task_obj.example_input)
-    if analysis.unsupported:
-        names = ", ".join(f"{u.fqn} ({u.type_name}: {u.reason})" for u in analysis.unsupported[:5])
-        more = f" and {len(analysis.unsupported) - 5} more" if len(analysis.unsupported) > 5 else ""
-        print(f"mpsearch: left at fp32, not searched: {names}{more}", file=sys.stderr)
-    fp32_act = [f for f, h in analysis.handles.items() if h.input_module is None]
-    try:
-        unreduced = SearchSpace(analysis.layers, profile, wp, ap, fp32_activation_layers=fp32_act)
-        pin_map = _pins(unreduced, pins, pin_first_last)
-        space = SearchSpace(analysis.layers, profile, wp, ap, fp32_activation_layers=fp32_act,
-                            ties=[*shared_weight_ties(analysis), *ties], pins=pin_map)
-    except SpaceError as e:
-        raise InvalidConfigError(str(e)) from None
-    check_strategy(strategy, space, exhaustive_limit)
-    cost_model = CostModel(analysis.layers, profile, batch_size=batch_size)
+    analysis, space, cost_model, fp32_act = setup_space(task_obj, profile, options)
     # the FP32 model's cost (None where the target cannot run fp32, e.g. an integer accelerator)
     fp32 = cost_model.price(Candidate.uniform(space.fqns, Precision.FP32, Precision.FP32))
     cheapest = check_budgets(space, cost_model, budgets)
@@ -350,7 +335,7 @@ def search(
             "early_stop": early_stop,
             "objectives": list(objectives),
             "hv_reference": reference_point(objectives, task_obj.fp32_metric, cost_upper_bounds(space, cost_model)),
-            "storage": _redact(storage_url),
+            "storage": redact(storage_url),
             "study_name": study_name,
             "out_dir": str(out),
             "resumed_trials": len(previous),
@@ -434,6 +419,31 @@ def search(
         leftovers.remove(error, result)
 
 
+def setup_space(task: Task, profile: HardwareProfile, options: SearchOptions):
+    """(analysis, space, cost model, layers whose input stays fp32) of `task` on `profile`: the
+    model's quantizable layers, each with the precision pairs the target runs among those the
+    options allow, tied (shared weights, options.ties) and pinned (options.pins, pin_first_last);
+    InvalidConfigError when no space is left or the exhaustive strategy cannot enumerate it. The
+    layers left at fp32 (unsupported modules) are said on stderr."""
+    analysis = analyze(task.model, task.example_input)
+    if analysis.unsupported:
+        names = ", ".join(f"{u.fqn} ({u.type_name}: {u.reason})" for u in analysis.unsupported[:5])
+        more = f" and {len(analysis.unsupported) - 5} more" if len(analysis.unsupported) > 5 else ""
+        print(f"mpsearch: left at fp32, not searched: {names}{more}", file=sys.stderr)
+    fp32_act = [f for f, h in analysis.handles.items() if h.input_module is None]
+    wp = parse_precisions(options.weight_precisions, "weight")
+    ap = parse_precisions(options.activation_precisions, "activation")
+    try:
+        unreduced = SearchSpace(analysis.layers, profile, wp, ap, fp32_activation_layers=fp32_act)
+        pin_map = _pins(unreduced, options.pins, options.pin_first_last)  # the pairs each pinned layer has
+        space = SearchSpace(analysis.layers, profile, wp, ap, fp32_activation_layers=fp32_act,
+                            ties=[*shared_weight_ties(analysis), *options.ties], pins=pin_map)
+    except SpaceError as e:
+        raise InvalidConfigError(str(e)) from None
+    check_strategy(options.strategy, space, options.exhaustive_limit)
+    return analysis, space, CostModel(analysis.layers, profile, batch_size=options.batch_size), fp32_act
+
+
 def int8_reference(result: SearchResult, cost_model: CostModel, evaluator: Evaluator,
                    fp32_activation_layers: Sequence[str] = ()) -> dict[str, float | None]:
     """Uniform int8 as a reference beside FP32 (result.json's reference.int8_*): every layer at
@@ -484,7 +494,7 @@ def join_study(storage: str, study_name: str | None = None, *, out_dir: str | os
         store = make_storage(storage)
         study_name = pick_study(store, study_name, "no study yet: start one with mpsearch search ... --storage URL")
     except (ImportError, ValueError, sqlalchemy_errors()) as e:
-        raise InvalidConfigError(f"cannot open the study storage {_redact(storage)}: {type(e).__name__}: "
+        raise InvalidConfigError(f"cannot open the study storage {redact(storage)}: {type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
     launch = optuna.load_study(study_name=study_name, storage=store).user_attrs.get(LAUNCH_ATTR)
     if not launch or not launch.get("task"):
@@ -555,173 +565,6 @@ def space_signature(space: SearchSpace) -> str:
     blob = json.dumps({"layers": d["layers"], "ties": d["ties"], "pins": d["pins"]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16] + f" (10^{space.log10_size:.2f} candidates, " \
         f"weights {','.join(d['weight_precisions'])}, activations {','.join(d['activation_precisions'])})"
-
-
-def metric_names(objectives: Sequence[str], metric_name: str) -> list[str]:
-    """The study's objective names, as a dashboard shows them: the task's metric name, then each
-    cost under its result.json name (latency_ms, weight_bytes, ...)."""
-    return [metric_name if o == "metric" else OBJECTIVES[o].attr for o in objectives]
-
-
-def open_study(storage_url: str, study_name: str | None, resume: bool, sampler, identity: dict,
-               objectives: Sequence[str], metric_name: str, space: SearchSpace, default_name: str,
-               retries: int | None = None, launch: dict | None = None):
-    """(study, name, previous TrialRecords, storage): a new study, or on resume the stored one
-    after checking it searches the same task, target, space and objectives. The study's objectives
-    are named (metric_names). retries: the storage is shared by several processes (see
-    make_storage); launch: what `mpsearch worker` needs to join a new study (stored as the
-    LAUNCH_ATTR user attribute)."""
-    directions = [OBJECTIVES[o].direction for o in objectives]
-    names = metric_names(objectives, metric_name)
-    try:
-        if resume:
-            for prefix in ("sqlite:///", "journal:///"):
-                if storage_url.startswith(prefix) and not Path(storage_url.removeprefix(prefix)).exists():
-                    raise InvalidConfigError(f"nothing to resume: {storage_url.removeprefix(prefix)} does not exist")
-        store = make_storage(storage_url, retries)
-        if resume:
-            study_name = pick_study(store, study_name, "nothing to resume: the storage holds no study")
-            study = optuna.load_study(study_name=study_name, storage=store, sampler=sampler)
-            stored = study.user_attrs.get("mpsearch")
-            if stored is None and not study.get_trials(deepcopy=False):
-                # its search was killed between creating it and recording what it searches: start it over
-                _name_objectives(study, names)
-                study.set_user_attr("mpsearch", identity)
-                if launch is not None:
-                    study.set_user_attr(LAUNCH_ATTR, launch)
-                return study, study_name, [], store
-            stored = stored or {}
-            differs = [f"{k}: stored {stored.get(k)!r}, this run {v!r}" for k, v in identity.items()
-                       if stored.get(k) != v]
-            if differs:
-                raise InvalidConfigError(f"cannot resume study {study_name!r}, it differs in " + "; ".join(differs))
-            previous = [record_of(t, space) for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-                        if has_record(t) and t.state in (TrialState.COMPLETE, TrialState.FAIL)]
-            if study.metric_names is None:  # a study made before its objectives were named
-                _name_objectives(study, names)
-            return study, study_name, previous, store
-        if study_name is None:
-            study_name = f"{default_name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        try:
-            study = optuna.create_study(study_name=study_name, storage=store, sampler=sampler,
-                                        directions=directions)
-        except optuna.exceptions.DuplicatedStudyError:
-            raise InvalidConfigError(f"a study named {study_name!r} already exists in the storage: "
-                                     "continue it with --resume or pick another --study-name") from None
-        _name_objectives(study, names)
-        if launch is not None:
-            study.set_user_attr(LAUNCH_ATTR, launch)
-        study.set_user_attr("mpsearch", identity)  # last: a study with it is complete (see resume above)
-        return study, study_name, [], store
-    except (ImportError, ValueError, sqlalchemy_errors()) as e:
-        raise InvalidConfigError(f"cannot open the study storage {_redact(storage_url)}: "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-
-
-def _name_objectives(study: optuna.Study, names: list[str]) -> None:
-    with warnings.catch_warnings():  # "experimental" since Optuna 3.2
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(names)
-
-
-def default_storage(out: Path) -> str:
-    """A search's own study: Optuna's journal file OUT/study.log (asking and telling cost about a
-    quarter of what SQLite costs per trial: ~15 ms against ~55 ms on digits here), or the SQLite
-    OUT/study.db of a search made before it became the default."""
-    old = out / "study.db"
-    return f"sqlite:///{old.resolve()}" if old.exists() else f"journal:///{(out / STUDY_FILE).resolve()}"
-
-
-def pick_study(store, study_name: str | None, when_empty: str) -> str:
-    """`study_name` if the storage holds it, else the only study it holds; InvalidConfigError
-    naming what it does hold otherwise (`when_empty` when it holds none)."""
-    names = optuna.study.get_all_study_names(store)
-    if study_name is None:
-        if len(names) != 1:
-            raise InvalidConfigError(when_empty if not names else f"the storage holds {len(names)} studies; pick one "
-                                     f"with --study-name: {', '.join(names)}")
-        return names[0]
-    if study_name not in names:
-        raise InvalidConfigError(f"no study named {study_name!r} in the storage"
-                                 + (f" (it has: {', '.join(names)})" if names else ""))
-    return study_name
-
-
-def make_storage(url: str, retries: int | None = None):
-    """An Optuna storage from a URL: sqlite:///PATH (WAL mode, see sqlite_storage), any other
-    SQLAlchemy URL, or journal:///PATH for Optuna's journal file (no database server; safe for
-    several processes on one file system).
-
-    retries not None: the storage is shared by several processes. RDB storages then keep a
-    heartbeat of every running trial (HEARTBEAT_S); a trial whose process stopped beating for
-    HEARTBEAT_GRACE_S is failed and enqueued again, up to `retries` times. Journal storages keep
-    no heartbeats: a trial whose process died stays "running" there."""
-    if url.startswith("journal:///"):
-        return optuna.storages.JournalStorage(_journal_file(url.removeprefix("journal:///")))
-    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        heartbeat = {}
-        if retries is not None:
-            heartbeat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": HEARTBEAT_GRACE_S,
-                         "heartbeat_stale_trial_callback":
-                         RetryHeartbeatStaleTrialCallback(max_retry=retries) if retries else None}
-        if url.startswith("sqlite:///"):
-            return _created(lambda: sqlite_storage(Path(url.removeprefix("sqlite:///")), **heartbeat))
-        return _created(lambda: optuna.storages.RDBStorage(url, **heartbeat)) if heartbeat else url
-
-
-def _created(make, attempts: int = 5):
-    """make(): an RDB storage. Two processes opening a new database at once both create its
-    tables and version row; the later one's create or insert fails ("table ... already exists",
-    a UNIQUE constraint). It tries again: the database is complete by then."""
-    from sqlalchemy.exc import IntegrityError, OperationalError
-
-    for i in range(attempts - 1):
-        try:
-            return make()
-        except (IntegrityError, OperationalError):
-            time.sleep(0.05 * (i + 1))
-    return make()
-
-
-def _journal_file(path: str):
-    """Optuna's journal file backend without an fsync per append.
-
-    Asking and telling a trial appends ~20 log lines here (one per parameter), each fsynced by
-    Optuna: ~7 ms a digits trial. Without it a killed process still loses nothing it appended
-    (the data is in the kernel's page cache; the file lock and the close() that publishes it to an
-    NFS server stay), only a power cut could lose the last lines, as with SQLite's
-    synchronous=NORMAL in sqlite_storage. The lock is Optuna's own (JournalFileSymlinkLock, its
-    default), held through its public acquire / release.
-    """
-    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
-
-    class Backend(JournalFileBackend):
-        def __init__(self, file_path: str) -> None:
-            self.path, self.lock = file_path, JournalFileSymlinkLock(file_path)
-            super().__init__(file_path, lock_obj=self.lock)
-
-        def append_logs(self, logs) -> None:
-            self.lock.acquire()
-            try:
-                append_bytes(self.path, ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode())
-            finally:
-                self.lock.release()
-
-    return Backend(path)
-
-
-def sqlalchemy_errors() -> type[Exception]:
-    try:
-        from sqlalchemy.exc import SQLAlchemyError
-    except ImportError:  # pragma: no cover - optuna's RDB storage depends on sqlalchemy
-        return OSError
-    return SQLAlchemyError
-
-
-def _redact(url: str) -> str:
-    """A storage URL without its password."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
 
 
 def check_budgets(space: SearchSpace, cost_model: CostModel, budgets: Budgets) -> float:
@@ -826,22 +669,6 @@ def _load_config(config, fqns) -> Candidate:
     if extra:
         raise InvalidConfigError(f"config names layer {extra[0]}, which the model does not have")
     return Candidate((f, cand[f]) for f in fqns)
-
-
-def sqlite_storage(path: Path, **kwargs) -> optuna.storages.RDBStorage:
-    """An Optuna SQLite storage in write-ahead-log mode with synchronous=NORMAL.
-
-    Each commit then costs no fsync (about 5x faster per trial here), yet a killed process
-    loses nothing that was committed: only a power cut could lose the last transactions.
-    """
-
-    def connect() -> sqlite3.Connection:
-        conn = sqlite3.connect(path, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
-
-    return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"creator": connect}, **kwargs)
 
 
 def _cheapest_latency_ms(space: SearchSpace, cost_model: CostModel) -> float:

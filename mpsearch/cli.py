@@ -759,7 +759,7 @@ def _trials_kept(args) -> Callable[[OSError], str]:
 
 def _study_file(storage: str | None, out: str | None) -> Path | None:
     """The file of a search's study: --storage's journal or SQLite file, else the one in its output
-    directory (as mpsearch.api.default_storage picks it); None for a database server, or when the
+    directory (as mpsearch.storage.default_storage picks it); None for a database server, or when the
     output directory is not known."""
     if storage:
         for prefix in ("journal:///", "sqlite:///"):

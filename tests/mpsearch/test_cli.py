@@ -18,9 +18,9 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mpsearch.api import make_storage
 from mpsearch.cli import main
 from mpsearch.result import SearchResult, pareto_front
+from mpsearch.storage import make_storage
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -59,7 +59,7 @@ def test_a_search_writes_its_options_and_a_worker_reads_the_same(tmp_path):
     import optuna
 
     import mpsearch
-    from mpsearch.api import LAUNCH_ATTR, make_storage
+    from mpsearch.storage import LAUNCH_ATTR, make_storage
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     r = mpsearch.search("digits", n_trials=2, strategy="optuna", weight_precisions="int4,int8", size_budget_mb=1,

@@ -17,10 +17,11 @@ import pytest
 import mpsearch
 from hw_models import ExecRule, LayerChoice, Precision, get_profile, weight_bytes
 from mpsearch.analysis import analyze
-from mpsearch.api import make_storage, profile_config
+from mpsearch.api import profile_config
 from mpsearch.cli import main
 from mpsearch.errors import BudgetError, InvalidConfigError
 from mpsearch.objectives import hypervolume, pareto_front
+from mpsearch.storage import make_storage
 from mpsearch.tasks import load_task
 
 P = Precision

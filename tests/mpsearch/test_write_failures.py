@@ -246,7 +246,7 @@ def test_d_a_file_size_limit_mid_journal_append_keeps_the_study_whole(tmp_path):
     would follow it and break the study for good)."""
     import optuna
 
-    from mpsearch.api import make_storage
+    from mpsearch.storage import make_storage
 
     n, out = 30, tmp_path / "out"
     argv = ["search", "--task", "digits", "--trials", str(n), "--seed", "0", "--strategy", "optuna", "--no-progress",
