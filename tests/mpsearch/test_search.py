@@ -163,11 +163,27 @@ def test_hypervolume_and_front_as_before(points, ref, expected):
     assert hypervolume([points[i] for i in front], ref) == expected
 
 
+SAMPLER_CLASSES = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
+                   "nsga3": optuna.samplers.NSGAIIISampler, "random": optuna.samplers.RandomSampler,
+                   "qmc": optuna.samplers.QMCSampler, "gp": optuna.samplers.GPSampler}
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLER_CLASSES))
+def test_each_sampler_name_makes_that_sampler(sampler):
+    from mpsearch.controller import make_sampler
+
+    made = make_sampler(sampler, 0, 400)
+    assert type(made) is SAMPLER_CLASSES[sampler]
+    if sampler.startswith("nsga"):  # population n_trials / 4 within [10, 50]
+        assert [make_sampler(sampler, 0, n)._population_size for n in (8, 120, 400)] == [10, 30, 50]
+
+
 @pytest.mark.parametrize("sampler", ["nsga3", "qmc", "gp"])
 def test_other_samplers_run(tmp_path, sampler):
     r = run(tmp_path, sampler, strategy="optuna", sampler=sampler, n_trials=4, seed=0,
             weight_precisions="int4,int8", activation_precisions="int8")
     assert len(r.trials) == 4 and all(t.state == "complete" for t in r.trials)
+    assert r.settings["sampler"] == r.settings["options"]["sampler"] == sampler
 
 
 def test_ties_and_pins_reach_the_trials(tmp_path):
