@@ -286,19 +286,12 @@ def search(
     identity = {"task": task_name, "target": profile.name, "space": space_signature(space),
                 "objectives": list(objectives), "budgets": budgets.to_dict()}
 
-    n_calib, n_eval = len(task_obj.calib_batches), len(task_obj.eval_batches)
-    with stage(progress, "preparing the evaluator",
-               f" (activation ranges on {n_calib} calibration batch{'es' if n_calib != 1 else ''}, FP32 outputs "
-               f"on {n_eval} evaluation batch{'es' if n_eval != 1 else ''}; kept in the evaluator cache)"
-               if evaluator_cache else ""):
-        try:
-            evaluator = Evaluator(
-                task_obj, analysis, options.quant, cache_dir=cache_dir("evaluator") if evaluator_cache else None
-            )
-        except BaseException as e:
-            lock.release()
-            leftovers.remove(e, None)
-            raise
+    try:
+        evaluator = make_evaluator(task_obj, analysis, options, progress)
+    except BaseException as e:
+        lock.release()
+        leftovers.remove(e, None)
+        raise
     # from here on, conversions are priced where the deployed graph has them (hw_models.graph)
     cost_model = CostModel(analysis.layers, profile, batch_size=batch_size, graph=evaluator.deploy_graph)
     try:
@@ -381,17 +374,7 @@ def search(
                   f"before ties and pins); strategy {strategy}"
                   + (f"; joining study {study_name!r} ({len(previous)} trials so far)" if join else
                      f"; resuming after {len(previous)} trials" if resume else ""), file=sys.stderr)
-        tracker = None
-        if track:
-            tracker = Tracker(mlflow_uri, experiment)
-            tracker.start(
-                run_name=study_name,
-                params={k: v for k, v in settings.items() if k not in ("storage", "setup_s", "hv_reference", "worker_startup_s")}
-                | {"task": task_name, "target": profile.name, "space_size": space.size},
-                tags={"mpsearch.task": task_name, "mpsearch.target": profile.name},
-                reference=result.reference,
-            )
-            result.tracking = tracker.tracking  # its run id; if MLflow fails, why tracking is off (mpsearch.tracking)
+        tracker = start_tracking(result, study_name, space.size, mlflow_uri, experiment) if track else None
         try:
             result = run_search(result=result, space=space, cost_model=cost_model, evaluator=evaluator, study=study,
                               n_trials=max(remaining, 0), budgets=budgets, objectives=objectives, seeds=plan.seeds,
@@ -417,6 +400,35 @@ def search(
         evaluator.close()
         lock.release()
         leftovers.remove(error, result)
+
+
+def make_evaluator(task: Task, analysis, options: SearchOptions, progress: bool) -> Evaluator:
+    """The evaluator of `task` (activation ranges on its calibration batches, FP32 outputs on its
+    evaluation batches: from the evaluator cache when options.evaluator_cache and it has them)."""
+    n_calib, n_eval = len(task.calib_batches), len(task.eval_batches)
+    with stage(progress, "preparing the evaluator",
+               f" (activation ranges on {n_calib} calibration batch{'es' if n_calib != 1 else ''}, FP32 outputs "
+               f"on {n_eval} evaluation batch{'es' if n_eval != 1 else ''}; kept in the evaluator cache)"
+               if options.evaluator_cache else ""):
+        return Evaluator(task, analysis, options.quant,
+                         cache_dir=cache_dir("evaluator") if options.evaluator_cache else None)
+
+
+def start_tracking(result: SearchResult, run_name: str, space_size: float, mlflow_uri: str | None,
+                   experiment: str) -> Tracker:
+    """The search's MLflow parent run, with its settings as params; result.tracking is the
+    tracker's own record from then on (its run id, or why tracking went off)."""
+    tracker = Tracker(mlflow_uri, experiment)
+    skip = ("storage", "setup_s", "hv_reference", "worker_startup_s")
+    tracker.start(
+        run_name=run_name,
+        params={k: v for k, v in result.settings.items() if k not in skip}
+        | {"task": result.task, "target": result.target, "space_size": space_size},
+        tags={"mpsearch.task": result.task, "mpsearch.target": result.target},
+        reference=result.reference,
+    )
+    result.tracking = tracker.tracking
+    return tracker
 
 
 def setup_space(task: Task, profile: HardwareProfile, options: SearchOptions):
