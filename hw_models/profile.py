@@ -249,7 +249,7 @@ class HardwareProfile:
 
     @property
     def weight_precisions(self) -> tuple[Precision, ...]:
-        return tuple(sorted({r.weight for r in self.rules}, key=lambda p: (p.is_float, p.bits)))
+        return tuple(sorted({r.weight for r in self.rules}, key=_precision_order))
 
     @property
     def default_weight_precisions(self) -> tuple[Precision, ...]:
@@ -270,7 +270,7 @@ class HardwareProfile:
 
     @property
     def activation_precisions(self) -> tuple[Precision, ...]:
-        return tuple(sorted({r.activation for r in self.rules}, key=lambda p: (p.is_float, p.bits)))
+        return tuple(sorted({r.activation for r in self.rules}, key=_precision_order))
 
     def effective_macs_per_s(self, compute: str) -> float:
         return self.peak_macs_per_s[compute] * self.efficiency.get(compute, 1.0)
@@ -280,3 +280,9 @@ class HardwareProfile:
         profile has none for the kernel)."""
         eff = self.efficiency.get(rule.efficiency_key, self.efficiency.get(rule.compute, 1.0))
         return self.peak_macs_per_s[rule.compute] * eff
+
+
+def _precision_order(p: Precision) -> tuple[bool, int, str]:
+    """Integers before floats, narrower first, then by name (bf16 before fp16): a fixed order, so
+    a space's choices (and a seeded search's proposals) are the same in every process."""
+    return (p.is_float, p.bits, p.value)

@@ -254,3 +254,19 @@ def test_context_entries_price_a_layer_by_its_neighbours_kinds():
     assert c.latency_s == pytest.approx(conv8 + cm.transition_s(CONV.in_elems) + 2e-6 + cm.transition_s(FC.out_elems)
                                         + 1e-6)
     assert cm.upper_bounds({"conv": [fp32, int8], "fc": [fp32, int8]})["latency_s"] >= 12e-6 + 7e-6
+
+
+def test_a_targets_precisions_come_in_one_order_in_every_process():
+    """bf16 and fp16 are both 16-bit floats: sorted by kind and width alone, their order followed
+    the set's hash order, which changes per process (PYTHONHASHSEED), and so did a search space's
+    choices and a seeded search's proposals."""
+    import subprocess
+    import sys
+
+    code = ("from hw_models import list_profiles\n"
+            "for p in list_profiles(): print(p.name, [x.value for x in p.weight_precisions],"
+            " [x.value for x in p.activation_precisions])")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert len(runs) == 1
+    assert "['int8', 'fp8_e4m3', 'bf16', 'fp16', 'fp32']" in runs.pop()  # h100: by kind, width, then name
