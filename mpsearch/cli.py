@@ -352,36 +352,10 @@ def _cmd_tasks(args) -> int:
 
 
 def _cmd_targets(args) -> int:
-    from hw_models import list_profiles
+    from mpsearch.report import targets_text
 
-    for prof in list_profiles():
-        w = ",".join(p.value for p in prof.weight_precisions)
-        a = ",".join(p.value for p in prof.activation_precisions)
-        native = sorted({f"{r.weight}/{r.activation}" for r in prof.rules if r.native})
-        peaks = ", ".join(f"{k} {_rate(v)}" for k, v in sorted(prof.peak_macs_per_s.items(), key=lambda kv: -kv[1]))
-        print(f"{prof.name:12s} {prof.kind:5s} {prof.description}")
-        print(f"{'':12s} weights {w}; activations {a}")
-        n_all = len(prof.weight_precisions) * len(prof.activation_precisions)
-        shown = f"every listed weight x activation ({len(native)})" if len(native) == n_all else ", ".join(native)
-        print(f"{'':12s} native pairs {shown}")
-        print(f"{'':12s} peak MAC/s {peaks}")
-        mem = [f"memory {prof.mem_bw_bytes_per_s / 1e9:.4g} GB/s", f"overhead {prof.layer_overhead_s * 1e6:.3g} us/layer"]
-        if prof.weight_capacity_bytes:
-            mem.append(f"weights must fit {prof.weight_capacity_bytes // 1024} KiB")
-        if prof.act_capacity_bytes:
-            mem.append(f"activations must fit {prof.act_capacity_bytes // 1024} KiB")
-        if prof.energy_pj_per_mac:
-            mem.append("energy figures")
-        print(f"{'':12s} {'; '.join(mem)}\n")
-    print("A profile file works wherever a target name does: --target my-cpu.toml (see mpsearch calibrate).")
+    print(targets_text())
     return 0
-
-
-def _rate(v: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if v >= scale:
-            return f"{v / scale:.4g}{unit}"
-    return f"{v:.4g}"
 
 
 def _cmd_fetch_weights(args) -> int:
@@ -476,10 +450,11 @@ def _search_kwargs(args) -> dict:
 
 def _cmd_search(args) -> int:
     from mpsearch.api import search
+    from mpsearch.report import summary_text
 
     with _on_write_error(_trials_kept(args)):
         result = search(args.task, args.target, latency_budget_ms=args.latency_budget, **_search_kwargs(args))
-    _summary(result)
+    print(summary_text(result))
     out = Path(result.settings["out_dir"])
     if args.verify:
         from mpsearch.deploy.verify import summary, verify
@@ -509,6 +484,7 @@ def _cmd_verify(args) -> int:
 def _cmd_compare(args) -> int:
     from mpsearch.api import compare
     from mpsearch.compare import compare_table
+    from mpsearch.report import next_steps, tracking_line
 
     kw = _search_kwargs(args)
     with _on_write_error(_trials_kept(args)):
@@ -518,9 +494,9 @@ def _cmd_compare(args) -> int:
     out = Path(cmp.result.settings["out_dir"])
     print(f"\nresults: {out / 'compare.json'} (the search: result.json beside it); report: {out / 'report.html'}")
     if cmp.result.tracking.get("off"):
-        print(_tracking_line(cmp.result.tracking))
+        print(tracking_line(cmp.result.tracking))
     first = cmp.targets[0]
-    print(_next_steps(cmp.result, cmp.view(first).best, f"{first}'s best configuration"))
+    print(next_steps(cmp.result, cmp.view(first).best, f"{first}'s best configuration"))
     _pngs(out, cmp.result.tracking)
     return 0
 
@@ -608,89 +584,14 @@ def _cmd_report(args) -> int:
 
 def _cmd_worker(args) -> int:
     from mpsearch.api import join_study
+    from mpsearch.report import summary_text
 
     with _on_write_error(lambda e: f"the finished trials are kept in the study: {_remedy(e)}, then "
                                    f"`{_command(*args.argv)}` runs the worker again"):
         result = join_study(args.storage, args.study_name, out_dir=args.out, max_trials=args.trials,
                             progress=not args.no_progress, retries=args.retries, task=args.task)
-    _summary(result, next_steps=False)
+    print(summary_text(result, with_next_steps=False))
     return 0
-
-
-def _trial_rate(n: int, seconds: float) -> str:
-    """Trials per second, or seconds per trial when a trial takes over a second (n > 0)."""
-    if seconds / n > 1:
-        return f"{seconds / n:.1f} s a trial"
-    return f"{n / seconds:.1f} a second"
-
-
-def _summary(result, next_steps: bool = True) -> None:
-    from mpsearch.report import pareto_table
-
-    print(pareto_table(result))
-    out = Path(result.settings["out_dir"])
-    hv, timing = result.hypervolume, result.timing
-    if hv is not None:
-        print(f"hypervolume {hv['value']:.6g} (reference point in result.json); time in sampler "
-              f"{timing['sampler_s']:.1f} s, pricing {timing['pricing_s']:.2f} s, scoring {timing['scoring_s']:.1f} s"
-              + "".join(f", {k.removesuffix('_s')} {v:.1f} s" for k, v in timing.items()
-                        if k not in ("sampler_s", "pricing_s", "scoring_s")))
-    ran, loop = result.settings.get("resumed_trials", 0), result.settings.get("search_s")
-    n = len(result.trials) - ran
-    if loop and n:
-        print(f"{n} trial{'s' if n != 1 else ''} in {loop:.1f} s ({_trial_rate(n, loop)}"
-              + (f", {result.settings['workers']} Ray workers" if result.settings.get("backend") == "ray" else "") + ")")
-    print(f"\nresults: {out / 'result.json'} (Optuna study {result.settings['study_name']!r} in "
-          f"{result.settings['storage']}); report: {out / 'report.html'}")
-    tracked = _tracking_line(result.tracking)
-    if tracked:
-        print(tracked)
-    if next_steps:
-        print(_next_steps(result))
-
-
-def _tracking_line(tracking: dict) -> str | None:
-    """Where the MLflow runs went, or that tracking went off and why (the store failed:
-    mpsearch.tracking; result.json has everything); None when the search was not tracked."""
-    if tracking.get("run_id"):
-        return f"MLflow: {tracking['mlflow_uri']} experiment {tracking['experiment']!r}, run {tracking['run_id']}"
-    if tracking.get("off"):
-        incomplete = tracking.get("incomplete_run_id")
-        return (f"MLflow: tracking off ({tracking['mlflow_uri']} {tracking['off']})"
-                + (f"; run {incomplete} is incomplete" if incomplete else "") + "; everything is in result.json")
-    return None
-
-
-def _next_steps(result, trial: int | None = None, what: str = "") -> str:
-    """What to do with a finished search: export its best configuration (or `trial`, `what`), open
-    its MLflow runs and its Optuna study."""
-    import shlex
-
-    out = shlex.quote(result.settings["out_dir"])
-    lines = ["\nnext steps:"]
-    best = result.best if trial is None else trial
-    ref = result.settings.get("task_ref") or result.task
-    task = "" if ":" not in ref else f" --task {shlex.quote(ref)}"  # a task file runs only when named
-    if best is not None:
-        pick = "" if trial is None or trial == result.best else f" --trial {trial}"
-        lines.append(f"  mpsearch export {out}{pick}{task} --out best.onnx    # {what or 'the best configuration'} "
-                     f"(trial {best}) as its deployed ONNX QDQ graph; --out best.json for its precisions")
-        if trial is None:
-            lines.append(f"  mpsearch verify {out}{task}    # measure it and the front on this machine, as deployed "
-                         "graphs")
-    uri = result.tracking.get("mlflow_uri") if result.tracking.get("run_id") else None
-    if uri:
-        if uri.startswith(("http://", "https://")):
-            lines.append(f"  open {uri}    # the MLflow runs (experiment {result.tracking['experiment']!r})")
-        else:
-            lines.append(f"  mlflow ui --backend-store-uri {shlex.quote(uri)}    # the MLflow runs, one per trial")
-    storage = result.settings.get("storage", "")
-    dashboard = storage.removeprefix("journal:///") if storage.startswith("journal:///") else storage
-    if dashboard:
-        secret = " with your password for ***" if "***" in dashboard else ""
-        lines.append(f"  optuna-dashboard {shlex.quote(dashboard)}    # the Optuna study{secret} "
-                     "(pip install optuna-dashboard)")
-    return "\n".join(lines)
 
 
 # errors of a file that cannot be written: the disk (or quota) is full, the file too large for

@@ -1,9 +1,11 @@
-"""Plain-text views of a SearchResult (the Pareto table printed by the CLI), as rich tables."""
+"""Plain-text views: a SearchResult's Pareto table (rich tables), its summary and next steps, the
+built-in targets. The command line prints these; the API returns them as text."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -150,4 +152,117 @@ def cost_table(cost_model, candidate) -> str:
     )
     if not cost.feasible:
         lines.append(f"infeasible: {cost.reason}")
+    return "\n".join(lines)
+
+
+def targets_text() -> str:
+    """The built-in targets (`mpsearch targets`): precisions, native pairs, peaks, memory."""
+    from hw_models import list_profiles
+
+    lines = []
+    for prof in list_profiles():
+        w = ",".join(p.value for p in prof.weight_precisions)
+        a = ",".join(p.value for p in prof.activation_precisions)
+        native = sorted({f"{r.weight}/{r.activation}" for r in prof.rules if r.native})
+        peaks = ", ".join(f"{k} {rate(v)}" for k, v in sorted(prof.peak_macs_per_s.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{prof.name:12s} {prof.kind:5s} {prof.description}")
+        lines.append(f"{'':12s} weights {w}; activations {a}")
+        n_all = len(prof.weight_precisions) * len(prof.activation_precisions)
+        shown = f"every listed weight x activation ({len(native)})" if len(native) == n_all else ", ".join(native)
+        lines.append(f"{'':12s} native pairs {shown}")
+        lines.append(f"{'':12s} peak MAC/s {peaks}")
+        mem = [f"memory {prof.mem_bw_bytes_per_s / 1e9:.4g} GB/s", f"overhead {prof.layer_overhead_s * 1e6:.3g} us/layer"]
+        if prof.weight_capacity_bytes:
+            mem.append(f"weights must fit {prof.weight_capacity_bytes // 1024} KiB")
+        if prof.act_capacity_bytes:
+            mem.append(f"activations must fit {prof.act_capacity_bytes // 1024} KiB")
+        if prof.energy_pj_per_mac:
+            mem.append("energy figures")
+        lines.append(f"{'':12s} {'; '.join(mem)}\n")
+    lines.append("A profile file works wherever a target name does: --target my-cpu.toml (see mpsearch calibrate).")
+    return "\n".join(lines)
+
+
+def rate(v: float) -> str:
+    """A rate with a T, G or M prefix: 1.5G."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if v >= scale:
+            return f"{v / scale:.4g}{unit}"
+    return f"{v:.4g}"
+
+
+def trial_rate(n: int, seconds: float) -> str:
+    """Trials per second, or seconds per trial when a trial takes over a second (n > 0)."""
+    if seconds / n > 1:
+        return f"{seconds / n:.1f} s a trial"
+    return f"{n / seconds:.1f} a second"
+
+
+def summary_text(result: SearchResult, with_next_steps: bool = True) -> str:
+    """What a finished search prints: its Pareto table, hypervolume and times, where its results
+    went (result.json, the study, the report, MLflow) and, with_next_steps, what to do next."""
+    lines = [pareto_table(result)]
+    out = Path(result.settings["out_dir"])
+    hv, timing = result.hypervolume, result.timing
+    if hv is not None:
+        lines.append(f"hypervolume {hv['value']:.6g} (reference point in result.json); time in sampler "
+              f"{timing['sampler_s']:.1f} s, pricing {timing['pricing_s']:.2f} s, scoring {timing['scoring_s']:.1f} s"
+              + "".join(f", {k.removesuffix('_s')} {v:.1f} s" for k, v in timing.items()
+                        if k not in ("sampler_s", "pricing_s", "scoring_s")))
+    ran, loop = result.settings.get("resumed_trials", 0), result.settings.get("search_s")
+    n = len(result.trials) - ran
+    if loop and n:
+        lines.append(f"{n} trial{'s' if n != 1 else ''} in {loop:.1f} s ({trial_rate(n, loop)}"
+              + (f", {result.settings['workers']} Ray workers" if result.settings.get("backend") == "ray" else "") + ")")
+    lines.append(f"\nresults: {out / 'result.json'} (Optuna study {result.settings['study_name']!r} in "
+          f"{result.settings['storage']}); report: {out / 'report.html'}")
+    tracked = tracking_line(result.tracking)
+    if tracked:
+        lines.append(tracked)
+    if with_next_steps:
+        lines.append(next_steps(result))
+    return "\n".join(lines)
+
+
+def tracking_line(tracking: dict) -> str | None:
+    """Where the MLflow runs went, or that tracking went off and why (the store failed:
+    mpsearch.tracking; result.json has everything); None when the search was not tracked."""
+    if tracking.get("run_id"):
+        return f"MLflow: {tracking['mlflow_uri']} experiment {tracking['experiment']!r}, run {tracking['run_id']}"
+    if tracking.get("off"):
+        incomplete = tracking.get("incomplete_run_id")
+        return (f"MLflow: tracking off ({tracking['mlflow_uri']} {tracking['off']})"
+                + (f"; run {incomplete} is incomplete" if incomplete else "") + "; everything is in result.json")
+    return None
+
+
+def next_steps(result, trial: int | None = None, what: str = "") -> str:
+    """What to do with a finished search: export its best configuration (or `trial`, `what`), open
+    its MLflow runs and its Optuna study."""
+    import shlex
+
+    out = shlex.quote(result.settings["out_dir"])
+    lines = ["\nnext steps:"]
+    best = result.best if trial is None else trial
+    ref = result.settings.get("task_ref") or result.task
+    task = "" if ":" not in ref else f" --task {shlex.quote(ref)}"  # a task file runs only when named
+    if best is not None:
+        pick = "" if trial is None or trial == result.best else f" --trial {trial}"
+        lines.append(f"  mpsearch export {out}{pick}{task} --out best.onnx    # {what or 'the best configuration'} "
+                     f"(trial {best}) as its deployed ONNX QDQ graph; --out best.json for its precisions")
+        if trial is None:
+            lines.append(f"  mpsearch verify {out}{task}    # measure it and the front on this machine, as deployed "
+                         "graphs")
+    uri = result.tracking.get("mlflow_uri") if result.tracking.get("run_id") else None
+    if uri:
+        if uri.startswith(("http://", "https://")):
+            lines.append(f"  open {uri}    # the MLflow runs (experiment {result.tracking['experiment']!r})")
+        else:
+            lines.append(f"  mlflow ui --backend-store-uri {shlex.quote(uri)}    # the MLflow runs, one per trial")
+    storage = result.settings.get("storage", "")
+    dashboard = storage.removeprefix("journal:///") if storage.startswith("journal:///") else storage
+    if dashboard:
+        secret = " with your password for ***" if "***" in dashboard else ""
+        lines.append(f"  optuna-dashboard {shlex.quote(dashboard)}    # the Optuna study{secret} "
+                     "(pip install optuna-dashboard)")
     return "\n".join(lines)

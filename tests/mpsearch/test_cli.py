@@ -332,11 +332,11 @@ def test_every_flag_has_help_and_its_default_comes_from_the_code(monkeypatch):
 
 
 def test_rate_is_per_second_or_seconds_per_trial():
-    from mpsearch.cli import _trial_rate
+    from mpsearch.report import trial_rate
 
-    assert _trial_rate(10, 2.0) == "5.0 a second"
-    assert _trial_rate(3, 7.5) == "2.5 s a trial"  # not "0.4 a second", and never "0.0 a second"
-    assert _trial_rate(1, 300.0) == "300.0 s a trial"
+    assert trial_rate(10, 2.0) == "5.0 a second"
+    assert trial_rate(3, 7.5) == "2.5 s a trial"  # not "0.4 a second", and never "0.0 a second"
+    assert trial_rate(1, 300.0) == "300.0 s a trial"
 
 
 @pytest.fixture(scope="module")
