@@ -53,7 +53,7 @@ import torch
 
 from hw_models import Candidate, CostModel, Precision, get_profile
 from hw_models.profile_file import dump_profile
-from mpsearch.gpu_calibrate import KINDS, calibrate_gpu, layer_gemms, predict, software, sweep
+from mpsearch.gpu_calibrate import KINDS, calibrate_gpu, gemm_sweep, layer_gemms, predict, software
 
 
 def log(msg: str) -> None:
@@ -115,7 +115,7 @@ def main() -> int:
     base = get_profile(args.target)
     model, analysis = mobilenet()
     batches = (32,) if args.quick else (32, 256)
-    gemms = sweep(args.quick) + [g for b in batches for g in layer_gemms(analysis.layers, b)]
+    gemms = gemm_sweep(args.quick) + [g for b in batches for g in layer_gemms(analysis.layers, b)]
     log(f"{len(gemms)} products x {len(KINDS)} kinds on {torch.cuda.get_device_name(0)}")
     cal = calibrate_gpu(base, gemms, rounds=7 if args.quick else 10, context="benchmarks/gpu_profile.py")
     print(cal.summary())

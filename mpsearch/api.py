@@ -48,7 +48,7 @@ from mpsearch.defaults import (
 )
 from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError, UnknownTargetError
 from mpsearch.evaluator import ADAROUND_MAX_BITS, Evaluator, QuantSettings
-from mpsearch.ilp import cost_table, solve_allocation
+from mpsearch.ilp import choice_costs, solve_allocation
 from mpsearch.objectives import MB, reference_point
 from mpsearch.options import SearchOptions, parse_precisions
 from mpsearch.outlock import OutputLock
@@ -591,7 +591,7 @@ def check_budgets(space: SearchSpace, cost_model: CostModel, budgets: Budgets) -
             f"latency budget {budgets.latency_ms:g} ms is below the cheapest configuration in "
             f"this space on {space.profile.name} ({cheapest:.4g} ms)"
         )
-    costs = cost_table(cost_model, {o.fqn: o.pairs for o in space.options})
+    costs = choice_costs(cost_model, {o.fqn: o.pairs for o in space.options})
     min_w = sum(min(c["weight_bytes"] for c in per.values()) for per in costs.values())
     min_act = max(min(c["act_bytes"] for c in per.values()) for per in costs.values())
     if budgets.size_bytes is not None and budgets.size_bytes < min_w:

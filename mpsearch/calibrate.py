@@ -317,7 +317,7 @@ def _calibrate_gpu(task: Task | str, base: HardwareProfile, *, name: str | None,
     and the task's products as the profile's lookup table."""
     import torch
 
-    from mpsearch.gpu_calibrate import calibrate_gpu, layer_gemms, layer_table, sweep
+    from mpsearch.gpu_calibrate import calibrate_gpu, gemm_sweep, layer_gemms, layer_table
 
     if not torch.cuda.is_available():  # before loading the task
         raise InvalidConfigError(f"calibrating {base.name} times matrix products on a CUDA GPU; torch sees none "
@@ -326,7 +326,7 @@ def _calibrate_gpu(task: Task | str, base: HardwareProfile, *, name: str | None,
         raise InvalidConfigError("batch size must be positive")
     task_obj = load_task(task) if isinstance(task, str) else task
     analysis = analyze(task_obj.model, task_obj.example_input)
-    gemms = layer_gemms(analysis.layers, batch_size) + sweep(quick=True)
+    gemms = layer_gemms(analysis.layers, batch_size) + gemm_sweep(quick=True)
     cal = calibrate_gpu(base, gemms, name=name, seed=seed, progress=progress,
                         context=f"task {task_obj.name} at batch {batch_size} and a sweep")
     cal.profile = replace(cal.profile, layer_table=layer_table(analysis.layers, base, cal.measurements, batch_size))

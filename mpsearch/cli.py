@@ -367,11 +367,11 @@ def _cmd_fetch_weights(args) -> int:
 
 def _cmd_profile(args) -> int:
     from mpsearch.api import profile_config
-    from mpsearch.report import cost_table
+    from mpsearch.report import layer_cost_text
 
     model, candidate = profile_config(args.task, args.target, precision=args.precision, config=args.config,
                                       batch_size=args.batch_size)
-    print(cost_table(model, candidate))
+    print(layer_cost_text(model, candidate))
     return 0
 
 

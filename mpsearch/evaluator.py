@@ -191,7 +191,7 @@ class Evaluator:
         self._weights_on_disk = len(self._weights) if self.cache_loaded else None
         if not self.cache_loaded:
             self.deploy_graph, self.deploy_note = self._read_deploy_graph()
-            self._observers, self._input_means, self._out_observers = self._calibrate()
+            self._observers, self._input_means, self._out_observers = self._fit_activation_ranges()
             self.reference_outputs = self.task.outputs(self.model)
         self._hooks = [self._install_act_hook(fqn) for fqn in self._observers]
         self._hooks += [self._install_bias_hook(fqn) for fqn in self._input_means]
@@ -260,7 +260,7 @@ class Evaluator:
             return self.act_params(point.names[0], Precision.INT8)
         return self.out_params(point.names[0])
 
-    def _calibrate(
+    def _fit_activation_ranges(
         self,
     ) -> tuple[dict[str, HistogramObserver], dict[str, torch.Tensor], dict[str, HistogramObserver]]:
         """Observe each layer's input on the calibration batches: range (and histogram when the

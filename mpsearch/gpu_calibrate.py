@@ -9,7 +9,7 @@ What is measured (PyTorch on the GPU; `measure_gemms`):
   `torch._weight_int4pack_mm`). The shapes: the model's layers lowered to GEMMs (`layer_gemms`:
   m = batch x output positions, k = input channels x kernel size, n = output channels; grouped
   and depthwise convolutions are not matrix products and are left out) and a sweep from
-  launch-bound (m = 1) to compute-bound (8192 x 8192 x 8192) (`sweep`);
+  launch-bound (m = 1) to compute-bound (8192 x 8192 x 8192) (`gemm_sweep`);
 * each product is timed as the replay of a CUDA graph of many back-to-back calls (what a
   deployed engine launches; eager PyTorch adds ~5-10 us of host dispatch per call), with CUDA
   events, median over rounds; operands rotate through enough copies to exceed twice the L2
@@ -121,7 +121,7 @@ def layer_table(layers: Iterable[LayerSpec], profile: HardwareProfile, measured:
     return LayerTable(entries, batch_size, 0.0)
 
 
-def sweep(quick: bool = False) -> list[Gemm]:
+def gemm_sweep(quick: bool = False) -> list[Gemm]:
     """Transformer-style products from launch-bound to compute-bound."""
     shapes = [(768, 768), (768, 3072), (4096, 4096), (4096, 14336), (14336, 4096)]
     ms = (1, 32, 512, 4096) if quick else (1, 16, 32, 128, 512, 2048, 8192)
@@ -507,5 +507,5 @@ def calibrate_gpu(base: HardwareProfile, gemms: Sequence[Gemm], *, name: str | N
     return GpuCalibration(profile, base, device_name, bandwidth, measured, checks, failed, {"rms_log": rms})
 
 
-__all__ = ["KINDS", "Gemm", "GpuCalibration", "Measurement", "calibrate_gpu", "check_kind", "layer_gemms",
-           "layer_table", "measure_gemms", "sweep"]
+__all__ = ["KINDS", "Gemm", "GpuCalibration", "Measurement", "calibrate_gpu", "check_kind", "gemm_sweep", "layer_gemms",
+           "layer_table", "measure_gemms"]

@@ -36,7 +36,7 @@ from scipy.sparse import csr_array
 from hw_models import Candidate, LayerChoice
 from mpsearch.errors import InvalidConfigError, MpsearchError
 
-__all__ = ["Allocation", "cost_table", "min_total", "solve_allocation", "sweep"]
+__all__ = ["Allocation", "choice_costs", "min_total", "solve_allocation", "sweep"]
 
 COST_KEYS = ("latency_s", "weight_bytes", "act_bytes", "bops", "energy_j")
 _TOL = 1e-9  # relative slack allowed on a budget (solver round-off)
@@ -61,7 +61,7 @@ class Allocation:
         return Candidate(self.choices)
 
 
-def cost_table(
+def choice_costs(
     cost_model, options: Mapping[str, Sequence[LayerChoice]]
 ) -> dict[str, dict[LayerChoice, dict[str, float]]]:
     """layer_costs for `solve_allocation` from a hw_models.CostModel: per layer and choice the

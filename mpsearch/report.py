@@ -125,7 +125,7 @@ def best_lines(result: SearchResult) -> list[str]:
     return lines
 
 
-def cost_table(cost_model, candidate) -> str:
+def layer_cost_text(cost_model, candidate) -> str:
     """Per-layer costs of a candidate on a target (latency, bound, bytes) and the totals."""
     parts = cost_model.breakdown(candidate)
     cost = cost_model.price(candidate)

@@ -27,8 +27,11 @@ from typing import Any
 from hw_models import Candidate
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import InvalidConfigError
-from mpsearch.objectives import DEFAULT_OBJECTIVES, front_hypervolume
-from mpsearch.objectives import pareto_front as objectives_front
+from mpsearch.objectives import (
+    DEFAULT_OBJECTIVES,
+    front_hypervolume,
+    pareto_front,  # the one definition; read from here too
+)
 from mpsearch.selection import Best, select_best
 
 SCHEMA = "mpsearch.result/1"
@@ -119,13 +122,6 @@ class TrialRecord:
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(TrialRecord))
-
-
-def pareto_front(trials: Sequence[TrialRecord], objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> list[int]:
-    """Trial numbers of the non-dominated complete, feasible trials (metric max, costs min),
-    ordered by the first cost. A configuration repeated in several trials appears once, under
-    its first trial."""
-    return objectives_front(trials, objectives)
 
 
 def best_trial(trials: Sequence[TrialRecord], reference: dict[str, Any] | None = None,

@@ -76,7 +76,7 @@ def plan(
     if strategy == "exhaustive":
         return Plan((c for c in space.enumerate() if c not in tried), space.size - len(tried), True,
                     info={"space_size": space.size})
-    from mpsearch.ilp import cost_table, sweep
+    from mpsearch.ilp import choice_costs, sweep
     from mpsearch.sensitivity import measure_sensitivity
 
     options = {o.fqn: list(o.pairs) for o in space.options}
@@ -85,7 +85,7 @@ def plan(
     t1 = time.perf_counter()
     key = next((SWEEP_KEY[o] for o in objectives if o in SWEEP_KEY), "latency_s")
     limits = budgets.ilp_limits()
-    costs = cost_table(cost_model, options)
+    costs = choice_costs(cost_model, options)
     want = n_trials if strategy == "ilp" else (n_seeds or default_seed_count(n_trials))
     # The ILP sums per-layer costs and cannot see the conversions a change of compute kind
     # between adjacent layers costs (on CPUs often more than the layers it speeds up). So the
