@@ -89,6 +89,40 @@ def ray_head(port: int, env: dict[str, str] | None = None, cpus: int = 2, resour
         subprocess.run(["rm", "-rf", temp], check=False)
 
 
+@pytest.fixture(scope="session")
+def mlflow_server_factory():
+    """`mlflow_server` for test modules."""
+    return mlflow_server
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, port: int):
+    """A real `mlflow server` on 127.0.0.1:port with its own SQLite store and artifact folder under
+    `root`; yields (uri, process); stopped by its process group (the server and the workers it
+    started, nothing else), if still running."""
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -22,7 +22,6 @@ import re
 import resource
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -93,33 +92,6 @@ def resume_command(line: str) -> list[str]:
     return [*CLI, *argv[1:]]
 
 
-@contextlib.contextmanager
-def mlflow_server(root: Path, port: int):
-    """A real `mlflow server` on 127.0.0.1:port with its own SQLite store (as test_report's
-    fixture); yields (uri, process); stopped by its process group, if still running."""
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-2000:]
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}", proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
-        proc.wait(timeout=60)
-        log.close()
-
-
 def _tracking_off(p: subprocess.CompletedProcess, out: Path, why: str) -> dict:
     """The search went on: exit 0, one MLflow line on stderr saying why, the summary says tracking
     is off (no run id, no `mlflow ui` step), result.json's tracking too. Returns that tracking."""
@@ -164,10 +136,10 @@ def test_b_default_store_in_a_read_only_working_directory_turns_tracking_off_at_
     assert len(SearchResult.read(out / "result.json").trials) == 4
 
 
-def test_c_a_server_killed_mid_search_stops_tracking_in_one_line(tmp_path, free_port):
+def test_c_a_server_killed_mid_search_stops_tracking_in_one_line(tmp_path, free_port, mlflow_server_factory):
     out = tmp_path / "out"
     n = 150
-    with mlflow_server(tmp_path, free_port()) as (uri, server):
+    with mlflow_server_factory(tmp_path, free_port()) as (uri, server):
         search = subprocess.Popen(
             [*CLI, "search", "--task", "digits", "--trials", str(n), "--seed", "0", "--strategy", "optuna",
              "--no-progress", "--out", str(out), "--mlflow-uri", uri],
