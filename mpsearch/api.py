@@ -419,7 +419,7 @@ def start_tracking(result: SearchResult, run_name: str, space_size: float, mlflo
     """The search's MLflow parent run, with its settings as params; result.tracking is the
     tracker's own record from then on (its run id, or why tracking went off)."""
     tracker = Tracker(mlflow_uri, experiment)
-    skip = ("storage", "setup_s", "hv_reference", "worker_startup_s")
+    skip = ("storage", "setup_s", "hv_reference", "worker_startup_s", "options")  # options: the flat keys say it
     tracker.start(
         run_name=run_name,
         params={k: v for k, v in result.settings.items() if k not in skip}

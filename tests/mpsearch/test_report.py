@@ -103,6 +103,7 @@ def test_compare_logs_runs_metrics_and_artifacts_to_a_real_server(mlflow_server,
     assert pp["objectives"] == "metric,bops" and pp["task"] == "digits" and pp["n_trials"] == "8"
     assert not any(v.startswith(("[", "{", "None")) or v == "None" for v in pp.values()), pp
     assert any(k.startswith("quant.") for k in pp) and "latency_budget_ms" not in pp
+    assert not any(k.startswith("options.") for k in pp)  # result.json's settings.options: the same again
     pm = parent.data.metrics
     assert pm["n_trials"] == 8
     assert pm["fp32_accuracy"] == pytest.approx(ref["fp32_metric"])
