@@ -466,13 +466,22 @@ class TrialLoop:
         record, trial, study = p.record, p.trial, self.study
         t3 = time.perf_counter()
         with self.interrupts.critical():  # the study and the result learn of the trial together
-            trial.set_constraint(UNSUPPORTED, 0.0 if p.feasible else 1.0)
-            for key, over in p.overruns.items():
-                trial.set_constraint(key, over if p.feasible else 0.0)
+            with warnings.catch_warnings():  # a retried trial has its original's constraints: the same values
+                warnings.filterwarnings("ignore", message="The constraint value is ignored", category=UserWarning)
+                trial.set_constraint(UNSUPPORTED, 0.0 if p.feasible else 1.0)
+                for key, over in p.overruns.items():
+                    trial.set_constraint(key, over if p.feasible else 0.0)
             record.sampler_s = p.t1 - p.t0
             record.seconds = time.perf_counter() - p.t0
-            for key, v in record_attrs(record, self.fp32_ms).items():  # what a dashboard shows, a resume reads back
+            # what a dashboard shows, a resume reads back; the state last: a trial that holds it holds
+            # the whole record (kill -9 can land between any two writes). A retry inherits its
+            # original's attributes: all fields are written then, defaults too.
+            inherited = any(k in _RECORD_FIELDS or k.startswith(PROXY_PREFIX) for k in trial.user_attrs)
+            attrs = record_attrs(record, self.fp32_ms, every_field=inherited)
+            state = attrs.pop(STATE_ATTR)
+            for key, v in attrs.items():
                 trial.set_user_attr(key, v)
+            trial.set_user_attr(STATE_ATTR, state)
             if record.state == "fail":
                 study.tell(trial, state=TrialState.FAIL)
             else:
@@ -576,13 +585,15 @@ def _gather(result: SearchResult, study: optuna.Study, space: SearchSpace, track
     result.trials = records
 
 
-def record_attrs(record: TrialRecord, fp32_latency_ms: float | None) -> dict[str, object]:
+def record_attrs(record: TrialRecord, fp32_latency_ms: float | None, every_field: bool = False) -> dict[str, object]:
     """A trial's record as the study's user attributes: one per field (those at their default
-    left out), its proxies as `proxy.<name>`, and the speed-up over FP32 and the mean bit widths
-    to read in a dashboard. The configuration is not among them: it is the trial's params."""
+    left out unless every_field), its proxies as `proxy.<name>`, and the speed-up over FP32 and
+    the mean bit widths to read in a dashboard. The configuration is not among them: it is the
+    trial's params."""
     d = record.to_dict()
     del d["config"], d["number"]
-    out: dict[str, object] = {k: v for k, v in d.items() if k != "proxies" and v != _RECORD_DEFAULTS.get(k, ())}
+    out: dict[str, object] = {k: v for k, v in d.items()
+                              if k != "proxies" and (every_field or v != _RECORD_DEFAULTS.get(k, ()))}
     out.update({f"{PROXY_PREFIX}{k}": v for k, v in record.proxies.items()})
     out["speedup_fp32"] = speedup(fp32_latency_ms, record.latency_ms)
     out["mean_weight_bits"] = round(record.mean_weight_bits, 4)
@@ -595,8 +606,20 @@ _RECORD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrialRecord)
 
 
 def has_record(trial: FrozenTrial) -> bool:
-    """Whether a trial of the study holds a finished trial's record (record_attrs)."""
-    return STATE_ATTR in trial.user_attrs or RECORD_ATTR in trial.user_attrs
+    """Whether a trial of the study holds a finished trial's whole record (record_attrs): it was
+    told (complete; or failed, as its record says) and its state attribute, written last, is
+    there. A trial whose process was killed part-way through telling it (failed as an orphan,
+    its record partial or saying "complete"), and a retry that inherited its original's
+    attributes and is not told yet, hold none."""
+    attrs = trial.user_attrs
+    if RECORD_ATTR in attrs:  # a study written before the per-field record
+        return trial.state.is_finished()
+    state = attrs.get(STATE_ATTR)
+    if state is None:
+        return False
+    if trial.state == TrialState.COMPLETE:
+        return state != "fail"
+    return trial.state == TrialState.FAIL and state == "fail"
 
 
 def record_of(trial: FrozenTrial, space: SearchSpace) -> TrialRecord:

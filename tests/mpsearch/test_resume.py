@@ -15,6 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from mpsearch.controller import has_record
 from mpsearch.storage import make_storage
 
 SLOW_TASK = f"{Path(__file__).with_name('slow_digits.py')}:build"
@@ -29,7 +30,8 @@ def study_of(url: str, name: str | None = None) -> optuna.Study | None:
 
 
 def recorded(study: optuna.Study) -> list[int]:
-    return sorted(t.number for t in study.get_trials() if "state" in t.user_attrs)
+    """The trials holding a finished trial's whole record."""
+    return sorted(t.number for t in study.get_trials() if has_record(t))
 
 
 def result_numbers(out: Path) -> list[int]:
@@ -37,7 +39,8 @@ def result_numbers(out: Path) -> list[int]:
 
 
 # a process that asks the study for a trial and dies holding it: before naming itself (no owner),
-# or after (an owner that is gone); neither ever records a heartbeat
+# after (an owner that is gone), or half-way through telling it (part of its record written);
+# none ever records a heartbeat
 ASK_AND_DIE = """
 import os, sys, optuna
 from mpsearch.storage import make_storage
@@ -45,8 +48,11 @@ from mpsearch.controller import OWNER_ATTR
 from mpsearch.outlock import this_process
 study = optuna.load_study(study_name="m", storage=make_storage(sys.argv[1]))
 trial = study.ask(study.trials[0].distributions)
-if sys.argv[2] == "owner":
+if sys.argv[2] in ("owner", "halfway"):
     trial.set_user_attr(OWNER_ATTR, this_process())
+if sys.argv[2] == "halfway":  # the state among the first attributes, as an older mpsearch wrote them
+    trial.set_user_attr("state", "complete")
+    trial.set_user_attr("latency_ms", 0.5)
 os._exit(9)
 """
 
@@ -61,22 +67,24 @@ def test_resume_fails_trials_whose_process_died_before_its_first_heartbeat(tmp_p
     args = [*CLI, "search", "--task", "digits", "--strategy", "optuna", "--seed", "0", "--storage", url,
             "--study-name", "m", "--out", str(out), "--no-mlflow", "--no-progress"]
     subprocess.run([*args, "--trials", "3"], check=True, capture_output=True, timeout=300)
-    for how in ("owner", "none"):
+    for how in ("owner", "none", "halfway"):
         subprocess.run([sys.executable, "-c", ASK_AND_DIE, url, how], check=False, timeout=120)
     running = study_of(url).get_trials(states=(TrialState.RUNNING,))
-    assert [t.number for t in running] == [3, 4]
+    assert [t.number for t in running] == [3, 4, 5]
     t0 = time.monotonic()
     p = subprocess.run([*args, "--trials", "6", "--resume"], check=False, capture_output=True, text=True, timeout=280)
     took = time.monotonic() - t0
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "failed 1 trial left running by a process that is gone (trial 3)" in p.stderr
+    assert "failed 2 trials left running by a process that is gone (trials 3, 5)" in p.stderr
+    assert "Traceback" not in p.stderr and "constraint value is ignored" not in p.stderr
     assert "waiting (up to 300 s) for 1 trial other processes are running" in p.stderr  # said with --no-progress
     assert took < 120, took  # the owner-less one is failed after ORPHAN_GRACE_S (20 s), not after 300 s
     study = study_of(url)
     assert not study.get_trials(states=(TrialState.RUNNING,))
     assert len(recorded(study)) == 6
     assert result_numbers(out) == recorded(study)
-    assert {t.number for t in study.get_trials(states=(TrialState.FAIL,))} >= {3, 4}
+    assert {t.number for t in study.get_trials(states=(TrialState.FAIL,))} >= {3, 4, 5}
+    assert 5 not in recorded(study)  # its partial record is no record
 
 
 @pytest.mark.parametrize("storage", ["journal", "sqlite"])
