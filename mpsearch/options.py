@@ -155,14 +155,6 @@ class SearchOptions:
         _positive_int("worker threads", self.worker_threads)
         _positive_int("retries", self.retries, low=0)
 
-    @property
-    def budgets_mb(self) -> dict[str, float | None]:
-        return {"latency_ms": self.latency_budget_ms, "size_mb": self.size_budget_mb,
-                "memory_mb": self.memory_budget_mb}
-
-    def replace(self, **changes: Any) -> SearchOptions:
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, with the schema version (from_dict reads it back)."""
         d: dict[str, Any] = {"version": OPTIONS_VERSION}
