@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/cost_model.py [--quick] [--json PATH] [--tasks digits,mobilenet_v2]
                                               [--threads N] [--batch-size B]
 
-For each task: `mpsearch.calibrate.calibrate` fits the x86-vnni profile on this machine (its own
+For each task: `mpsearch.calibration.cpu.calibrate` fits the x86-vnni profile on this machine (its own
 seeded configurations); then N random per-layer {fp32, int8} configurations (another seed, so
 held out from the fit) are each built as its deployed graph in ONNX Runtime (mpsearch.deploy.build
-through mpsearch.measure.build_session: the graph `export --format onnx` writes; two sessions of
+through mpsearch.deploy.measure.build_session: the graph `export --format onnx` writes; two sessions of
 each, built separately, whose mean is the configuration's latency), timed interleaved against the
 all-fp32 model (median over rounds of the ratio to the reference timed around it, times the
 reference's median: drift cancels; each timing the median of enough back-to-back runs to last
@@ -55,13 +55,13 @@ import time
 import numpy as np
 
 from hw_models import Candidate, CostModel, HardwareProfile, LayerChoice, get_profile, list_profiles
-from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
-from mpsearch.calibrate import calibrate, random_configs
-from mpsearch.evaluator import Evaluator
-from mpsearch.fit import fidelity as scores
+from mpsearch.calibration.cpu import calibrate, random_configs
+from mpsearch.calibration.fit import fidelity as scores
+from mpsearch.deploy.measure import build_session, config_candidate, time_interleaved, timing_number
 from mpsearch.host import cpu_info
-from mpsearch.measure import build_session, config_candidate, time_interleaved, timing_number
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import Evaluator
 from mpsearch.tasks import load_task
 from mpsearch.tasks.base import first_samples
 

@@ -9,7 +9,7 @@ against ONNX Runtime, and the calibrated cost model against held-out deployed mi
    `verify` time) and `onnxruntime.quantization.quantize_static` of the same FP32 graph (QDQ,
    per-channel int8 weights, uint8 activations, MinMax on the task's calibration batches: ONNX
    Runtime's recommended settings for x86 with VNNI), built in one process and timed interleaved
-   against the FP32 graph (mpsearch.measure.time_interleaved: drift cancels); their ratios and
+   against the FP32 graph (mpsearch.deploy.measure.time_interleaved: drift cancels); their ratios and
    the int8 kernels in each optimized graph.
 2. Simulation against ONNX Runtime: top-1 agreement (classifiers) between the evaluator's
    simulated model and the deployed graph over the evaluation set, all-int8 and random
@@ -38,13 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hw_models import Candidate, LayerChoice, Precision
 from mpsearch import metrics
-from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
 from mpsearch.deploy.build import build
-from mpsearch.evaluator import Evaluator
+from mpsearch.deploy.measure import time_interleaved, timing_number
 from mpsearch.host import cpu_info
-from mpsearch.measure import time_interleaved, timing_number
 from mpsearch.onnx_export import OrtRunner
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import Evaluator
 from mpsearch.tasks import load_task
 from mpsearch.tasks.base import first_samples
 

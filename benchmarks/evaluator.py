@@ -27,7 +27,7 @@ JSON keys (one entry per task under "tasks"):
   method_build_s     {method: seconds} to build that method's evaluator and quantize the four
                      configs' weights (AdaRound's one-time cost shows here)
   kl                 the same table for KL divergence to FP32 (classifiers)
-  faithfulness       simulated W8A8 vs ONNX Runtime int8 (QDQ): see mpsearch.faithfulness
+  faithfulness       simulated W8A8 vs ONNX Runtime int8 (QDQ): see mpsearch.deploy.faithfulness
   early_stop         a random search with multi-fidelity scoring (--early-stop), then every pruned
                      candidate scored in full to check the stop: trials, pruned, batches_scored
                      and batches_full (what scoring every candidate in full runs), batch_share
@@ -49,10 +49,10 @@ import torch
 
 import mpsearch
 from hw_models import Candidate, Precision
-from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
-from mpsearch.evaluator import Evaluator, QuantSettings
-from mpsearch.result import pareto_front
+from mpsearch.results.records import pareto_front
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import Evaluator, QuantSettings
 from mpsearch.tasks import load_task
 
 P = Precision
@@ -131,7 +131,7 @@ def bench_task(name: str, quick: bool) -> dict:
         ev.close()
 
     try:
-        from mpsearch.faithfulness import compare_int8
+        from mpsearch.deploy.faithfulness import compare_int8
 
         log(f"[{name}] simulated vs ONNX Runtime int8")
         ev = Evaluator(task, analysis)

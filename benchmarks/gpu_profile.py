@@ -6,7 +6,7 @@ Needs a CUDA GPU (exits with status 2 and one line without one). Besides this re
 imports only torch, torchvision, numpy and tqdm (no Optuna, MLflow or Ray), so on a bare GPU box
 `PYTHONPATH=. python3 benchmarks/gpu_profile.py` runs it from a checkout without installing.
 
-What it does (`mpsearch.gpu_calibrate`): checks each kind's kernel against an fp32 reference,
+What it does (`mpsearch.calibration.gpu`): checks each kind's kernel against an fp32 reference,
 measures the copy bandwidth, times fp32 / bf16 / fp8 / int8 / int4-weight-only products (a
 transformer-style sweep from m = 1 to 8192 x 8192 x 8192, and mobilenet_v2's convolutions
 lowered to GEMMs at batch 32 and 256; depthwise convolutions are not GEMMs and are left out)
@@ -53,7 +53,7 @@ import torch
 
 from hw_models import Candidate, CostModel, Precision, get_profile
 from hw_models.profile_file import dump_profile
-from mpsearch.gpu_calibrate import KINDS, calibrate_gpu, gemm_sweep, layer_gemms, predict, software
+from mpsearch.calibration.gpu import KINDS, calibrate_gpu, gemm_sweep, layer_gemms, predict, software
 
 
 def log(msg: str) -> None:
@@ -65,8 +65,8 @@ def mobilenet():
     folded, and its layers as the cost model sees them."""
     import torchvision
 
-    from mpsearch.analysis import analyze
-    from mpsearch.folding import fold_batchnorm
+    from mpsearch.scoring.analysis import analyze
+    from mpsearch.scoring.folding import fold_batchnorm
 
     model = torchvision.models.mobilenet_v2(weights=None).eval()
     model, _ = fold_batchnorm(model)

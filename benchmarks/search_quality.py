@@ -9,7 +9,7 @@ pins the first layer too: 4^6 = 4,096), every candidate is scored once (the exac
 a candidate here; the scores are kept in the user cache, so a second run skips this), then each strategy - random, tpe, nsga2 (Optuna
 samplers alone), ilp (sensitivity-guided ILP solutions alone) and hybrid (ILP solutions first,
 then TPE) - searches the space with 10 seeds (--quick: 3) and budgets of 50, 100 and 200 trials
-(--quick: 50 and 100). The searches run the product's loop (mpsearch.controller.run_search, an
+(--quick: 50 and 100). The searches run the product's loop (mpsearch.engine.loop.run_search, an
 in-memory study) with scores looked up from the exhaustive pass, so they cost sampler and
 pricing time only. For each (strategy, budget): the ratio of the front's hypervolume to the
 exact front's (median and range over seeds) and a one-sided Mann-Whitney U test against random
@@ -56,14 +56,14 @@ import optuna
 from scipy.stats import mannwhitneyu
 
 from hw_models import CostModel, LayerChoice, Precision, get_profile
-from mpsearch.analysis import analyze
 from mpsearch.cache import atomic_write_bytes, cache_dir
-from mpsearch.controller import Budgets, make_sampler, run_search
-from mpsearch.evaluator import Evaluator
-from mpsearch.objectives import hypervolume
-from mpsearch.objectives import value as objective_value
-from mpsearch.result import SearchResult
-from mpsearch.strategy import plan
+from mpsearch.engine.loop import Budgets, make_sampler, run_search
+from mpsearch.engine.strategy import plan
+from mpsearch.results.objectives import hypervolume
+from mpsearch.results.objectives import value as objective_value
+from mpsearch.results.records import SearchResult
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import Evaluator
 from mpsearch.tasks import load_task
 from search_spaces import SearchSpace
 

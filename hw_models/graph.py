@@ -32,7 +32,7 @@ value in ONNX Runtime on the example batch). A tensor with no hook point is not 
 int8 convolution whose output cannot be simulated keeps a float output (ONNX Runtime then runs a
 float convolution on its dequantized weights), and the plan says so in `Plan.notes`.
 
-The graph the rule reads is the FP32 model exported to ONNX (mpsearch.onnx_graph.read_graph),
+The graph the rule reads is the FP32 model exported to ONNX (mpsearch.scoring.onnx_graph.read_graph),
 the same export the deployed graph is built from (mpsearch.deploy.build), so simulation,
 deployment and pricing read one structure. `DeployGraph` holds only plain data (node names, op
 types, tensor names and sizes, hook points) and round-trips through `to_dict`, so the evaluator

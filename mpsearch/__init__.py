@@ -1,23 +1,34 @@
 """mpsearch: mixed-precision quantization search under hardware budgets.
 
-The public names are imported on first use, so that `import mpsearch.<module>` for a light
-module (the GPU calibration, the analysis) does not load Optuna, MLflow and the search stack.
+The public names (below) are imported on first use, so that `import mpsearch.<module>` for a
+light module (the GPU calibration, the analysis) does not load Optuna, MLflow and the search stack.
+
+The package, by concern (each subpackage's docstring says what it owns and, on its "May import:"
+line, which parts of mpsearch it may import; tests/test_imports.py holds the code to those lines):
+  api, cli     the faces: `mpsearch.search(...)` and the command line (parses and prints)
+  engine/      SearchOptions, space set-up, storages, the trial loop, strategies, ILP, sensitivity
+  scoring/     model analysis, quantizers, AdaRound, folding, the Evaluator
+  deploy/      the deployed ONNX graph, ONNX Runtime timing, faithfulness, export, verify
+  calibration/ fitting CPU and GPU profiles to measurements
+  results/     result.json, objectives and Pareto, the best trial, compare, MLflow tracking
+  report/      text and HTML views of results
+  tasks/, executors/   built-in and user tasks; where candidates are scored (local, Ray)
+  errors, defaults, cache, host, outlock, metrics, targets, onnx_export: shared pieces every part
+  may use; they import only one another and tasks.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 _PUBLIC = {
     "MpsearchError": "mpsearch.errors",
-    "SearchResult": "mpsearch.result",
+    "SearchResult": "mpsearch.results.records",
     "Task": "mpsearch.tasks.base",
-    "TrialRecord": "mpsearch.result",
-    "apply": "mpsearch.export",
+    "TrialRecord": "mpsearch.results.records",
+    "apply": "mpsearch.deploy.export",
     "compare": "mpsearch.api",
     "search": "mpsearch.api",
     "verify": "mpsearch.deploy.verify",
@@ -27,10 +38,10 @@ __all__ = ["MpsearchError", "SearchResult", "Task", "TrialRecord", "__version__"
 
 if TYPE_CHECKING:  # pragma: no cover
     from mpsearch.api import compare, search
+    from mpsearch.deploy.export import apply
     from mpsearch.deploy.verify import verify
     from mpsearch.errors import MpsearchError
-    from mpsearch.export import apply
-    from mpsearch.result import SearchResult, TrialRecord
+    from mpsearch.results.records import SearchResult, TrialRecord
     from mpsearch.tasks.base import Task
 
 
@@ -42,22 +53,3 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
 
-
-class _Package(types.ModuleType):
-    """`mpsearch.compare` is the function (mpsearch.api.compare), although a submodule of that name
-    exists: importing the submodule binds it as the package's attribute, which would shadow the
-    function for the rest of the process (after any search, `mpsearch.compare(...)` raised
-    "'module' object is not callable")."""
-
-    @property
-    def compare(self):
-        from mpsearch.api import compare
-
-        return compare
-
-    @compare.setter
-    def compare(self, value) -> None:
-        pass  # the import system binding the submodule mpsearch.compare: the function stays
-
-
-sys.modules[__name__].__class__ = _Package

@@ -23,13 +23,8 @@ from hw_models import (
     HardwareProfile,
     LayerChoice,
     Precision,
-    UnknownProfileError,
-    get_profile,
 )
-from hw_models.profile_file import ProfileFileError
-from mpsearch.analysis import analyze
 from mpsearch.cache import cache_dir
-from mpsearch.controller import Budgets, Heartbeats, make_sampler, run_search
 from mpsearch.defaults import (
     COMPARE_OBJECTIVES,
     DEFAULT_BACKEND,
@@ -46,15 +41,10 @@ from mpsearch.defaults import (
     OUT_ROOT,
     STUDY_FILE,
 )
-from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError, UnknownTargetError
-from mpsearch.evaluator import ADAROUND_MAX_BITS, Evaluator, QuantSettings
-from mpsearch.ilp import choice_costs, solve_allocation
-from mpsearch.objectives import MB, reference_point
-from mpsearch.options import SearchOptions, parse_precisions
-from mpsearch.outlock import OutputLock
-from mpsearch.result import SearchResult, layer_breakdown
-from mpsearch.selection import drop_budget, is_proportion, n_eval_samples
-from mpsearch.storage import (
+from mpsearch.engine.ilp import choice_costs, solve_allocation
+from mpsearch.engine.loop import Budgets, Heartbeats, make_sampler, run_search
+from mpsearch.engine.options import SearchOptions, parse_precisions
+from mpsearch.engine.storage import (
     LAUNCH_ATTR,
     default_storage,
     make_storage,
@@ -63,25 +53,19 @@ from mpsearch.storage import (
     redact,
     sqlalchemy_errors,
 )
-from mpsearch.strategy import check_strategy
-from mpsearch.strategy import plan as make_plan
+from mpsearch.engine.strategy import check_strategy
+from mpsearch.engine.strategy import plan as make_plan
+from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError
+from mpsearch.outlock import OutputLock
+from mpsearch.results.objectives import MB, reference_point
+from mpsearch.results.records import SearchResult, layer_breakdown
+from mpsearch.results.selection import drop_budget, is_proportion, n_eval_samples
+from mpsearch.results.tracking import Tracker
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import ADAROUND_MAX_BITS, Evaluator, QuantSettings
+from mpsearch.targets import resolve_target
 from mpsearch.tasks import Task, load_task, task_ref, trusted_task
-from mpsearch.tracking import Tracker
 from search_spaces import SearchSpace, SpaceError
-
-
-def resolve_target(target: str | HardwareProfile) -> HardwareProfile:
-    if isinstance(target, HardwareProfile):
-        problems = target.bound_problems()  # as a profile file's figures are (hw_models.profile.FIGURE_BOUNDS)
-        if problems:
-            raise InvalidConfigError(f"profile {target.name}: {problems[0]}")
-        return target
-    try:
-        return get_profile(target)
-    except UnknownProfileError as e:
-        raise UnknownTargetError(str(e)) from None
-    except ProfileFileError as e:
-        raise InvalidConfigError(str(e)) from None
 
 
 def prepare_out_dir(out_dir: str | os.PathLike | None, task: str, target: str) -> tuple[Path, bool]:
@@ -205,7 +189,7 @@ def search(
     task: a Task, a built-in task name ("digits"), or "package.module:function" /
     "path/to/file.py:function".
     objectives: "metric" and any of latency, weight_memory, activation_memory, bops, energy
-    (mpsearch.objectives; default metric,latency). Budgets (latency_budget_ms, size_budget_mb:
+    (mpsearch.results.objectives; default metric,latency). Budgets (latency_budget_ms, size_budget_mb:
     weight memory, memory_budget_mb: weights plus peak activations) are constraints: a candidate
     over one is priced, never scored.
     max_drop: how far below the FP32 metric the best trial's metric may be, in metric points (0.01)
@@ -213,10 +197,10 @@ def search(
     error of an accuracy-like FP32 metric, at least one sample; else 1% of it). The best trial
     (SearchResult.best) is the cheapest complete trial within every budget and this drop: the
     fastest when latency is an objective, else the cheapest in the first cost objective; if none is
-    within the drop, the highest-metric one (mpsearch.selection). It does not change what is
+    within the drop, the highest-metric one (mpsearch.results.selection). It does not change what is
     searched or scored.
     strategy: hybrid (default: sensitivity-guided ILP solutions first, then the sampler), optuna,
-    ilp, or exhaustive (mpsearch.strategy); n_seeds: the hybrid's ILP solutions (default a tenth
+    ilp, or exhaustive (mpsearch.engine.strategy); n_seeds: the hybrid's ILP solutions (default a tenth
     of the trials).
     ties: groups of layer names that must share a precision pair (layers sharing a weight tensor
     are tied automatically); pins: {layer: "weight/activation"}; pin_first_last: the first and
@@ -239,7 +223,7 @@ def search(
     quantized weights, FP32 reference outputs) and the layer sensitivities in the user cache.
     early_stop: multi-fidelity scoring: stop scoring a candidate part-way through the evaluation
     batches once it clearly cannot reach the metric of a trial no costlier (recorded as
-    "pruned"; see mpsearch.controller.run_search).
+    "pruned"; see mpsearch.engine.loop.run_search).
     """
     profile = resolve_target(target)
     options = SearchOptions(  # every option checked here, before any work
@@ -531,10 +515,10 @@ WORKER_OPTIONS = ("target", "sampler", "objectives", "latency_budget_ms", "size_
 def finish_report(result: SearchResult, out: Path, cost_model: CostModel | None, tracker: Tracker | None,
                   extra: Sequence[Path] = ()) -> None:
     """The best trial's per-layer latencies into result.json, its configuration to
-    OUT/best_config.json (mpsearch.export), OUT/report.html, and all of them (with `extra` files)
+    OUT/best_config.json (mpsearch.deploy.export), OUT/report.html, and all of them (with `extra` files)
     as artifacts of the MLflow parent run."""
-    from mpsearch.export import export_config, write_config
-    from mpsearch.report_html import write_report
+    from mpsearch.deploy.export import export_config, write_config
+    from mpsearch.report.html import write_report
 
     files = []
     if result.best is not None:
@@ -636,7 +620,7 @@ def profile_config(
     profile = resolve_target(target)
     task_obj = load_task(task) if isinstance(task, str) else task
     analysis = analyze(task_obj.model, task_obj.example_input)
-    from mpsearch.onnx_graph import deploy_graph_of
+    from mpsearch.scoring.onnx_graph import deploy_graph_of
 
     cost_model = CostModel(analysis.layers, profile, batch_size=batch_size, graph=deploy_graph_of(task_obj, analysis))
     if config is None:
@@ -666,7 +650,7 @@ def _load_config(config, fqns) -> Candidate:
         if isinstance(data, dict) and isinstance(data.get("config"), dict):
             data = data["config"]  # a trial of result.json
         elif isinstance(data, dict) and "schema" in data:  # a file of `mpsearch export`
-            from mpsearch.export import read_config
+            from mpsearch.deploy.export import read_config
 
             data = read_config(data)["layers"]
         try:
@@ -738,7 +722,7 @@ def compare(
 
 
 def _compare(task, names, profiles, n_trials, objectives, batch_size, budgets, search_options):
-    from mpsearch.compare import price_on_targets
+    from mpsearch.results.compare import price_on_targets
 
     result = search(task, names[0], n_trials, objectives=objectives, batch_size=batch_size, **search_options)
     cmp = price_on_targets(result, result.layers, profiles, batch_size=batch_size, latency_budgets_ms=budgets,

@@ -53,8 +53,7 @@ def _quant_default(field: str, choices: str | None = None):
     def lookup():
         import dataclasses
 
-        from mpsearch import evaluator
-
+        from mpsearch.scoring import evaluator
         default = {f.name: f.default for f in dataclasses.fields(evaluator.QuantSettings)}[field]
         return ("none" if default is None else default), (getattr(evaluator, choices) if choices else ())
 
@@ -65,7 +64,7 @@ def _calibrate_default(param: str):
     def lookup():
         import inspect
 
-        from mpsearch.calibrate import calibrate
+        from mpsearch.calibration.cpu import calibrate
 
         return inspect.signature(calibrate).parameters[param].default, ()
 
@@ -110,7 +109,7 @@ def _positive_float(s: str) -> float:
 
 def _max_drop(s: str) -> str:
     from mpsearch.errors import InvalidConfigError
-    from mpsearch.selection import parse_max_drop
+    from mpsearch.results.selection import parse_max_drop
 
     try:
         parse_max_drop(s)
@@ -231,7 +230,7 @@ def _add_verify_options(v) -> None:
 
 
 def _add_search_options(s: argparse.ArgumentParser, compare: bool = False) -> None:
-    from mpsearch.objectives import DEFAULT_OBJECTIVES, OBJECTIVES
+    from mpsearch.results.objectives import DEFAULT_OBJECTIVES, OBJECTIVES
 
     s.add_argument("--task", required=True, help=TASK_HELP)
     if compare:
@@ -300,7 +299,7 @@ def _add_search_options(s: argparse.ArgumentParser, compare: bool = False) -> No
                    help="torch threads (and Ray CPUs) per worker (default %(default)s)")
     d.add_argument("--retries", type=_natural_int, default=D.DEFAULT_RETRIES, metavar="N",
                    help="runs of a trial whose worker died before it is recorded as failed (default %(default)s)")
-    q = s.add_argument_group("quantizer (how candidates are scored; defaults of mpsearch.evaluator.QuantSettings)")
+    q = s.add_argument_group("quantizer (how candidates are scored; defaults of mpsearch.scoring.evaluator.QuantSettings)")
     _arg(q, "--weight-granularity", metavar="G", code_default=_quant_default("weight_granularity", "WEIGHT_GRANULARITIES"),
          help="symmetric integer weights with one scale per output channel or per tensor: {choices} "
               "(default {default})")
@@ -352,7 +351,7 @@ def _cmd_tasks(args) -> int:
 
 
 def _cmd_targets(args) -> int:
-    from mpsearch.report import targets_text
+    from mpsearch.report.text import targets_text
 
     print(targets_text())
     return 0
@@ -367,7 +366,7 @@ def _cmd_fetch_weights(args) -> int:
 
 def _cmd_profile(args) -> int:
     from mpsearch.api import profile_config
-    from mpsearch.report import layer_cost_text
+    from mpsearch.report.text import layer_cost_text
 
     model, candidate = profile_config(args.task, args.target, precision=args.precision, config=args.config,
                                       batch_size=args.batch_size)
@@ -381,7 +380,7 @@ def _given(args, names: dict[str, str]) -> dict:
 
 
 def _cmd_calibrate(args) -> int:
-    from mpsearch.calibrate import calibrate, write_profile
+    from mpsearch.calibration.cpu import calibrate, write_profile
 
     if not args.out.endswith(".toml"):
         raise InvalidConfigError(f"--out must name a .toml file, got {args.out}")
@@ -395,7 +394,7 @@ def _cmd_calibrate(args) -> int:
 
 def _quant(args):
     """QuantSettings from the quantizer flags given (the others keep QuantSettings' defaults)."""
-    from mpsearch.evaluator import QuantSettings
+    from mpsearch.scoring.evaluator import QuantSettings
 
     try:
         return QuantSettings(**_given(args, {f: f for f in QUANT_FLAGS}))
@@ -450,7 +449,7 @@ def _search_kwargs(args) -> dict:
 
 def _cmd_search(args) -> int:
     from mpsearch.api import search
-    from mpsearch.report import summary_text
+    from mpsearch.report.text import summary_text
 
     with _on_write_error(_trials_kept(args)):
         result = search(args.task, args.target, latency_budget_ms=args.latency_budget, **_search_kwargs(args))
@@ -483,8 +482,7 @@ def _cmd_verify(args) -> int:
 
 def _cmd_compare(args) -> int:
     from mpsearch.api import compare
-    from mpsearch.compare import compare_table
-    from mpsearch.report import next_steps, tracking_line
+    from mpsearch.report.text import compare_table, next_steps, tracking_line
 
     kw = _search_kwargs(args)
     with _on_write_error(_trials_kept(args)):
@@ -506,8 +504,8 @@ def _pngs(out: Path, tracking: dict) -> None:
     writes report.html alone), also to MLflow; without a browser, one line on stderr and no PNGs
     (the search is done and written: a missing browser must not fail it)."""
     from mpsearch.errors import MissingDependencyError
-    from mpsearch.report_html import write_report
-    from mpsearch.tracking import Tracker
+    from mpsearch.report.html import write_report
+    from mpsearch.results.tracking import Tracker
 
     redo = _command("report", str(out))
     try:
@@ -539,7 +537,7 @@ def _export_format(args) -> str:
 
 
 def _cmd_export(args) -> int:
-    from mpsearch.export import export_config, export_onnx, write_config
+    from mpsearch.deploy.export import export_config, export_onnx, write_config
 
     fmt = _export_format(args)
     config = export_config(args.dir, args.trial)
@@ -570,7 +568,7 @@ def _cmd_export(args) -> int:
 
 def _cmd_report(args) -> int:
     from mpsearch.errors import MissingDependencyError
-    from mpsearch.report_html import write_report
+    from mpsearch.report.html import write_report
 
     try:
         files = write_report(Path(args.dir), png=not args.no_png)
@@ -584,7 +582,7 @@ def _cmd_report(args) -> int:
 
 def _cmd_worker(args) -> int:
     from mpsearch.api import join_study
-    from mpsearch.report import summary_text
+    from mpsearch.report.text import summary_text
 
     with _on_write_error(lambda e: f"the finished trials are kept in the study: {_remedy(e)}, then "
                                    f"`{_command(*args.argv)}` runs the worker again"):
@@ -660,7 +658,7 @@ def _trials_kept(args) -> Callable[[OSError], str]:
 
 def _study_file(storage: str | None, out: str | None) -> Path | None:
     """The file of a search's study: --storage's journal or SQLite file, else the one in its output
-    directory (as mpsearch.storage.default_storage picks it); None for a database server, or when the
+    directory (as mpsearch.engine.storage.default_storage picks it); None for a database server, or when the
     output directory is not known."""
     if storage:
         for prefix in ("journal:///", "sqlite:///"):

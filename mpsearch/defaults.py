@@ -1,8 +1,8 @@
 """The user-facing defaults of a search, in one light module (no torch, Optuna or MLflow), so that
 the API's keyword defaults and the command line's flags and help share one source.
 
-The quantizer's defaults are those of `mpsearch.evaluator.QuantSettings`, calibration's those of
-`mpsearch.calibrate.calibrate`; the command line reads them from there.
+The quantizer's defaults are those of `mpsearch.scoring.evaluator.QuantSettings`, calibration's those of
+`mpsearch.calibration.cpu.calibrate`; the command line reads them from there.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def test_graph_sees_every_package():
     # the walk sees the imports (a broken walk would find no cycles because it found no edges),
     # those inside functions included
     assert "hw_models.precision" in modules["hw_models.cost"].edges
-    assert {"mpsearch.evaluator", "mpsearch.deploy.verify"} <= set(modules["mpsearch.cli"].edges)
+    assert {"mpsearch.scoring.evaluator", "mpsearch.deploy.verify"} <= set(modules["mpsearch.cli"].edges)
 
 
 def test_walk_reads_relative_lazy_submodule_and_private_imports(tmp_path):
@@ -256,3 +256,62 @@ def test_no_private_imports():
         for line, text in mod.private
     ]
     assert not found, "imports of another module's private name:\n" + "\n".join(sorted(found))
+
+
+FACES = {"mpsearch", "mpsearch.api", "mpsearch.cli"}  # may import every part
+
+
+def _part(name: str) -> str:
+    """The part of mpsearch a module belongs to: its subpackage ("engine"), or the top-level
+    module's own name ("errors") for the shared pieces and the faces."""
+    return name.split(".")[1]
+
+
+def _may_import(package: Path) -> set[str] | None:
+    """The parts named on the "May import:" line of a subpackage's docstring."""
+    doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+    for line in doc.splitlines():
+        if line.startswith("May import:"):
+            return {p.strip() for p in line.removeprefix("May import:").split(",")}
+    return None
+
+
+def _part_violations(modules: dict[str, Module]) -> list[str]:
+    mp = ROOT / "mpsearch"
+    subpackages = {p.name for p in mp.iterdir() if (p / "__init__.py").is_file()}
+    shared = {p.stem for p in mp.glob("*.py")} - {"__init__", "api", "cli"}
+    allowed = {pkg: _may_import(mp / pkg) for pkg in subpackages}
+    allowed |= {name: shared | {"tasks"} for name in shared}
+    found = []
+    for mod in modules.values():
+        if not mod.name.startswith("mpsearch.") or mod.name in FACES:
+            continue
+        part = _part(mod.name)
+        for target in mod.edges:
+            if not target.startswith("mpsearch.") or _part(target) == part:
+                continue
+            other = _part(target)
+            if allowed[part] is None or other not in allowed[part]:
+                found.append(f"{mod.name} -> {target} ({part} may import: {', '.join(sorted(allowed[part] or []))})")
+    return sorted(found)
+
+
+def test_every_subpackage_says_what_it_may_import():
+    mp = ROOT / "mpsearch"
+    missing = [p.name for p in mp.iterdir() if (p / "__init__.py").is_file() and _may_import(p) is None]
+    assert not missing, f"subpackages whose docstring has no 'May import:' line: {missing}"
+    assert _may_import(mp / "results") == {"errors", "defaults", "cache", "metrics"}  # the line is read
+
+
+def test_imports_follow_each_part_s_may_import_line():
+    found = _part_violations(_graph())
+    assert not found, "imports a part's docstring does not allow:\n" + "\n".join(found)
+
+
+def test_a_forbidden_import_is_caught():
+    # results may not import a view: a results module importing mpsearch.report.text is reported
+    modules = _graph()
+    records = modules["mpsearch.results.records"]
+    records.edges["mpsearch.report.text"].add("summary_text")
+    assert _part_violations(modules) == [
+        "mpsearch.results.records -> mpsearch.report.text (results may import: cache, defaults, errors, metrics)"]

@@ -50,16 +50,23 @@ import torch
 from hw_models import Candidate, LayerChoice, Precision
 from hw_models.graph import Plan
 from mpsearch.errors import EvaluationError, InvalidConfigError, MpsearchError
-from mpsearch.onnx_export import Editor, Graph, WeightSite, default_weight_dtype, import_onnx, set_nodes
-from mpsearch.onnx_graph import find_layer_sites, graph_nodes, read_graph
-from mpsearch.quant import int_range, resolve_clipping, weight_qparams
+from mpsearch.onnx_export import (
+    Editor,
+    Graph,
+    WeightSite,
+    default_weight_dtype,
+    import_onnx,
+    set_nodes,
+)
+from mpsearch.scoring.onnx_graph import find_layer_sites, graph_nodes, read_graph
+from mpsearch.scoring.quant import int_range, resolve_clipping, weight_qparams
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
-    from mpsearch.evaluator import Evaluator
+    from mpsearch.scoring.evaluator import Evaluator
 
-# find_layer_sites, graph_nodes and read_graph read the FP32 graph: they live in mpsearch.onnx_graph
+# find_layer_sites, graph_nodes and read_graph read the FP32 graph: they live in mpsearch.scoring.onnx_graph
 # (which the evaluator imports); importing them from here still works.
 __all__ = ["INT4_OPSET", "Deployment", "build", "find_layer_sites", "graph_nodes", "read_graph", "weight_ints"]
 

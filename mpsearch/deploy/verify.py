@@ -3,7 +3,7 @@
 `verify(result_dir, top=N)` reads a finished search's result.json and, for the N front
 configurations with the highest metric and the search's best, builds each one's deployed graph
 (mpsearch.deploy.build: the graph `export --format onnx` writes), times them in ONNX Runtime
-interleaved with the FP32 and the uniform int8 graphs (mpsearch.measure.time_interleaved: drift
+interleaved with the FP32 and the uniform int8 graphs (mpsearch.deploy.measure.time_interleaved: drift
 cancels), and runs the evaluation set through each: the measured latency, speed-up over FP32 and
 metric stand beside the predicted ones. The front is drawn again from the measurements (metric
 measured in ONNX Runtime against latency measured). The figures go into result.json under
@@ -62,11 +62,11 @@ def measure_candidates(
     from tqdm import tqdm
 
     from mpsearch import metrics
-    from mpsearch.analysis import analyze
     from mpsearch.cache import cache_dir
     from mpsearch.deploy.build import build
-    from mpsearch.evaluator import Evaluator, QuantSettings
-    from mpsearch.measure import ConfigRunner, time_interleaved, timing_number
+    from mpsearch.deploy.measure import ConfigRunner, time_interleaved, timing_number
+    from mpsearch.scoring.analysis import analyze
+    from mpsearch.scoring.evaluator import Evaluator, QuantSettings
     from mpsearch.tasks import load_task
     from mpsearch.tasks.base import first_samples
 
@@ -150,7 +150,7 @@ def verify(
     when result.json names a task file or module (mpsearch.tasks.trusted_task: code runs only
     from a task the user names), not for a built-in task."""
     from mpsearch.outlock import OutputLock
-    from mpsearch.result import SearchResult
+    from mpsearch.results.records import SearchResult
     from mpsearch.tasks import trusted_task
 
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
@@ -169,9 +169,9 @@ def verify(
 
 def _verify(path: Path, task_ref: str, top: int, threads: int | None, batch_size: int | None, rounds: int,
             backend: str, ray_address: str | None, progress: bool) -> dict[str, Any]:
-    from mpsearch.api import resolve_target
     from mpsearch.errors import MpsearchError
-    from mpsearch.result import SearchResult
+    from mpsearch.results.records import SearchResult
+    from mpsearch.targets import resolve_target
 
     res = SearchResult.read(path)
     target_ref = res.settings.get("target_ref") or res.target
@@ -238,7 +238,7 @@ def _verify(path: Path, task_ref: str, top: int, threads: int | None, batch_size
     res.verification = verification
     res.write(path)
     if path.parent.is_dir():
-        from mpsearch.report_html import write_report
+        from mpsearch.report.html import write_report
 
         try:
             write_report(path.parent)
@@ -249,7 +249,7 @@ def _verify(path: Path, task_ref: str, top: int, threads: int | None, batch_size
 
 def summary(v: Mapping[str, Any]) -> str:
     """The verification as a text table (stdout of `mpsearch verify`)."""
-    from mpsearch.report import text_table
+    from mpsearch.report.text import text_table
 
     w = v["where"]
     header = ["config", "pred ms", "meas ms", "pred x", "meas x", "sim metric", "ORT metric", "agree", "int8 k."]

@@ -1,10 +1,12 @@
-"""Where candidates are scored. The search loop (mpsearch.controller.run_search) asks, prices and
+"""Where candidates are scored. The search loop (mpsearch.engine.loop.run_search) asks, prices and
 tells on the driver; an executor scores the candidates worth scoring, one at a time in this
 process (LocalExecutor) or several at once on Ray actors (mpsearch.executors.ray_executor, the
 only module that imports Ray).
 
 An executor has `slots` (scorings in flight at once), `submit(key, candidate, stop_below)` and
 `wait()`, which blocks until at least one submitted scoring finishes and returns their Outcomes.
+
+May import: errors, cache, tasks, scoring
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Protocol
 
 from hw_models import Candidate
 from mpsearch.errors import EvaluationError
-from mpsearch.evaluator import Evaluator, Score
+from mpsearch.scoring.evaluator import Evaluator, Score
 
 THIS_PROCESS = f"{socket.gethostname()}:{os.getpid()}"
 

@@ -3,7 +3,7 @@
 Why actors fed by the driver's Optuna study (ask/tell), not Ray Tune with OptunaSearch:
 - pricing stays on the driver: a candidate over budget, or one the target cannot run, costs
   microseconds there and never travels; only candidates worth scoring go to a worker;
-- one loop for local and distributed searches (mpsearch.controller.run_search): the same
+- one loop for local and distributed searches (mpsearch.engine.loop.run_search): the same
   result.json, resume, duplicate reuse, early stopping, and MLflow logged by the driver alone;
 - the configurations proposed are reproducible with a seed: the loop tells trials in the order
   they were asked and asks trial k right after telling trial k - workers, whatever order the
@@ -33,8 +33,8 @@ from pathlib import Path
 
 from hw_models import Candidate
 from mpsearch.errors import ClusterError, MissingDependencyError
-from mpsearch.evaluator import QuantSettings
 from mpsearch.executors import Outcome, score_outcome
+from mpsearch.scoring.evaluator import QuantSettings
 from mpsearch.tasks import Task
 
 READY_TIMEOUT_S = 600.0  # building the task on a worker (a cold evaluator cache included)
@@ -133,9 +133,9 @@ class _Scorer:
     def __init__(self, task: Task | str, quant: QuantSettings, cache: bool, threads: int):
         import torch
 
-        from mpsearch.analysis import analyze
         from mpsearch.cache import cache_dir
-        from mpsearch.evaluator import Evaluator
+        from mpsearch.scoring.analysis import analyze
+        from mpsearch.scoring.evaluator import Evaluator
         from mpsearch.tasks import load_task
 
         torch.set_num_threads(threads)

@@ -4,6 +4,8 @@ A task is named by a built-in name (`mpsearch tasks` lists them), by `package.mo
 (an importable module) or by `path/to/file.py:function` (a file, relative to the current
 directory). The function is called with no arguments and must return a `Task`. Built-in task
 modules are imported only when asked for, so optional dependencies stay optional.
+
+May import: errors, cache, metrics
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""AdaRound (mpsearch.adaround): learned rounding beats round-to-nearest on the layer output."""
+"""AdaRound (mpsearch.scoring.adaround): learned rounding beats round-to-nearest on the layer output."""
 
 import itertools
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpsearch.adaround import _Conv, adaround_weight
-from mpsearch.quant import fake_quant_weight, int_range, weight_qparams
+from mpsearch.scoring.adaround import _Conv, adaround_weight
+from mpsearch.scoring.quant import fake_quant_weight, int_range, weight_qparams
 
 
 def _layer_out(module: nn.Module, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

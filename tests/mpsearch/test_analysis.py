@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from hw_models.layers import LayerSpec
-from mpsearch.analysis import (
+from mpsearch.errors import TaskLoadError
+from mpsearch.scoring.analysis import (
     NORMALIZATION,
     NOT_EXECUTED,
     IgnoredModule,
@@ -15,7 +16,6 @@ from mpsearch.analysis import (
     WeightHandle,
     analyze,
 )
-from mpsearch.errors import TaskLoadError
 
 
 def only(analysis: ModelAnalysis) -> LayerSpec:

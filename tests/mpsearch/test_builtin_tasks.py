@@ -21,8 +21,8 @@ from hw_models.precision import Precision
 from mpsearch.cache import sha256_file
 from mpsearch.errors import MpsearchError
 from mpsearch.metrics import top1_agreement
-from mpsearch.quant import MinMaxObserver
-from mpsearch.quant import quantize_weight as qw
+from mpsearch.scoring.quant import MinMaxObserver
+from mpsearch.scoring.quant import quantize_weight as qw
 from mpsearch.tasks import Task
 from mpsearch.tasks import mobilenet as mn
 from mpsearch.tasks import weights as wt

@@ -6,16 +6,16 @@ import pytest
 
 from hw_models import Candidate, CostModel, LayerChoice, LayerSpec, Precision, get_profile
 from hw_models.profile_file import load_profile
-from mpsearch.analysis import analyze
-from mpsearch.calibrate import _fit_roofline, random_configs, session_noise
-from mpsearch.fit import EFFICIENCY_GRID
+from mpsearch.calibration.cpu import _fit_roofline, random_configs, session_noise
+from mpsearch.calibration.fit import EFFICIENCY_GRID
+from mpsearch.scoring.analysis import analyze
 
 X86 = get_profile("x86-vnni")
 P = Precision
 
 
 def _digits_layers():
-    from mpsearch.analysis import analyze
+    from mpsearch.scoring.analysis import analyze
     from mpsearch.tasks import load_task
 
     task = load_task("digits")
@@ -82,7 +82,7 @@ def test_calibrate_command_writes_a_profile_that_works_as_a_target(tmp_path, cap
     assert not any(">" in k or "@" in k for e in table.layers.values() for k in e)
     assert prof.quantize_bytes_per_elem is not None and prof.dequantize_bytes_per_elem is not None
     # pricing sums the layers' measured times, the non-layer time and the graph's conversions
-    from mpsearch.onnx_graph import deploy_graph_of
+    from mpsearch.scoring.onnx_graph import deploy_graph_of
     from mpsearch.tasks import load_task
 
     task = load_task("digits")

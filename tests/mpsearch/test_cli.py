@@ -19,8 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mpsearch.cli import main
-from mpsearch.result import SearchResult, pareto_front
-from mpsearch.storage import make_storage
+from mpsearch.engine.storage import make_storage
+from mpsearch.results.records import SearchResult, pareto_front
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -299,8 +299,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_every_flag_has_help_and_its_default_comes_from_the_code(monkeypatch):
     from mpsearch import cli as cli_module
     from mpsearch import defaults
-    from mpsearch.calibrate import calibrate
-    from mpsearch.evaluator import QuantSettings
+    from mpsearch.calibration.cpu import calibrate
+    from mpsearch.scoring.evaluator import QuantSettings
 
     parser = cli_module.build_parser()
     assert all(a.help for a in parser._actions)
@@ -332,7 +332,7 @@ def test_every_flag_has_help_and_its_default_comes_from_the_code(monkeypatch):
 
 
 def test_rate_is_per_second_or_seconds_per_trial():
-    from mpsearch.report import trial_rate
+    from mpsearch.report.text import trial_rate
 
     assert trial_rate(10, 2.0) == "5.0 a second"
     assert trial_rate(3, 7.5) == "2.5 s a trial"  # not "0.4 a second", and never "0.0 a second"
@@ -467,9 +467,9 @@ def test_api_refuses_a_budget_that_is_not_a_positive_finite_number(bad, tmp_path
     assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()  # refused before any work
 
 
-def test_mpsearch_compare_stays_the_function_after_its_module_is_imported():
-    code = ("import mpsearch, mpsearch.compare, mpsearch.api\n"
-            "from mpsearch.compare import Comparison\n"
+def test_mpsearch_compare_is_the_function_beside_the_results_compare_module():
+    code = ("import mpsearch, mpsearch.results.compare, mpsearch.api\n"
+            "from mpsearch.results.compare import Comparison\n"
             "print(callable(mpsearch.compare), mpsearch.compare is mpsearch.api.compare, Comparison.__name__)")
     r = subprocess.run([sys.executable, "-c", code],
                        capture_output=True, text=True, timeout=120, check=True)

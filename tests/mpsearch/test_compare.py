@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from hw_models import Candidate, CostModel, Precision, get_profile
-from mpsearch.analysis import analyze
 from mpsearch.api import compare
 from mpsearch.cli import main
-from mpsearch.compare import Comparison, compare_table
 from mpsearch.errors import InvalidConfigError, UnknownTargetError
-from mpsearch.objectives import pareto_front
+from mpsearch.report.text import compare_table
+from mpsearch.results.compare import Comparison
+from mpsearch.results.objectives import pareto_front
+from mpsearch.scoring.analysis import analyze
 from mpsearch.tasks import load_task
 
 TARGETS = ["x86-vnni", "h100", "bitfusion"]

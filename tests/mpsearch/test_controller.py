@@ -1,4 +1,4 @@
-"""The trial loop (mpsearch.controller.run_search) driven directly, with a scripted executor in
+"""The trial loop (mpsearch.engine.loop.run_search) driven directly, with a scripted executor in
 place of the evaluator: the real digits space and cost model, a real in-memory Optuna study.
 What is checked: proposals independent of the order scorings finish in, a repeat in flight
 scored once, candidates over budget never scored, scoring errors as failed trials, and Ctrl-C
@@ -13,12 +13,12 @@ import pytest
 from optuna.trial import TrialState
 
 from hw_models import CostModel, Precision, get_profile
-from mpsearch.analysis import analyze
-from mpsearch.controller import Budgets, make_sampler, run_search
+from mpsearch.engine.loop import Budgets, make_sampler, run_search
 from mpsearch.errors import SearchInterrupted
-from mpsearch.evaluator import Score
 from mpsearch.executors import Outcome
-from mpsearch.result import SearchResult
+from mpsearch.results.records import SearchResult
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import Score
 from mpsearch.tasks import load_task
 from search_spaces import SearchSpace
 

@@ -16,9 +16,9 @@ FP32 = LayerChoice(P.FP32, P.FP32)
 @pytest.fixture(scope="module")
 def mobilenet():
     pytest.importorskip("onnxruntime")
-    from mpsearch.analysis import analyze
     from mpsearch.cache import cache_dir
-    from mpsearch.evaluator import Evaluator
+    from mpsearch.scoring.analysis import analyze
+    from mpsearch.scoring.evaluator import Evaluator
     from mpsearch.tasks import load_task
 
     task = load_task("mobilenet_v2")

@@ -165,7 +165,7 @@ def test_a_storage_worker_killed_mid_trial_has_its_trial_run_again(tmp_path):
     enqueued again, and the search that created the study runs it."""
     import optuna
 
-    from mpsearch.storage import make_storage
+    from mpsearch.engine.storage import make_storage
 
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     marks = tmp_path / "pids"

@@ -6,8 +6,8 @@ import pytest
 
 import mpsearch
 from hw_models import Candidate, Precision
-from mpsearch.analysis import analyze
-from mpsearch.evaluator import EARLY_STOP_Z, Evaluator, _upper_bound
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import EARLY_STOP_Z, Evaluator, _upper_bound
 from mpsearch.tasks import Task, load_task
 
 P = Precision

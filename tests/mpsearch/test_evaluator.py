@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from hw_models import Candidate, Precision
-from mpsearch.analysis import analyze
 from mpsearch.errors import EvaluationError, InvalidConfigError
-from mpsearch.evaluator import Evaluator, QuantSettings
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import Evaluator, QuantSettings
 from mpsearch.tasks import Task, load_task
 
 P = Precision

@@ -12,10 +12,7 @@ import torch
 import mpsearch
 from hw_models import Candidate
 from mpsearch import metrics
-from mpsearch.analysis import analyze
-from mpsearch.errors import InvalidConfigError
-from mpsearch.evaluator import Evaluator, QuantSettings
-from mpsearch.export import (
+from mpsearch.deploy.export import (
     CONFIG_SCHEMA,
     apply,
     apply_task,
@@ -24,6 +21,9 @@ from mpsearch.export import (
     read_config,
     write_config,
 )
+from mpsearch.errors import InvalidConfigError
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import Evaluator, QuantSettings
 from mpsearch.tasks import load_task
 
 LAYERS = ("features.0", "features.2", "features.4", "features.6", "features.8", "features.10",

@@ -12,12 +12,12 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from hw_models import Candidate, LayerChoice, Precision
-from mpsearch.analysis import analyze
 from mpsearch.deploy.build import build
 from mpsearch.errors import InvalidConfigError, MissingDependencyError
-from mpsearch.evaluator import Evaluator, QuantSettings
 from mpsearch.metrics import accuracy
 from mpsearch.onnx_export import OrtRunner, count_int8_kernels, default_weight_dtype, export_fp32
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import Evaluator, QuantSettings
 from mpsearch.tasks import Task
 
 W8A8 = LayerChoice(Precision.INT8, Precision.INT8)
@@ -206,9 +206,9 @@ def test_default_weight_dtype_follows_this_cpu():
 # -- the real digits task ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_report():
-    from mpsearch.analysis import analyze
-    from mpsearch.evaluator import Evaluator
-    from mpsearch.faithfulness import compare_int8
+    from mpsearch.deploy.faithfulness import compare_int8
+    from mpsearch.scoring.analysis import analyze
+    from mpsearch.scoring.evaluator import Evaluator
     from mpsearch.tasks import load_task
 
     task = load_task("digits")

@@ -4,10 +4,10 @@ import torch
 from torch import nn
 
 from hw_models import Candidate, Precision
-from mpsearch.analysis import analyze
-from mpsearch.evaluator import Evaluator, QuantSettings
-from mpsearch.folding import fold_batchnorm, foldable_pairs, remap_handles
 from mpsearch.metrics import accuracy
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import Evaluator, QuantSettings
+from mpsearch.scoring.folding import fold_batchnorm, foldable_pairs, remap_handles
 from mpsearch.tasks import Task
 
 P = Precision

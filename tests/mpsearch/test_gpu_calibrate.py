@@ -20,8 +20,8 @@ import torch
 
 from hw_models import CostModel, LayerChoice, LayerSpec, Precision, get_profile
 from hw_models.profile_file import dump_profile, load_profile
-from mpsearch.fit import EFFICIENCY_GRID, fidelity
-from mpsearch.gpu_calibrate import (
+from mpsearch.calibration.fit import EFFICIENCY_GRID, fidelity
+from mpsearch.calibration.gpu import (
     BANDWIDTH_SCALES,
     KINDS,
     Gemm,
@@ -199,8 +199,8 @@ def test_calibrates_on_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_calibrate_command_path_on_cuda_writes_a_table_for_the_task(tmp_path):
-    from mpsearch.analysis import analyze
-    from mpsearch.calibrate import _calibrate_gpu, write_profile
+    from mpsearch.calibration.cpu import _calibrate_gpu, write_profile
+    from mpsearch.scoring.analysis import analyze
     from mpsearch.tasks import load_task
 
     cal = _calibrate_gpu("digits", H100, name="h100-here", batch_size=32, seed=0, progress=False)

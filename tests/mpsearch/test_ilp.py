@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from hw_models import LayerChoice, Precision
+from mpsearch.engine.ilp import Allocation, min_total, solve_allocation, sweep
 from mpsearch.errors import InvalidConfigError
-from mpsearch.ilp import Allocation, min_total, solve_allocation, sweep
 
 P = Precision
 F = LayerChoice(P.FP32, P.FP32)

@@ -1,4 +1,4 @@
-"""Latency measurement of mixed-precision configurations in ONNX Runtime (mpsearch.measure)."""
+"""Latency measurement of mixed-precision configurations in ONNX Runtime (mpsearch.deploy.measure)."""
 
 import math
 import statistics
@@ -13,8 +13,7 @@ pytest.importorskip("onnxruntime")
 
 from hw_models import Precision
 from mpsearch import metrics
-from mpsearch.analysis import analyze
-from mpsearch.measure import (
+from mpsearch.deploy.measure import (
     attribute_nodes,
     build_session,
     config_candidate,
@@ -23,6 +22,7 @@ from mpsearch.measure import (
     time_interleaved,
 )
 from mpsearch.onnx_export import OrtRunner, export_fp32
+from mpsearch.scoring.analysis import analyze
 
 # int8 layers between fp32 ones: in the deployed graph each runs as an int8 kernel (its output is
 # quantized and dequantized for its fp32 consumer), every fp32 layer as a float one
@@ -31,7 +31,7 @@ SUBSET = ("features.2", "features.8", "classifier.1")
 
 @pytest.fixture(scope="module")
 def digits():
-    from mpsearch.evaluator import Evaluator
+    from mpsearch.scoring.evaluator import Evaluator
     from mpsearch.tasks import load_task
 
     task = load_task("digits")

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from hw_models import LayerChoice, Precision
+from mpsearch.engine.options import OPTIONS_VERSION, SearchOptions
 from mpsearch.errors import InvalidConfigError
-from mpsearch.evaluator import QuantSettings
-from mpsearch.options import OPTIONS_VERSION, SearchOptions
+from mpsearch.scoring.evaluator import QuantSettings
 
 P = Precision
 
@@ -59,7 +59,7 @@ def test_a_search_writes_its_options_and_a_worker_reads_the_same(tmp_path):
     import optuna
 
     import mpsearch
-    from mpsearch.storage import LAUNCH_ATTR, make_storage
+    from mpsearch.engine.storage import LAUNCH_ATTR, make_storage
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     r = mpsearch.search("digits", n_trials=2, strategy="optuna", weight_precisions="int4,int8", size_budget_mb=1,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hw_models import Precision
-from mpsearch.quant import (
+from mpsearch.scoring.quant import (
     ActQuantParams,
     FloatActQuantParams,
     HistogramObserver,

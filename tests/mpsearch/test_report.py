@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mpsearch.cli import main
-from mpsearch.result import SearchResult
+from mpsearch.results.records import SearchResult
 
 CLI = [sys.executable, "-m", "mpsearch.cli"]
 REPO = Path(__file__).resolve().parents[2]
@@ -145,7 +145,7 @@ def test_report_figures_are_drawn_from_result_json(searched, capsys):
     FP32 and uniform int8 where they are, hover speed-ups, precisions, per-layer latencies."""
     import plotly.offline
 
-    from mpsearch.report_html import figures, report_data
+    from mpsearch.report.html import figures, report_data
 
     out, _ = searched
     result = SearchResult.read(out / "result.json")
@@ -204,7 +204,7 @@ def test_report_figures_are_drawn_from_result_json(searched, capsys):
 def test_report_writes_its_figures_as_pngs_1400_px_wide(searched, browser, tmp_path, capsys):
     from PIL import Image
 
-    from mpsearch.report_html import WIDTH, figures, report_data
+    from mpsearch.report.html import WIDTH, figures, report_data
 
     out, _ = searched
     copy = tmp_path / "copy"
@@ -309,7 +309,7 @@ def test_no_private_optuna_module_is_imported():
 ])
 def test_report_refuses_a_broken_compare_json_in_one_line(tmp_path, capsys, text, message):
     from hw_models import Candidate, Precision
-    from mpsearch.result import TrialRecord
+    from mpsearch.results.records import TrialRecord
 
     cfg = Candidate.uniform(["l1"], Precision.INT8, Precision.INT8)
     ref = {"metric_name": "accuracy", "fp32_metric": 1.0, "fp32_latency_ms": 2.0, "fp32_weight_bytes": 400}
@@ -326,7 +326,7 @@ def test_names_are_drawn_as_text_never_as_markup_or_math(browser, tmp_path):
     """Layer, task and metric names from a model are text in every view: no LaTeX ($...$, which
     broke matplotlib's PNGs once), no HTML; the page still checks clean in Chromium."""
     from hw_models import Candidate, Precision
-    from mpsearch.result import TrialRecord
+    from mpsearch.results.records import TrialRecord
 
     names = ["$\\frac{x$", "<b>bold</b>", "a&b"]
     ref = {"metric_name": "$acc$", "fp32_metric": 1.0, "fp32_latency_ms": 2.0, "fp32_weight_bytes": 400}

@@ -4,7 +4,7 @@ import pytest
 
 from hw_models import Candidate, Precision
 from mpsearch.errors import InvalidConfigError
-from mpsearch.result import SCHEMA, SearchResult, TrialRecord, best_trial, pareto_front
+from mpsearch.results.records import SCHEMA, SearchResult, TrialRecord, best_trial, pareto_front
 
 P = Precision
 CFG = Candidate.uniform(["l1", "l2"], P.INT8, P.INT8)

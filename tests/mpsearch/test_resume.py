@@ -15,8 +15,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mpsearch.controller import has_record
-from mpsearch.storage import make_storage
+from mpsearch.engine.loop import has_record
+from mpsearch.engine.storage import make_storage
 
 SLOW_TASK = f"{Path(__file__).with_name('slow_digits.py')}:build"
 CLI = [sys.executable, "-m", "mpsearch.cli"]
@@ -43,8 +43,8 @@ def result_numbers(out: Path) -> list[int]:
 # none ever records a heartbeat
 ASK_AND_DIE = """
 import os, sys, optuna
-from mpsearch.storage import make_storage
-from mpsearch.controller import OWNER_ATTR
+from mpsearch.engine.storage import make_storage
+from mpsearch.engine.loop import OWNER_ATTR
 from mpsearch.outlock import this_process
 study = optuna.load_study(study_name="m", storage=make_storage(sys.argv[1]))
 trial = study.ask(study.trials[0].distributions)
@@ -132,7 +132,7 @@ def test_killed_at_random_moments_resume_reaches_exactly_the_trials_asked_for(st
 # IntegrityError ("UNIQUE constraint failed: alembic_version") or "table ... already exists"
 OPEN_AT_ONCE = """
 import sys, time, optuna
-from mpsearch.storage import make_storage
+from mpsearch.engine.storage import make_storage
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 folder, me, t0, rounds = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 for i in range(rounds):

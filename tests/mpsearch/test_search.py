@@ -16,12 +16,12 @@ import pytest
 
 import mpsearch
 from hw_models import ExecRule, LayerChoice, Precision, get_profile, weight_bytes
-from mpsearch.analysis import analyze
 from mpsearch.api import profile_config
 from mpsearch.cli import main
+from mpsearch.engine.storage import make_storage
 from mpsearch.errors import BudgetError, InvalidConfigError
-from mpsearch.objectives import hypervolume, pareto_front
-from mpsearch.storage import make_storage
+from mpsearch.results.objectives import hypervolume, pareto_front
+from mpsearch.scoring.analysis import analyze
 from mpsearch.tasks import load_task
 
 P = Precision
@@ -130,7 +130,7 @@ def test_hypervolume_by_hand():
 
 
 # Point sets (numpy default_rng(7) integers) and the hypervolumes the hand-written 2-D sweep and
-# Optuna's WFG gave before mpsearch.objectives moved to moocore: the same values, exactly
+# Optuna's WFG gave before mpsearch.results.objectives moved to moocore: the same values, exactly
 HV_SETS = [
     ([[18, 12], [13, 17], [11, 15], [16, 4], [1, 6], [5, 17], [18, 0], [9, 16], [2, 15], [2, 9], [16, 6], [6, 5],
       [14, 5], [19, 8], [9, 10], [11, 11], [10, 19], [16, 15], [14, 12], [6, 19], [9, 4], [16, 3], [17, 12], [2, 0],
@@ -170,7 +170,7 @@ SAMPLER_CLASSES = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.N
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLER_CLASSES))
 def test_each_sampler_name_makes_that_sampler(sampler):
-    from mpsearch.controller import make_sampler
+    from mpsearch.engine.loop import make_sampler
 
     made = make_sampler(sampler, 0, 400)
     assert type(made) is SAMPLER_CLASSES[sampler]

@@ -1,4 +1,4 @@
-"""The best trial: the cheapest within every budget and the drop budget (mpsearch.selection),
+"""The best trial: the cheapest within every budget and the drop budget (mpsearch.results.selection),
 checked on hand-made trials against hand-computed figures, in result.json and in the summary."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 
 from hw_models import Candidate, Precision
 from mpsearch.errors import InvalidConfigError
-from mpsearch.report import best_lines, pareto_table
-from mpsearch.result import SearchResult, TrialRecord
-from mpsearch.selection import (
+from mpsearch.report.text import best_lines, pareto_table
+from mpsearch.results.records import SearchResult, TrialRecord
+from mpsearch.results.selection import (
     default_drop,
     drop_budget,
     is_proportion,
@@ -78,7 +78,6 @@ def test_default_drop_is_one_standard_error_of_an_accuracy_and_at_least_one_samp
 
 def test_which_metrics_are_shares_of_samples():
     from mpsearch import metrics
-
     assert is_proportion(metrics.accuracy, "top1_agreement", 1.0)
     assert is_proportion(lambda o, t: 0.5, "accuracy", 0.5)
     assert not is_proportion(lambda o, t: 0.5, "accuracy", 3.0)

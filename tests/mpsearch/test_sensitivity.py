@@ -11,10 +11,10 @@ from torch import nn
 
 from hw_models import Candidate, LayerChoice, Precision, get_profile
 from mpsearch import metrics
-from mpsearch.analysis import analyze
+from mpsearch.engine.sensitivity import Sensitivity, measure_sensitivity
 from mpsearch.errors import InvalidConfigError
-from mpsearch.evaluator import Evaluator
-from mpsearch.sensitivity import Sensitivity, measure_sensitivity
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import Evaluator
 from mpsearch.tasks import Task, load_task
 from search_spaces.space import SearchSpace
 

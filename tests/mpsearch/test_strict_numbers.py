@@ -23,11 +23,11 @@ import pytest
 import mpsearch
 from hw_models import Candidate, LayerChoice, LayerSpec, Precision, get_profile
 from hw_models.profile_file import dump_profile
-from mpsearch.compare import Comparison, price_on_targets
+from mpsearch.deploy.export import CONFIG_SCHEMA, write_config
+from mpsearch.engine.sensitivity import _read_cache, _write_cache
 from mpsearch.errors import InvalidConfigError
-from mpsearch.export import CONFIG_SCHEMA, write_config
-from mpsearch.result import SearchResult, TrialRecord
-from mpsearch.sensitivity import _read_cache, _write_cache
+from mpsearch.results.compare import Comparison, price_on_targets
+from mpsearch.results.records import SearchResult, TrialRecord
 
 P = Precision
 I8, F32, F16 = LayerChoice(P.INT8, P.INT8), LayerChoice(P.FP32, P.FP32), LayerChoice(P.FP16, P.FP16)
@@ -240,8 +240,9 @@ def test_the_calibrations_fit_within_the_profile_bounds(tmp_path):
 
     from hw_models.profile_file import load_profile
     from hw_models.profiles import FIGURE_BOUNDS, H100
-    from mpsearch import calibrate, fit, gpu_calibrate
-
+    from mpsearch.calibration import cpu as calibrate
+    from mpsearch.calibration import fit
+    from mpsearch.calibration import gpu as gpu_calibrate
     d = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "h100-2026-11-28.json").read_text())
     ms = [gpu_calibrate.Measurement(gpu_calibrate.Gemm(p["name"], p["m"], p["k"], p["n"]), p["kind"], p["measured_s"],
                                     p["mode"]) for p in d["products"]]
@@ -263,7 +264,7 @@ def test_the_calibrations_fit_within_the_profile_bounds(tmp_path):
 def test_allocation_totals_that_overflow_are_a_typed_error():
     """A profile built in code is not bounded (only finite): per-layer latencies of 1e308 s once
     crashed the ILP with an OverflowError (math.fsum) through the whole search."""
-    from mpsearch.ilp import min_total, solve_allocation, sweep
+    from mpsearch.engine.ilp import min_total, solve_allocation, sweep
 
     i4 = LayerChoice(P.INT4, P.INT8)
     options = {"l1": [I8, i4], "l2": [I8, i4]}

@@ -31,7 +31,7 @@ import pytest
 
 from mpsearch.cache import append_bytes, atomic_write_bytes
 from mpsearch.cli import main
-from mpsearch.result import SearchResult
+from mpsearch.results.records import SearchResult
 
 CLI = [sys.executable, "-m", "mpsearch.cli"]
 RUN_ID = re.compile(r"\b[0-9a-f]{32}\b")
@@ -218,7 +218,7 @@ def test_d_a_file_size_limit_mid_journal_append_keeps_the_study_whole(tmp_path):
     would follow it and break the study for good)."""
     import optuna
 
-    from mpsearch.storage import make_storage
+    from mpsearch.engine.storage import make_storage
 
     n, out = 30, tmp_path / "out"
     argv = ["search", "--task", "digits", "--trials", str(n), "--seed", "0", "--strategy", "optuna", "--no-progress",

@@ -40,9 +40,9 @@ from mpsearch.defaults import (
     STRATEGIES,
 )
 from mpsearch.errors import InvalidConfigError
-from mpsearch.evaluator import QuantSettings
-from mpsearch.objectives import DEFAULT_OBJECTIVES, parse_objectives
-from mpsearch.selection import parse_max_drop
+from mpsearch.results.objectives import DEFAULT_OBJECTIVES, parse_objectives
+from mpsearch.results.selection import parse_max_drop
+from mpsearch.scoring.evaluator import QuantSettings
 
 OPTIONS_VERSION = 1
 

@@ -17,8 +17,6 @@ import numpy as np
 import torch
 
 from hw_models.graph import DeployGraph, GraphNode, Point
-from mpsearch.analysis import pre_hook
-from mpsearch.folding import fold_batchnorm, remap_handles
 from mpsearch.onnx_export import (
     Graph,
     WeightSite,
@@ -30,6 +28,8 @@ from mpsearch.onnx_export import (
     input_names,
     session_options,
 )
+from mpsearch.scoring.analysis import pre_hook
+from mpsearch.scoring.folding import fold_batchnorm, remap_handles
 from mpsearch.tasks.base import Batch, first_samples, run_model
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -19,7 +19,7 @@ Written to OUT/compare.json (schema COMPARE_SCHEMA) beside the search's result.j
                          "trials": {trial number: {"latency_ms", "weight_bytes", "peak_act_bytes",
                                                    "energy_mj", "feasible", "reason"}},
                          "pareto": [trial numbers, fastest first],
-                         "best": the trial mpsearch.selection picks there (None: none),
+                         "best": the trial mpsearch.results.selection picks there (None: none),
                          "table": [{"budget_ms", "budget", "trial", "metric", "latency_ms",
                                     "weight_bytes", "speedup_fp32", "speedup_int8"}],
                          "breakdown": [per-layer latency of the target's best trial]}}}
@@ -37,8 +37,7 @@ from typing import Any
 from hw_models import Candidate, CostModel, HardwareProfile, Precision
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import InvalidConfigError
-from mpsearch.report import best_lines, text_table
-from mpsearch.result import SearchResult, TrialRecord, dumps_strict, layer_breakdown, pareto_front
+from mpsearch.results.records import SearchResult, TrialRecord, dumps_strict, layer_breakdown, pareto_front
 
 COMPARE_SCHEMA = "mpsearch.compare/1"
 FASTEST_SLACK = 0.05
@@ -155,32 +154,3 @@ def budget_table(view: SearchResult, reference: dict, latency_budgets_ms: Sequen
 
 def _ratio(ref_ms: float | None, t: TrialRecord | None) -> float | None:
     return None if ref_ms is None or t is None or not t.latency_ms else ref_ms / t.latency_ms
-
-
-def compare_table(cmp: Comparison) -> str:
-    """Per target and budget: the best metric within it, latency, weights and speedups."""
-    name = cmp.result.reference["metric_name"]
-    header = ["target", "budget", "budget_ms (vs_fp32)", "trial", name, "latency_ms", "vs_fp32", "vs_int8",
-              "weights_KiB"]
-    rows = []
-    for target in cmp.targets:
-        fp32 = cmp.per_target[target]["reference"]["fp32_latency_ms"]
-        for r in cmp.per_target[target]["table"]:
-            rows.append([target, r["budget"], f"{r['budget_ms']:.4g}" + (f" ({fp32 / r['budget_ms']:.2f}x)" if fp32 else ""),
-                         "-" if r["trial"] is None else str(r["trial"]),
-                         "-" if r["metric"] is None else f"{r['metric']:.4f}",
-                         "-" if r["latency_ms"] is None else f"{r['latency_ms']:.4g}",
-                         "-" if r["speedup_fp32"] is None else f"{r['speedup_fp32']:.2f}x",
-                         "-" if r["speedup_int8"] is None else f"{r['speedup_int8']:.2f}x",
-                         "-" if r["weight_bytes"] is None else f"{r['weight_bytes'] / 1024:.1f}"])
-    lines = [(f"{cmp.result.task}: best {name} within each latency budget, per target "
-             f"({len(cmp.result.trials)} trials scored once, priced on {len(cmp.targets)} targets; "
-             f"FP32 {name} {cmp.result.reference['fp32_metric']:.4f})"),
-             *text_table(header, rows, left=2)]
-    fronts = ", ".join(f"{t} {len(cmp.per_target[t]['pareto'])}" for t in cmp.targets)
-    lines.append(f"Pareto front sizes (metric vs latency): {fronts}")
-    lines.append("best per target (mpsearch.selection: the fastest there within the drop budget):")
-    for target in cmp.targets:
-        lines += [f"  {target}: {line}" if i == 0 else f"    {line.strip()}"
-                  for i, line in enumerate(best_lines(cmp.view(target)))]
-    return "\n".join(lines)

@@ -34,7 +34,7 @@ from typing import Any
 
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import InvalidConfigError, MissingDependencyError
-from mpsearch.result import SearchResult, TrialRecord, speedup
+from mpsearch.results.records import SearchResult, TrialRecord, speedup
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 # one colour per precision, fewest bits darkest (colour-blind safe: Viridis, then greys for float)
@@ -133,7 +133,7 @@ def _best_of(compare: dict, result: SearchResult, name: str) -> int | None:
     pt = compare["per_target"][name]
     if "best" in pt:
         return pt["best"]
-    from mpsearch.compare import Comparison
+    from mpsearch.results.compare import Comparison
 
     per = {t: {**v, "trials": {int(k): x for k, x in v["trials"].items()}} for t, v in compare["per_target"].items()}
     return Comparison(result, compare["targets"], per).view(name).best

@@ -25,13 +25,13 @@ Keys:
 - schema: the string "mpsearch.config/1" (CONFIG_SCHEMA). Required. A reader refuses any other
   value; a change to the meaning of a key gets a new version.
 - layers: required, non-empty. Layer name (the module's fully qualified name in the FP32
-  model, as `mpsearch.analysis.analyze` lists the quantizable layers) -> {"weight": precision,
+  model, as `mpsearch.scoring.analysis.analyze` lists the quantizable layers) -> {"weight": precision,
   "activation": precision}, in the model's execution order. Precisions are `hw_models.Precision`
   names: int2, int3, int4, int6, int8, int16, fp8_e4m3, fp16, bf16, fp32. "weight" is the
   layer's weight format (integers: symmetric, per output channel unless quant says otherwise),
   "activation" the format of the layer's input (integers: per tensor, asymmetric unsigned).
   Every quantizable layer of the model must be listed, and nothing else.
-- quant: the quantizer settings the search scored with (`mpsearch.evaluator.QuantSettings`
+- quant: the quantizer settings the search scored with (`mpsearch.scoring.evaluator.QuantSettings`
   as a dict: weight_granularity, weight_clipping, group_size, act_range, act_percentile,
   bias_correction, fold_batchnorm, weight_rounding), or null for the defaults. Applying the
   configuration with the same settings and calibration data reproduces what the search scored.
@@ -71,12 +71,12 @@ import torch
 from torch import nn
 
 from hw_models import Candidate, LayerChoice, Precision
-from mpsearch.analysis import analyze
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import EvaluationError, InvalidConfigError
-from mpsearch.evaluator import Evaluator, QuantSettings, input_pre_hook
 from mpsearch.onnx_export import import_onnx
-from mpsearch.result import SearchResult, dumps_strict
+from mpsearch.results.records import SearchResult, dumps_strict
+from mpsearch.scoring.analysis import analyze
+from mpsearch.scoring.evaluator import Evaluator, QuantSettings, input_pre_hook
 from mpsearch.tasks import load_task
 from mpsearch.tasks.base import Batch, Task
 
@@ -103,7 +103,7 @@ def export_config(result: str | Path, trial: int | None = None) -> dict[str, Any
 
     result: the search's output directory (its result.json is read) or the result.json path.
     trial: a trial number; None: the search's best trial (`SearchResult.best`: the fastest within
-    its drop budget, see mpsearch.selection). Raises InvalidConfigError when result.json cannot be read, when there is
+    its drop budget, see mpsearch.results.selection). Raises InvalidConfigError when result.json cannot be read, when there is
     no such trial, or when the trial is not complete (its state and reason are named).
     """
     path = Path(result)
@@ -300,7 +300,7 @@ def apply(
     """A new copy of `model` quantized (simulated, in FP32) as `config` says; `model` is untouched.
 
     The copy computes what the search scored: the weights are the evaluator's quantized ones
-    (`mpsearch.evaluator.Evaluator.weight`); every tensor the configuration's deployed graph
+    (`mpsearch.scoring.evaluator.Evaluator.weight`); every tensor the configuration's deployed graph
     quantizes (hw_models.graph: int8 layers' inputs and convolution outputs, residual Adds
     and poolings between int8 tensors) goes through a forward pre-hook on the layers reading it
     or a forward hook on the module returning it, fake-quantizing it with the evaluator's

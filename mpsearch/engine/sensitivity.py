@@ -21,7 +21,7 @@ not reproduce the FP32 outputs, is measured with whole forward passes instead (`
 
 Cost: about (pairs x average suffix share x samples) forward passes of one sample; for
 mobilenet_v2 on x86-vnni (583 pairs) the suffix averages ~half the network. The default sample
-count (DEFAULT_SAMPLES = 64) was chosen there: allocations solved (mpsearch.ilp) from 64-sample
+count (DEFAULT_SAMPLES = 64) was chosen there: allocations solved (mpsearch.engine.ilp) from 64-sample
 sensitivities came within ~4% of the optimum under 256-sample ones (16 samples: up to ~45%,
 128: under 1%), at a quarter of the cost. Pass `batches` for more.
 
@@ -51,8 +51,8 @@ from hw_models import Candidate, LayerChoice, Precision
 from mpsearch import metrics
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import EvaluationError, InvalidConfigError
-from mpsearch.evaluator import Evaluator
-from mpsearch.result import dumps_strict
+from mpsearch.results.records import dumps_strict
+from mpsearch.scoring.evaluator import Evaluator
 from mpsearch.tasks.base import run_model
 
 __all__ = [

@@ -26,13 +26,13 @@ from tqdm import tqdm
 from hw_models import Candidate, Cost, CostModel
 from mpsearch.defaults import SAMPLERS
 from mpsearch.errors import InvalidConfigError, MpsearchError, SearchInterrupted
-from mpsearch.evaluator import Evaluator, Score
 from mpsearch.executors import THIS_PROCESS, Executor, LocalExecutor, Outcome
-from mpsearch.objectives import DEFAULT_OBJECTIVES
-from mpsearch.objectives import value as objective_value
 from mpsearch.outlock import process_gone, this_process
-from mpsearch.result import SearchResult, TrialRecord, speedup
-from mpsearch.tracking import Tracker
+from mpsearch.results.objectives import DEFAULT_OBJECTIVES
+from mpsearch.results.objectives import value as objective_value
+from mpsearch.results.records import SearchResult, TrialRecord, speedup
+from mpsearch.results.tracking import Tracker
+from mpsearch.scoring.evaluator import Evaluator, Score
 from search_spaces import SearchSpace
 
 # Constraint values told to the study with every trial (> 0 means violated); Optuna's
@@ -84,7 +84,7 @@ class Budgets:
         return "; ".join(over)
 
     def ilp_limits(self) -> dict[str, float]:
-        """The budgets as limits on the ILP's additive per-layer costs (mpsearch.ilp): latency in
+        """The budgets as limits on the ILP's additive per-layer costs (mpsearch.engine.ilp): latency in
         seconds (conversions left out), and weight bytes under the size budget and under the
         memory budget (weights alone must fit it; activations are checked when pricing)."""
         limits = {}

@@ -1,8 +1,8 @@
 """Search strategies: which candidates a search tries before (or instead of) its sampler.
 
   optuna      the sampler alone
-  ilp         per-layer sensitivities (mpsearch.sensitivity), then the budgeted allocation solved
-              exactly as an integer linear program over a sweep of budgets (mpsearch.ilp): each
+  ilp         per-layer sensitivities (mpsearch.engine.sensitivity), then the budgeted allocation solved
+              exactly as an integer linear program over a sweep of budgets (mpsearch.engine.ilp): each
               solution is one trial, and the search ends when they run out
   hybrid      (default) those ILP solutions first, enqueued as the study's first trials, then the
               sampler refines from them instead of starting blind
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hw_models import Candidate, CostModel
-from mpsearch.controller import Budgets
+from mpsearch.engine.loop import Budgets
 from mpsearch.errors import InvalidConfigError
-from mpsearch.evaluator import Evaluator
+from mpsearch.scoring.evaluator import Evaluator
 from search_spaces import SearchSpace
 
 # additive per-layer cost the ILP sweeps, per cost objective (activation memory is a peak, not a sum)
@@ -40,7 +40,7 @@ class Plan:
 
 def check_strategy(strategy: str, space: SearchSpace, exhaustive_limit: int) -> None:
     """The exhaustive strategy enumerates at most `exhaustive_limit` candidates (a strategy's name
-    is checked with the other options: mpsearch.options.SearchOptions)."""
+    is checked with the other options: mpsearch.engine.options.SearchOptions)."""
     if strategy == "exhaustive" and space.size > exhaustive_limit:
         raise InvalidConfigError(
             f"the space has {space.size:.4g} candidates (10^{space.log10_size:.1f}), over the exhaustive "
@@ -76,8 +76,8 @@ def plan(
     if strategy == "exhaustive":
         return Plan((c for c in space.enumerate() if c not in tried), space.size - len(tried), True,
                     info={"space_size": space.size})
-    from mpsearch.ilp import choice_costs, sweep
-    from mpsearch.sensitivity import measure_sensitivity
+    from mpsearch.engine.ilp import choice_costs, sweep
+    from mpsearch.engine.sensitivity import measure_sensitivity
 
     options = {o.fqn: list(o.pairs) for o in space.options}
     t0 = time.perf_counter()
@@ -120,7 +120,7 @@ def _within_latency(cand, alloc, budget_ms, cost_model, options, sensitivity, co
     """The ILP sums per-layer latencies; the cost model adds the conversions between compute
     kinds. A solution over the latency budget once priced is solved again with the ILP's latency
     limit lowered by the excess (a few times); None if it never fits."""
-    from mpsearch.ilp import solve_allocation
+    from mpsearch.engine.ilp import solve_allocation
 
     limit = limits.get("latency_s", alloc.costs.get("latency_s", 0.0))
     for _ in range(tries):

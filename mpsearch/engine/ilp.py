@@ -1,6 +1,6 @@
 """Budgeted precision allocation as an integer linear program.
 
-Given a sensitivity per (layer, choice) (mpsearch.sensitivity) and additive per-layer costs
+Given a sensitivity per (layer, choice) (mpsearch.engine.sensitivity) and additive per-layer costs
 (latency, weight bytes, BOPs, ...), `solve_allocation` picks one choice per layer minimising the
 total sensitivity under budgets on the cost totals:
 

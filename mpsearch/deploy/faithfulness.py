@@ -29,14 +29,14 @@ import torch
 
 from hw_models import Candidate, LayerChoice, Precision
 from mpsearch import metrics
-from mpsearch.analysis import ModelAnalysis
-from mpsearch.evaluator import Evaluator, input_pre_hook
 from mpsearch.onnx_export import OrtRunner
+from mpsearch.scoring.analysis import ModelAnalysis
+from mpsearch.scoring.evaluator import Evaluator, input_pre_hook
 from mpsearch.tasks.base import Task
 
 __all__ = ["FaithfulnessReport", "compare_int8", "int8_candidate"]
 
-WEIGHT_QUANTIZER = "int8 per-channel symmetric min-max (mpsearch.quant.weight_qparams)"
+WEIGHT_QUANTIZER = "int8 per-channel symmetric min-max (mpsearch.scoring.quant.weight_qparams)"
 
 
 @dataclass(frozen=True)

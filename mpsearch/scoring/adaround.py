@@ -4,7 +4,7 @@ Reference: M. Nagel, R. A. Amjad, M. van Baalen, C. Louizos, T. Blankevoort, "Up
 Adaptive Rounding for Post-Training Quantization", ICML 2020 (arXiv:2004.10568).
 
 Round-to-nearest minimises the error of every weight on its own; what matters is the error of
-the layer's output. AdaRound keeps the quantizer's scales (from `mpsearch.quant.weight_qparams`)
+the layer's output. AdaRound keeps the quantizer's scales (from `mpsearch.scoring.quant.weight_qparams`)
 and only decides, per weight, whether w / scale is rounded down or up, so that the layer's
 output on calibration inputs is reconstructed as well as possible:
 
@@ -12,7 +12,7 @@ output on calibration inputs is reconstructed as well as possible:
   h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1, initialised
   so that h(V) equals the fractional part w / scale - w_floor (the soft weight starts at w).
 * soft weight: scale * clamp(w_floor + h(V), qmin, qmax) on the symmetric grid
-  [-(2^(b-1)-1), 2^(b-1)-1] of `mpsearch.quant.int_range(bits, signed=True)`.
+  [-(2^(b-1)-1), 2^(b-1)-1] of `mpsearch.scoring.quant.int_range(bits, signed=True)`.
 * loss = rec + reg_weight * sum(1 - |2 h(V) - 1|^beta). rec is the MSE of the layer's output
   with the soft weight against the FP32 output, averaged over all output elements (samples,
   channels, positions). (AIMET / BRECQ sum over output channels instead, i.e. a regulariser
@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpsearch.quant import WEIGHT_BITS, int_range
+from mpsearch.scoring.quant import WEIGHT_BITS, int_range
 
 __all__ = ["adaround_weight"]
 
@@ -310,7 +310,7 @@ def adaround_weight(
         / groups (or in_features) define the layer. Its own weight and bias are not used (the
         bias cancels in the output error).
     weight: the FP32 weight, shaped like module.weight.
-    scale: scales from `mpsearch.quant.weight_qparams(weight, bits, ...)`: broadcastable to
+    scale: scales from `mpsearch.scoring.quant.weight_qparams(weight, bits, ...)`: broadcastable to
         weight (per-channel, per-tensor), or group-wise [out, in // g, 1] for a 2-D weight.
     bits: 2..8, the symmetric grid [-(2^(b-1)-1), 2^(b-1)-1].
     inputs: FP32 calibration inputs of this layer, batch-first: [N, C, H, W] (Conv2d),

@@ -47,9 +47,7 @@ import numpy as np
 import torch
 
 from hw_models import Candidate, LayerChoice, Precision
-from mpsearch.analysis import ModelAnalysis
 from mpsearch.errors import MpsearchError
-from mpsearch.evaluator import Evaluator
 from mpsearch.onnx_export import (
     OrtRunner,
     import_onnx,
@@ -57,6 +55,8 @@ from mpsearch.onnx_export import (
     scope_fqn,
     session_options,
 )
+from mpsearch.scoring.analysis import ModelAnalysis
+from mpsearch.scoring.evaluator import Evaluator
 from mpsearch.tasks.base import Batch, Task
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mpsearch.errors import InvalidConfigError
-from mpsearch.objectives import value as objective_value
+from mpsearch.results.objectives import value as objective_value
 
 __all__ = ["DEFAULT_RELATIVE_DROP", "Best", "DropBudget", "default_drop", "drop_budget", "parse_max_drop",
            "select_best"]
@@ -176,7 +176,6 @@ def select_best(trials: Sequence, reference: dict[str, Any], objectives: Sequenc
 def is_proportion(metric_fn, metric_name: str, fp32_metric: float) -> bool:
     """Whether a task's metric is a share of its evaluation samples (module doc)."""
     from mpsearch import metrics
-
     if metric_fn in (metrics.accuracy, metrics.top1_agreement):
         return True
     return metric_name.lower() in PROPORTION_METRICS and 0.0 <= fp32_metric <= 1.0

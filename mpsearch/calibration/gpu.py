@@ -18,11 +18,11 @@ What is measured (PyTorch on the GPU; `measure_gemms`):
   a kind that fails is reported and not timed;
 * the memory bandwidth: a large device-to-device copy, bytes read plus written.
 
-What is fitted (`mpsearch.fit.fit_roofline`, as for CPUs): the profile's efficiency per compute
+What is fitted (`mpsearch.calibration.fit.fit_roofline`, as for CPUs): the profile's efficiency per compute
 kind (bf16 products fit "fp16"), the weight-only kernels' own efficiency ("weight_only": int4
 weights run at the fp16 peak times it), one per-layer overhead and the memory bandwidth the
 products reach (between half and twice the measured copy bandwidth). With a task, the task's own
-products also become the profile's lookup table (`mpsearch.calibrate`). `GpuCalibration.validation`
+products also become the profile's lookup table (`mpsearch.calibration.cpu`). `GpuCalibration.validation`
 scores the profile as given (uncalibrated), a fit on half the products (predicting the other half) and the
 final fit against the measurements.
 
@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 from hw_models import CostModel, HardwareProfile, LayerChoice, LayerSpec, Precision
 from hw_models.profile import LayerTable
+from mpsearch.calibration.fit import fidelity, fit_roofline
 from mpsearch.errors import InvalidConfigError
-from mpsearch.fit import fidelity, fit_roofline
 
 P = Precision
 # The products measured: kind -> the (weight, activation) pair the profile prices them as.

@@ -1,7 +1,7 @@
 """Scores a candidate: its task metric and label-free proxies against the FP32 model.
 
 The model scored is a copy (the task's model is never modified) with batch norms folded into
-the convolutions that feed them, as an inference runtime runs it (mpsearch.folding;
+the convolutions that feed them, as an inference runtime runs it (mpsearch.scoring.folding;
 QuantSettings.fold_batchnorm). Everything that does
 not depend on the candidate is done once and cached: quantized weights
 per (layer, precision), activation quantizer parameters per (layer, precision) from ranges
@@ -38,14 +38,14 @@ from tqdm import tqdm
 from hw_models import Candidate, Precision
 from hw_models.graph import DeployGraph, Plan, Point
 from mpsearch import metrics
-from mpsearch.adaround import adaround_weight
-from mpsearch.analysis import ModelAnalysis, pre_hook
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import EvaluationError, InvalidConfigError, MpsearchError
-from mpsearch.folding import fold_batchnorm, remap_handles
 from mpsearch.onnx_export import export_fp32, fixed_sizes
-from mpsearch.onnx_graph import read_graph, read_layout
-from mpsearch.quant import (
+from mpsearch.scoring.adaround import adaround_weight
+from mpsearch.scoring.analysis import ModelAnalysis, pre_hook
+from mpsearch.scoring.folding import fold_batchnorm, remap_handles
+from mpsearch.scoring.onnx_graph import read_graph, read_layout
+from mpsearch.scoring.quant import (
     ActQuantParams,
     HistogramObserver,
     fake_quant_weight,
@@ -79,8 +79,8 @@ class QuantSettings:
         it to integer weights of 6 bits and below (at 8 bits the shift is negligible), "on" to
         every quantized weight, "off" never. Conv/Linear layers only.
     fold_batchnorm: quantize (and run) a copy of the model with eval-mode batch norms folded
-        into the convolutions before them, as inference runtimes do (see mpsearch.folding).
-    weight_rounding: "nearest", or "adaround": learned up-or-down rounding (mpsearch.adaround)
+        into the convolutions before them, as inference runtimes do (see mpsearch.scoring.folding).
+    weight_rounding: "nearest", or "adaround": learned up-or-down rounding (mpsearch.scoring.adaround)
         of integer weights of ADAROUND_MAX_BITS bits and fewer in Conv1d/Conv2d/Linear layers,
         fit to reconstruct each layer's output on the FP32 inputs of the first ADAROUND_SAMPLES
         calibration samples; the scales (clipping) stay those of weight_clipping. Computed once
@@ -155,7 +155,7 @@ class Evaluator:
         self.task = task
         self.analysis = analysis
         self.settings = settings or QuantSettings()
-        # a copy with batch norms folded into their convolutions (mpsearch.folding)
+        # a copy with batch norms folded into their convolutions (mpsearch.scoring.folding)
         self.model, self.folded = fold_batchnorm(task.model) if self.settings.fold_batchnorm else (task.model, [])
         if self.model is task.model:
             # nothing folded: a copy all the same, since scoring swaps weights into the model and
@@ -224,7 +224,7 @@ class Evaluator:
     @property
     def fp32_layout(self) -> dict:
         """What every deployed graph of this model shares, read once from `fp32_onnx`: tensor ->
-        channels (dimension 1) and layer -> its nodes in the graph (mpsearch.onnx_graph; read by
+        channels (dimension 1) and layer -> its nodes in the graph (mpsearch.scoring.onnx_graph; read by
         mpsearch.deploy.build)."""
         if self._fp32_layout is None:
             self._fp32_layout = read_layout(self.fp32_onnx, self.model, self.analysis.fqns)

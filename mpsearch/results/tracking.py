@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mpsearch.defaults import DEFAULT_EXPERIMENT
-from mpsearch.result import SearchResult, TrialRecord, speedup
+from mpsearch.results.records import SearchResult, TrialRecord, speedup
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 LAYER_PREFIX = "layer."

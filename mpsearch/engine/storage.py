@@ -3,7 +3,7 @@ RDB), opening or resuming a study (checking it searches the same thing), and nam
 
 A study holds, beside Optuna's own records: `mpsearch` (the search's identity: task, target,
 space, objectives, budgets; a resume must match it), LAUNCH_ATTR (the SearchOptions a worker joins
-with) and, per trial, its record (mpsearch.controller.record_attrs) and owner.
+with) and, per trial, its record (mpsearch.engine.loop.record_attrs) and owner.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from mpsearch.cache import append_bytes
-from mpsearch.controller import has_record, record_of
 from mpsearch.defaults import STUDY_FILE
+from mpsearch.engine.loop import has_record, record_of
 from mpsearch.errors import InvalidConfigError
-from mpsearch.objectives import OBJECTIVES
+from mpsearch.results.objectives import OBJECTIVES
 from search_spaces import SearchSpace
 
 LAUNCH_ATTR = "mpsearch.launch"  # a study's search options, for the workers that join it

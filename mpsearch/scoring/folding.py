@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from mpsearch.analysis import WeightHandle
+from mpsearch.scoring.analysis import WeightHandle
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

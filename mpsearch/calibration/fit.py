@@ -1,7 +1,7 @@
 """Fitting a profile's roofline to measured latencies, and scoring predictions against them.
 
-Shared by the CPU calibration (`mpsearch.calibrate`), the GPU calibration
-(`mpsearch.gpu_calibrate`) and the fidelity benchmarks. NumPy only.
+Shared by the CPU calibration (`mpsearch.calibration.cpu`), the GPU calibration
+(`mpsearch.calibration.gpu`) and the fidelity benchmarks. NumPy only.
 """
 
 from __future__ import annotations

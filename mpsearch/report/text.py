@@ -10,8 +10,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mpsearch.result import SearchResult, TrialRecord
-from mpsearch.selection import RANKED_BY
+from mpsearch.results.compare import Comparison
+from mpsearch.results.records import SearchResult, TrialRecord
+from mpsearch.results.selection import RANKED_BY
 
 
 def vs_fp32(latency_ms: float | None, fp32_latency_ms: float | None) -> str:
@@ -88,7 +89,7 @@ def pareto_table(result: SearchResult) -> str:
 
 
 def best_lines(result: SearchResult) -> list[str]:
-    """The best trial (mpsearch.selection) and how it was chosen, in words: its drop budget, its
+    """The best trial (mpsearch.results.selection) and how it was chosen, in words: its drop budget, its
     speed-up over FP32, and plainly when it is slower than FP32, when no configuration beats FP32
     latency, and when no trial is within the drop budget."""
     ref, st, sel = result.reference, result.settings, result.selection
@@ -226,7 +227,7 @@ def summary_text(result: SearchResult, with_next_steps: bool = True) -> str:
 
 def tracking_line(tracking: dict) -> str | None:
     """Where the MLflow runs went, or that tracking went off and why (the store failed:
-    mpsearch.tracking; result.json has everything); None when the search was not tracked."""
+    mpsearch.results.tracking; result.json has everything); None when the search was not tracked."""
     if tracking.get("run_id"):
         return f"MLflow: {tracking['mlflow_uri']} experiment {tracking['experiment']!r}, run {tracking['run_id']}"
     if tracking.get("off"):
@@ -265,4 +266,33 @@ def next_steps(result, trial: int | None = None, what: str = "") -> str:
         secret = " with your password for ***" if "***" in dashboard else ""
         lines.append(f"  optuna-dashboard {shlex.quote(dashboard)}    # the Optuna study{secret} "
                      "(pip install optuna-dashboard)")
+    return "\n".join(lines)
+
+
+def compare_table(cmp: Comparison) -> str:
+    """Per target and budget: the best metric within it, latency, weights and speedups."""
+    name = cmp.result.reference["metric_name"]
+    header = ["target", "budget", "budget_ms (vs_fp32)", "trial", name, "latency_ms", "vs_fp32", "vs_int8",
+              "weights_KiB"]
+    rows = []
+    for target in cmp.targets:
+        fp32 = cmp.per_target[target]["reference"]["fp32_latency_ms"]
+        for r in cmp.per_target[target]["table"]:
+            rows.append([target, r["budget"], f"{r['budget_ms']:.4g}" + (f" ({fp32 / r['budget_ms']:.2f}x)" if fp32 else ""),
+                         "-" if r["trial"] is None else str(r["trial"]),
+                         "-" if r["metric"] is None else f"{r['metric']:.4f}",
+                         "-" if r["latency_ms"] is None else f"{r['latency_ms']:.4g}",
+                         "-" if r["speedup_fp32"] is None else f"{r['speedup_fp32']:.2f}x",
+                         "-" if r["speedup_int8"] is None else f"{r['speedup_int8']:.2f}x",
+                         "-" if r["weight_bytes"] is None else f"{r['weight_bytes'] / 1024:.1f}"])
+    lines = [(f"{cmp.result.task}: best {name} within each latency budget, per target "
+             f"({len(cmp.result.trials)} trials scored once, priced on {len(cmp.targets)} targets; "
+             f"FP32 {name} {cmp.result.reference['fp32_metric']:.4f})"),
+             *text_table(header, rows, left=2)]
+    fronts = ", ".join(f"{t} {len(cmp.per_target[t]['pareto'])}" for t in cmp.targets)
+    lines.append(f"Pareto front sizes (metric vs latency): {fronts}")
+    lines.append("best per target (mpsearch.results.selection: the fastest there within the drop budget):")
+    for target in cmp.targets:
+        lines += [f"  {target}: {line}" if i == 0 else f"    {line.strip()}"
+                  for i, line in enumerate(best_lines(cmp.view(target)))]
     return "\n".join(lines)

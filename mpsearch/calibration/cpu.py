@@ -1,9 +1,9 @@
 """`mpsearch calibrate`: fit a hardware profile to latencies measured on this machine.
 
 GPU profiles (kind "gpu", e.g. h100) are measured differently: matrix products on a CUDA GPU
-(`mpsearch.gpu_calibrate`). What follows is the CPU calibration.
+(`mpsearch.calibration.gpu`). What follows is the CPU calibration.
 
-What is measured (ONNX Runtime on the CPU, fixed thread count; mpsearch.measure): the deployed
+What is measured (ONNX Runtime on the CPU, fixed thread count; mpsearch.deploy.measure): the deployed
 graphs of the configurations (mpsearch.deploy.build: the graph `export --format onnx` writes), so
 the profile prices what a user ships.
 
@@ -55,18 +55,18 @@ from hw_models import CostModel, HardwareProfile, LayerChoice, Precision
 from hw_models.graph import DeployGraph
 from hw_models.profile import LayerTable
 from hw_models.profile_file import dump_profile
-from mpsearch.analysis import ModelAnalysis, analyze
 from mpsearch.cache import atomic_write_bytes, cache_dir
+from mpsearch.calibration.fit import fidelity, fit_roofline
 from mpsearch.defaults import DEFAULT_TARGET
 from mpsearch.errors import InvalidConfigError
-from mpsearch.evaluator import Evaluator
-from mpsearch.fit import fidelity, fit_roofline
 from mpsearch.host import cpu_info
+from mpsearch.scoring.analysis import ModelAnalysis, analyze
+from mpsearch.scoring.evaluator import Evaluator
 from mpsearch.tasks import Task, load_task
 from mpsearch.tasks.base import first_samples
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mpsearch.gpu_calibrate import GpuCalibration
+    from mpsearch.calibration.gpu import GpuCalibration
 
 # Profiled runs per session: at least `repeats`, more for a fast model until they add up to
 # MIN_PROFILE_S (the profiler ticks in microseconds; averaging many runs resolves short kernels).
@@ -161,15 +161,15 @@ def calibrate(
     progress: bool = True,
 ) -> Calibration | GpuCalibration:
     """Measure `task`'s model on this machine and fit `target`'s profile to it (module doc; a GPU
-    profile gives a `mpsearch.gpu_calibrate.GpuCalibration`)."""
-    from mpsearch.api import resolve_target
-    from mpsearch.measure import (
+    profile gives a `mpsearch.calibration.gpu.GpuCalibration`)."""
+    from mpsearch.deploy.measure import (
         build_session,
         config_candidate,
         profile_layers,
         time_interleaved,
         timing_number,
     )
+    from mpsearch.targets import resolve_target
 
     base = resolve_target(target)
     if base.kind == "gpu":
@@ -313,11 +313,11 @@ def calibrate(
 def _calibrate_gpu(task: Task | str, base: HardwareProfile, *, name: str | None, batch_size: int, seed: int,
                    progress: bool):
     """A GPU profile: the task's layers lowered to matrix products at `batch_size`, and a short
-    sweep, timed on this machine's CUDA GPU (`mpsearch.gpu_calibrate`); the fitted roofline,
+    sweep, timed on this machine's CUDA GPU (`mpsearch.calibration.gpu`); the fitted roofline,
     and the task's products as the profile's lookup table."""
     import torch
 
-    from mpsearch.gpu_calibrate import calibrate_gpu, gemm_sweep, layer_gemms, layer_table
+    from mpsearch.calibration.gpu import calibrate_gpu, gemm_sweep, layer_gemms, layer_table
 
     if not torch.cuda.is_available():  # before loading the task
         raise InvalidConfigError(f"calibrating {base.name} times matrix products on a CUDA GPU; torch sees none "
@@ -336,7 +336,7 @@ def _calibrate_gpu(task: Task | str, base: HardwareProfile, *, name: str | None,
 def _fit_roofline(base: HardwareProfile, analysis: ModelAnalysis, batch: int,
                   times: dict[str, dict[str, float]]) -> tuple[dict[str, float], float, float]:
     """Efficiency per compute kind and one per-layer overhead fitted to the measured per-layer
-    times (`mpsearch.fit.fit_roofline`)."""
+    times (`mpsearch.calibration.fit.fit_roofline`)."""
     at_peak = CostModel(analysis.layers, replace(base, efficiency={}, layer_table=None), batch)
     kinds = {}
     for kind, measured in times.items():
@@ -366,7 +366,7 @@ def _fit_states(profile: HardwareProfile, analysis: ModelAnalysis, batch: int, c
     (`CostModel.in_context`); ridge regression (STATE_RIDGE) on what that model leaves
     unexplained in the measured configurations corrects it (contexts no configuration has keep
     the prior). Returns fqn -> {context: seconds}, and the rms end-to-end residual after the fit."""
-    from mpsearch.measure import config_candidate
+    from mpsearch.deploy.measure import config_candidate
 
     cm = CostModel(analysis.layers, profile, batch)
     io, kinds = profile.io_compute, ("fp32", "int8")

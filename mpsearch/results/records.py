@@ -3,7 +3,7 @@
 result.json keeps schema version 1 as long as changes only add fields (older readers ignore
 them). Added since the first version: settings.max_drop (as given) and settings.drop_budget
 ({"points", "min_metric", "source"}: the drop budget the best trial was chosen under, see
-mpsearch.selection), reference.eval_samples, and "selection" (how "best" was chosen);
+mpsearch.results.selection), reference.eval_samples, and "selection" (how "best" was chosen);
 "verification" (schema "mpsearch.verify/1": `mpsearch verify`'s measurements of the front's
 deployed graphs, mpsearch.deploy.verify), settings.target_ref, settings.task_ref and
 settings.evaluator_key (what verify reloads and checks). A file
@@ -27,12 +27,12 @@ from typing import Any
 from hw_models import Candidate
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import InvalidConfigError
-from mpsearch.objectives import (
+from mpsearch.results.objectives import (
     DEFAULT_OBJECTIVES,
     front_hypervolume,
     pareto_front,  # the one definition; read from here too
 )
-from mpsearch.selection import Best, select_best
+from mpsearch.results.selection import Best, select_best
 
 SCHEMA = "mpsearch.result/1"
 STATES = ("complete", "infeasible", "pruned", "fail")
@@ -126,7 +126,7 @@ _RECORD_FIELDS = tuple(f.name for f in fields(TrialRecord))
 
 def best_trial(trials: Sequence[TrialRecord], reference: dict[str, Any] | None = None,
                objectives: Sequence[str] = DEFAULT_OBJECTIVES, drop: dict | None = None) -> int | None:
-    """The best trial's number (mpsearch.selection.select_best): with a drop budget, the cheapest
+    """The best trial's number (mpsearch.results.selection.select_best): with a drop budget, the cheapest
     complete feasible trial within it; without one, the highest-metric complete feasible trial
     (ties go to lower latency, then earlier trials)."""
     return select_best(trials, reference or {}, objectives, drop).trial
@@ -189,7 +189,7 @@ class SearchResult:
 
     @property
     def selection(self) -> Best:
-        """The best trial and how it was chosen (mpsearch.selection)."""
+        """The best trial and how it was chosen (mpsearch.results.selection)."""
         return select_best(self.trials, self.reference, self.objectives, self.drop_budget)
 
     @property
