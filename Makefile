@@ -27,9 +27,9 @@ test: setup
 # The tests whose results depend on float kernels, run as on other CPUs: torch's portable kernels
 # (ATEN_CPU_CAPABILITY=default, oneDNN at SSE4.1) and AVX2 ones (oneDNN at AVX2), each with ONNX
 # Runtime graphs built as for an x86 CPU without VNNI (uint8 weights; tests/mpsearch/conftest.py).
-NUMERICS_TESTS := $(addprefix tests/mpsearch/test_,evaluator.py quant.py folding.py adaround.py tasks.py \
-	builtin_tasks.py sensitivity.py ilp.py search.py early_stop.py compare.py analysis.py export.py \
-	faithfulness.py measure.py verify.py deploy.py gpu_calibrate.py) tests/search_spaces
+NUMERICS_TESTS := tests/mpsearch/scoring tests/mpsearch/tasks tests/mpsearch/deploy tests/mpsearch/test_search.py \
+	$(addprefix tests/mpsearch/engine/test_,sensitivity.py ilp.py early_stop.py) tests/mpsearch/results/test_compare.py \
+	tests/mpsearch/calibration/test_gpu.py tests/search_spaces
 test-cpus: setup
 	@status=0; \
 	echo "test-cpus: portable kernels (ATEN_CPU_CAPABILITY=default, oneDNN SSE4.1), no VNNI"; \

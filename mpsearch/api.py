@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import json
 import math
 import os
 import re
 import sys
-import threading
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import optuna
@@ -24,7 +19,6 @@ from hw_models import (
     LayerChoice,
     Precision,
 )
-from mpsearch.cache import cache_dir
 from mpsearch.defaults import (
     COMPARE_OBJECTIVES,
     DEFAULT_BACKEND,
@@ -38,12 +32,20 @@ from mpsearch.defaults import (
     DEFAULT_TRIALS,
     DEFAULT_WORKER_THREADS,
     EXHAUSTIVE_LIMIT,
-    OUT_ROOT,
     STUDY_FILE,
 )
-from mpsearch.engine.ilp import choice_costs, solve_allocation
-from mpsearch.engine.loop import Budgets, Heartbeats, make_sampler, run_search
+from mpsearch.engine.loop import Heartbeats, make_sampler, run_search
 from mpsearch.engine.options import SearchOptions, parse_precisions
+from mpsearch.engine.setup import (
+    Leftovers,
+    Setup,
+    int8_reference,
+    make_evaluator,
+    new_result,
+    precompute_low_bit_weights,
+    prepare_out_dir,
+    start_tracking,
+)
 from mpsearch.engine.storage import (
     LAUNCH_ATTR,
     default_storage,
@@ -53,96 +55,15 @@ from mpsearch.engine.storage import (
     redact,
     sqlalchemy_errors,
 )
-from mpsearch.engine.strategy import check_strategy
-from mpsearch.engine.strategy import plan as make_plan
-from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError
+from mpsearch.errors import InvalidConfigError
 from mpsearch.outlock import OutputLock
-from mpsearch.results.objectives import MB, reference_point
+from mpsearch.report.text import space_line
 from mpsearch.results.records import SearchResult, layer_breakdown
-from mpsearch.results.selection import drop_budget, is_proportion, n_eval_samples
 from mpsearch.results.tracking import Tracker
 from mpsearch.scoring.analysis import analyze
-from mpsearch.scoring.evaluator import ADAROUND_MAX_BITS, Evaluator, QuantSettings
+from mpsearch.scoring.evaluator import Evaluator, QuantSettings
 from mpsearch.targets import resolve_target
 from mpsearch.tasks import Task, load_task, task_ref, trusted_task
-from search_spaces import SearchSpace, SpaceError
-
-
-def prepare_out_dir(out_dir: str | os.PathLike | None, task: str, target: str) -> tuple[Path, bool]:
-    """(the output directory, made writable, whether it was made now)."""
-    if out_dir is None:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path(OUT_ROOT) / f"{_slug(task)}-{_slug(target)}-{stamp}"  # a name from a file is no path
-    path = Path(out_dir)
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OutputDirError(f"cannot write to output directory {path}: {e.strerror or e}") from None
-    return path, created
-
-
-class Leftovers:
-    """What a run that ends in an error would leave in OUT for nothing: the files it created
-    (its new study, result.json) while no trial was scored or priced (none, or all failed), and
-    OUT itself if it made it and it is empty then. A run that finished any trial keeps it all (a
-    resume goes on from it); so does Ctrl-C, which says what it kept."""
-
-    def __init__(self, out: Path, created: bool, files: Iterable[Path]) -> None:
-        self.out, self.created = out, created
-        self.files = [f for f in files if not f.exists()]  # those this run will create
-
-    def remove(self, error: BaseException | None, result: SearchResult | None) -> None:
-        if error is None or isinstance(error, KeyboardInterrupt):
-            return
-        if result is not None and any(t.state != "fail" for t in result.trials):
-            return
-        for f in self.files:
-            f.unlink(missing_ok=True)
-        if self.created:
-            try:
-                self.out.rmdir()  # only if empty
-            except OSError:
-                pass
-
-
-STAGE_QUIET_S = 5.0  # a stage says what it does once it has run this long (seconds)
-
-
-@contextmanager
-def stage(progress: bool, name: str, detail: str = "") -> Iterator[None]:
-    """A one-time stage of a search, on stderr: once it has run STAGE_QUIET_S, what it does (`name`
-    and `detail`), and at its end how long it took. A stage with no bar of its own must not leave
-    the user wondering whether the search hangs; a quick one (or one refused at once: bad input is
-    one line) says nothing."""
-    if not progress:
-        yield
-        return
-    said = threading.Event()
-
-    def say() -> None:
-        said.set()
-        print(f"mpsearch: {name}{detail} ...", file=sys.stderr, flush=True)
-
-    timer = threading.Timer(STAGE_QUIET_S, say)
-    timer.daemon = True
-    t0 = time.perf_counter()
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-        timer.join()
-    if said.is_set():
-        print(f"mpsearch: {name}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-
-
-def _slug(name: str) -> str:
-    base = name.rsplit(":", 1)[-1] if ":" in name else name
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", base) or "task"
 
 
 def search(
@@ -235,228 +156,74 @@ def search(
         quant=quant or QuantSettings(), early_stop=early_stop, evaluator_cache=evaluator_cache, n_seeds=n_seeds,
         exhaustive_limit=exhaustive_limit, backend=backend, ray_address=ray_address, workers=workers,
         worker_threads=worker_threads, retries=retries)
-    objectives = options.objectives
-    budgets = Budgets(latency_budget_ms, None if size_budget_mb is None else size_budget_mb * MB,
-                      None if memory_budget_mb is None else memory_budget_mb * MB)
     sampler_obj = make_sampler(sampler, seed, n_trials)
-    if "energy" in objectives and not profile.energy_pj_per_mac:
-        raise InvalidConfigError(f"objective energy: target {profile.name} has no energy figures")
-    if backend == "ray":
-        from mpsearch.executors.ray_executor import preflight
-
-        preflight(ray_address)
     if resume and out_dir is None and storage is None:
         raise InvalidConfigError("resume needs the output directory of the search to continue (or its storage)")
-    if isinstance(task, str):
-        with stage(progress, f"loading task {task}"):
-            task_obj = load_task(task)
-    else:
-        task_obj = task
-    task_name = task if isinstance(task, str) else task_obj.name
-    n_samples = n_eval_samples(task_obj.eval_batches)
-    drop = drop_budget(max_drop, task_obj.fp32_metric, task_obj.metric_name, n_samples,
-                       is_proportion(task_obj.metric_fn, task_obj.metric_name, task_obj.fp32_metric))
-
-    analysis, space, cost_model, fp32_act = setup_space(task_obj, profile, options)
-    # the FP32 model's cost (None where the target cannot run fp32, e.g. an integer accelerator)
-    fp32 = cost_model.price(Candidate.uniform(space.fqns, Precision.FP32, Precision.FP32))
-    cheapest = check_budgets(space, cost_model, budgets)
-    out, created = prepare_out_dir(out_dir, task_name, profile.name)
+    setup = Setup.of(task, profile, options, progress)
+    out, created = prepare_out_dir(out_dir, setup.task_name, profile.name)
     lock = OutputLock(out, "mpsearch worker" if join else "mpsearch search").acquire()  # one writer per OUT
     storage_url = storage or default_storage(out)
     leftovers = Leftovers(out, created, [out / "result.json", *([] if storage else [out / STUDY_FILE])])
-    result = error = None
     shared = storage is not None and strategy in ("hybrid", "optuna")
-    identity = {"task": task_name, "target": profile.name, "space": space_signature(space),
-                "objectives": list(objectives), "budgets": budgets.to_dict()}
-
+    result = error = evaluator = executor = None
     try:
-        evaluator = make_evaluator(task_obj, analysis, options, progress)
-    except BaseException as e:
-        lock.release()
-        leftovers.remove(e, None)
-        raise
-    # from here on, conversions are priced where the deployed graph has them (hw_models.graph)
-    cost_model = CostModel(analysis.layers, profile, batch_size=batch_size, graph=evaluator.deploy_graph)
-    try:
+        evaluator = make_evaluator(setup.task, setup.analysis, options, progress)
+        cost_model = setup.priced_on(evaluator.deploy_graph)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study, study_name, previous, store = open_study(
-            storage_url, study_name, resume, sampler_obj, identity, objectives, task_obj.metric_name, space,
-            default_name=f"{_slug(task_name)}-{_slug(profile.name)}", retries=retries if shared else None,
-            launch=None if join else options.to_dict())
+            storage_url, study_name, resume, sampler_obj, setup.identity(), options.objectives,
+            setup.task.metric_name, setup.space, default_name=setup.study_name(),
+            retries=retries if shared else None, launch=None if join else options.to_dict())
         if previous and isinstance(sampler, str) and seed is not None:
             # a sampler reseeded as at the start would propose what the first run already tried
             study.sampler = make_sampler(sampler, seed + len(previous), n_trials)
-        if evaluator.settings.weight_rounding == "adaround":  # the costly weights up front, with a bar
-            low = {c.weight for f in space.fqns for c in space.layer_choices(f)
-                   if c.weight.is_int and c.weight.bits <= ADAROUND_MAX_BITS}
-            if evaluator.precompute_weights(sorted(low, key=lambda p: p.bits), progress=progress):
-                evaluator.save_cache()
-        remaining = n_trials if join else (space.size if strategy == "exhaustive" else n_trials) - len(previous)
-        plan = make_plan(strategy, space, cost_model, evaluator, budgets=budgets, objectives=objectives,
-                         n_trials=max(remaining, 0), n_seeds=n_seeds, tried=[t.config for t in previous],
-                         cache_dir=cache_dir("sensitivity") if evaluator_cache else None, progress=progress)
-        settings = {
-            "options": options.to_dict(),  # what `mpsearch worker` joins with (SearchOptions), versioned
-            "n_trials": n_trials,
-            "strategy": strategy,
-            "sampler": sampler if isinstance(sampler, str) else type(sampler).__name__,
-            "seed": seed,
-            "latency_budget_ms": latency_budget_ms,
-            "size_budget_mb": size_budget_mb,
-            "memory_budget_mb": memory_budget_mb,
-            "max_drop": max_drop,
-            "drop_budget": drop.to_dict(),
-            "batch_size": batch_size,
-            "quant": evaluator.settings.to_dict(),
-            "early_stop": early_stop,
-            "objectives": list(objectives),
-            "hv_reference": reference_point(objectives, task_obj.fp32_metric, cost_upper_bounds(space, cost_model)),
-            "storage": redact(storage_url),
-            "study_name": study_name,
-            "out_dir": str(out),
-            "resumed_trials": len(previous),
-            "setup_s": plan.setup_s,
-            **plan.info,
-            "backend": backend,
-            # what `mpsearch verify` reloads and checks (mpsearch.deploy.verify)
-            "task_ref": _task_ref(task),
-            "target_ref": _target_ref(target, profile),
-            "evaluator_key": evaluator.fingerprint(),
-        }
-        executor = None
+        precompute_low_bit_weights(evaluator, setup.space, progress)
+        plan = setup.plan(cost_model, evaluator, previous, join, progress)
+        result = new_result(setup, evaluator, cost_model, plan, out=out, storage=redact(storage_url),
+                            study_name=study_name, previous=previous,
+                            sampler_name=sampler if isinstance(sampler, str) else type(sampler).__name__)
         if backend == "ray":
-            from mpsearch.executors.ray_executor import RayExecutor
-
-            evaluator.save_cache()  # workers on this machine start from the driver's calibration
-            executor = RayExecutor(task, evaluator.settings, address=ray_address, workers=workers,
-                                   threads=worker_threads, retries=retries, cache=evaluator_cache, progress=progress)
-            settings.update(workers=executor.workers, worker_threads=worker_threads, retries=retries,
-                            ray_address=ray_address, worker_startup_s=executor.startup_s)
-        result = SearchResult(
-            task=task_name,
-            target=profile.name,
-            reference={
-                "metric_name": task_obj.metric_name,
-                "fp32_metric": task_obj.fp32_metric,
-                "fp32_latency_ms": fp32.latency_ms if fp32.feasible else None,
-                "fp32_weight_bytes": fp32.weight_bytes,
-                "eval_samples": n_samples,
-            },
-            trials=list(previous),
-            layers=tuple(analysis.layers),
-            graph=evaluator.deploy_graph,
-            settings=settings,
-            space={
-                **space.describe(),
-                "min_latency_ms": cheapest,
-                "unsupported": [u.to_dict() for u in analysis.unsupported],
-            },
-        )
+            executor = _ray_executor(task, evaluator, options, progress, result.settings)
         if progress:
-            print(f"mpsearch: space of 10^{space.log10_size:.2f} candidates (10^{space.unreduced_log10_size:.2f} "
-                  f"before ties and pins); strategy {strategy}"
-                  + (f"; joining study {study_name!r} ({len(previous)} trials so far)" if join else
-                     f"; resuming after {len(previous)} trials" if resume else ""), file=sys.stderr)
-        tracker = start_tracking(result, study_name, space.size, mlflow_uri, experiment) if track else None
-        try:
-            result = run_search(result=result, space=space, cost_model=cost_model, evaluator=evaluator, study=study,
-                              n_trials=max(remaining, 0), budgets=budgets, objectives=objectives, seeds=plan.seeds,
-                              seeds_only=plan.seeds_only, out_dir=out, tracker=tracker, progress=progress,
-                              early_stop=early_stop, executor=executor,
-                              study_total=study.user_attrs[LAUNCH_ATTR]["n_trials"] if join else
-                              n_trials if shared else None,
-                              gather=shared, heartbeats=Heartbeats.of(store, study_name))
-            if not join:
-                result.reference.update(int8_reference(result, cost_model, evaluator, fp32_act))
-                if tracker is not None:
-                    tracker.log_reference(result.reference)
-            finish_report(result, out, cost_model, tracker)
-            return result
-        finally:
-            if executor is not None:
-                executor.close()
+            print(space_line(setup.space, strategy, study_name, len(previous), join, resume), file=sys.stderr)
+        tracker = start_tracking(result, study_name, setup.space.size, mlflow_uri, experiment) if track else None
+        result = run_search(result=result, space=setup.space, cost_model=cost_model, evaluator=evaluator,
+                            study=study, n_trials=setup.remaining(len(previous), join), budgets=setup.budgets,
+                            objectives=options.objectives, seeds=plan.seeds, seeds_only=plan.seeds_only,
+                            out_dir=out, tracker=tracker, progress=progress, early_stop=early_stop,
+                            executor=executor, gather=shared, heartbeats=Heartbeats.of(store, study_name),
+                            study_total=study.user_attrs[LAUNCH_ATTR]["n_trials"] if join else
+                            n_trials if shared else None)
+        if not join:
+            result.reference.update(int8_reference(result, cost_model, evaluator, setup.fp32_act))
+            if tracker is not None:
+                tracker.log_reference(result.reference)
+        finish_report(result, out, cost_model, tracker)
+        return result
     except BaseException as e:
         error = e
         raise
     finally:
-        evaluator.save_cache()
-        evaluator.close()
+        if executor is not None:
+            executor.close()
+        if evaluator is not None:
+            evaluator.save_cache()
+            evaluator.close()
         lock.release()
         leftovers.remove(error, result)
 
 
-def make_evaluator(task: Task, analysis, options: SearchOptions, progress: bool) -> Evaluator:
-    """The evaluator of `task` (activation ranges on its calibration batches, FP32 outputs on its
-    evaluation batches: from the evaluator cache when options.evaluator_cache and it has them)."""
-    n_calib, n_eval = len(task.calib_batches), len(task.eval_batches)
-    with stage(progress, "preparing the evaluator",
-               f" (activation ranges on {n_calib} calibration batch{'es' if n_calib != 1 else ''}, FP32 outputs "
-               f"on {n_eval} evaluation batch{'es' if n_eval != 1 else ''}; kept in the evaluator cache)"
-               if options.evaluator_cache else ""):
-        return Evaluator(task, analysis, options.quant,
-                         cache_dir=cache_dir("evaluator") if options.evaluator_cache else None)
+def _ray_executor(task, evaluator: Evaluator, options: SearchOptions, progress: bool, settings: dict):
+    """Ray actors scoring with the driver's evaluator settings; their figures go into `settings`."""
+    from mpsearch.executors.ray_executor import RayExecutor
 
-
-def start_tracking(result: SearchResult, run_name: str, space_size: float, mlflow_uri: str | None,
-                   experiment: str) -> Tracker:
-    """The search's MLflow parent run, with its settings as params; result.tracking is the
-    tracker's own record from then on (its run id, or why tracking went off)."""
-    tracker = Tracker(mlflow_uri, experiment)
-    skip = ("storage", "setup_s", "hv_reference", "worker_startup_s", "options")  # options: the flat keys say it
-    tracker.start(
-        run_name=run_name,
-        params={k: v for k, v in result.settings.items() if k not in skip}
-        | {"task": result.task, "target": result.target, "space_size": space_size},
-        tags={"mpsearch.task": result.task, "mpsearch.target": result.target},
-        reference=result.reference,
-    )
-    result.tracking = tracker.tracking
-    return tracker
-
-
-def setup_space(task: Task, profile: HardwareProfile, options: SearchOptions):
-    """(analysis, space, cost model, layers whose input stays fp32) of `task` on `profile`: the
-    model's quantizable layers, each with the precision pairs the target runs among those the
-    options allow, tied (shared weights, options.ties) and pinned (options.pins, pin_first_last);
-    InvalidConfigError when no space is left or the exhaustive strategy cannot enumerate it. The
-    layers left at fp32 (unsupported modules) are said on stderr."""
-    analysis = analyze(task.model, task.example_input)
-    if analysis.unsupported:
-        names = ", ".join(f"{u.fqn} ({u.type_name}: {u.reason})" for u in analysis.unsupported[:5])
-        more = f" and {len(analysis.unsupported) - 5} more" if len(analysis.unsupported) > 5 else ""
-        print(f"mpsearch: left at fp32, not searched: {names}{more}", file=sys.stderr)
-    fp32_act = [f for f, h in analysis.handles.items() if h.input_module is None]
-    wp = parse_precisions(options.weight_precisions, "weight")
-    ap = parse_precisions(options.activation_precisions, "activation")
-    try:
-        unreduced = SearchSpace(analysis.layers, profile, wp, ap, fp32_activation_layers=fp32_act)
-        pin_map = _pins(unreduced, options.pins, options.pin_first_last)  # the pairs each pinned layer has
-        space = SearchSpace(analysis.layers, profile, wp, ap, fp32_activation_layers=fp32_act,
-                            ties=[*shared_weight_ties(analysis), *options.ties], pins=pin_map)
-    except SpaceError as e:
-        raise InvalidConfigError(str(e)) from None
-    check_strategy(options.strategy, space, options.exhaustive_limit)
-    return analysis, space, CostModel(analysis.layers, profile, batch_size=options.batch_size), fp32_act
-
-
-def int8_reference(result: SearchResult, cost_model: CostModel, evaluator: Evaluator,
-                   fp32_activation_layers: Sequence[str] = ()) -> dict[str, float | None]:
-    """Uniform int8 as a reference beside FP32 (result.json's reference.int8_*): every layer at
-    int8/int8 (a layer reading the model's input keeps fp32 activations, as `mpsearch profile
-    --precision int8` prices it), its latency and weights on the target and its metric, a trial's
-    when the search scored that configuration, else scored once now. None where the target cannot
-    run it."""
-    fp32_act = set(fp32_activation_layers)
-    cand = Candidate((f, LayerChoice(Precision.INT8, Precision.FP32 if f in fp32_act else Precision.INT8))
-                     for f in (x.fqn for x in cost_model.layers))
-    cost = cost_model.price(cand)
-    if not cost.feasible:
-        return {"int8_metric": None, "int8_latency_ms": None, "int8_weight_bytes": None}
-    scored = next((t.metric for t in result.trials if t.state == "complete" and t.config == cand), None)
-    if scored is None:
-        scored = evaluator.score(cand).metric
-    return {"int8_metric": scored, "int8_latency_ms": cost.latency_ms, "int8_weight_bytes": cost.weight_bytes}
+    evaluator.save_cache()  # workers on this machine start from the driver's calibration
+    executor = RayExecutor(task, evaluator.settings, address=options.ray_address, workers=options.workers,
+                           threads=options.worker_threads, retries=options.retries, cache=options.evaluator_cache,
+                           progress=progress)
+    settings.update(workers=executor.workers, worker_threads=options.worker_threads, retries=options.retries,
+                    ray_address=options.ray_address, worker_startup_s=executor.startup_s)
+    return executor
 
 
 def _task_ref(task) -> str | None:
@@ -532,79 +299,6 @@ def finish_report(result: SearchResult, out: Path, cost_model: CostModel | None,
         tracker.log_files([out / "result.json", *files, *extra])
 
 
-def _pins(space: SearchSpace, pins: Mapping[str, str | LayerChoice] | None, first_last: bool) -> dict:
-    out = {}
-    if first_last:
-        for fqn in (space.fqns[0], space.fqns[-1]):
-            pairs = space.layer_choices(fqn)
-            want = LayerChoice(Precision.INT8, Precision.INT8)
-            out[fqn] = want if want in pairs else max(pairs, key=lambda c: (c.weight.bits, c.activation.bits))
-    for fqn, choice in (pins or {}).items():
-        if isinstance(choice, str):
-            w, _, a = choice.partition("/")
-            choice = LayerChoice(parse_precisions([w], "pin")[0], parse_precisions([a or w], "pin")[0])
-        out[fqn] = choice
-    return out
-
-
-def shared_weight_ties(analysis) -> list[list[str]]:
-    """Layers that use one weight tensor (tied embeddings, a module called twice by two names)."""
-    by_tensor: dict[int, list[str]] = {}
-    for fqn, h in analysis.handles.items():
-        by_tensor.setdefault(id(getattr(h.module, h.param)), []).append(fqn)
-    return [g for g in by_tensor.values() if len(g) > 1]
-
-
-def space_signature(space: SearchSpace) -> str:
-    """A short hash of the space's layers and their precision pairs (resume refuses another)."""
-    d = space.describe()
-    blob = json.dumps({"layers": d["layers"], "ties": d["ties"], "pins": d["pins"]}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16] + f" (10^{space.log10_size:.2f} candidates, " \
-        f"weights {','.join(d['weight_precisions'])}, activations {','.join(d['activation_precisions'])})"
-
-
-def check_budgets(space: SearchSpace, cost_model: CostModel, budgets: Budgets) -> float:
-    """Refuse budgets no configuration meets, alone or together; returns the cheapest latency (ms).
-
-    Each budget is checked against its cost's lower bound over the space (every layer at its
-    cheapest choice), and latency with size together by an integer program over the per-layer
-    costs (transitions only add latency, so what it finds infeasible is)."""
-    cheapest = _cheapest_latency_ms(space, cost_model)
-    if budgets.latency_ms is not None and budgets.latency_ms < cheapest:
-        raise BudgetError(
-            f"latency budget {budgets.latency_ms:g} ms is below the cheapest configuration in "
-            f"this space on {space.profile.name} ({cheapest:.4g} ms)"
-        )
-    costs = choice_costs(cost_model, {o.fqn: o.pairs for o in space.options})
-    min_w = sum(min(c["weight_bytes"] for c in per.values()) for per in costs.values())
-    min_act = max(min(c["act_bytes"] for c in per.values()) for per in costs.values())
-    if budgets.size_bytes is not None and budgets.size_bytes < min_w:
-        raise BudgetError(f"size budget {budgets.size_bytes / MB:g} MB is below the smallest weights in this "
-                          f"space ({min_w / MB:.4g} MB)")
-    if budgets.memory_bytes is not None and budgets.memory_bytes < min_w + min_act:
-        raise BudgetError(f"memory budget {budgets.memory_bytes / MB:g} MB is below the smallest weights plus "
-                          f"activations in this space ({(min_w + min_act) / MB:.4g} MB)")
-    limits = budgets.ilp_limits()
-    if len(limits) == 2:
-        options = {o.fqn: list(o.pairs) for o in space.options}
-        zero = {f: dict.fromkeys(pairs, 0.0) for f, pairs in options.items()}
-        if solve_allocation(options, zero, costs, limits, ties=space.ties) is None:
-            raise BudgetError(
-                f"no configuration meets the latency budget of {budgets.latency_ms:g} ms and keeps weights "
-                f"within {limits['weight_bytes'] / MB:g} MB together: raise one of them"
-            )
-    return cheapest
-
-
-def cost_upper_bounds(space: SearchSpace, cost_model: CostModel) -> dict[str, float]:
-    """Per cost objective, an upper bound over the space (the hypervolume's reference point; see
-    CostModel.upper_bounds; activation memory: the peak with every layer at its widest pair)."""
-    ub = cost_model.upper_bounds({o.fqn: o.pairs for o in space.options})
-    widest = Candidate((o.fqn, max(o.pairs, key=lambda c: (c.activation.bits, c.weight.bits))) for o in space.options)
-    return {"latency": ub["latency_s"] * 1e3, "weight_memory": ub["weight_bytes"], "bops": ub["bops"],
-            "energy": ub["energy_j"] * 1e3, "activation_memory": float(cost_model.price(widest).peak_act_bytes)}
-
-
 def profile_config(
     task: Task | str,
     target: str | HardwareProfile = DEFAULT_TARGET,
@@ -665,15 +359,6 @@ def _load_config(config, fqns) -> Candidate:
     if extra:
         raise InvalidConfigError(f"config names layer {extra[0]}, which the model does not have")
     return Candidate((f, cand[f]) for f in fqns)
-
-
-def _cheapest_latency_ms(space: SearchSpace, cost_model: CostModel) -> float:
-    """A lower bound of the latency any candidate in the space reaches: the sum of each layer's
-    cheapest choice (conversions between compute kinds only add to it)."""
-    total = 0.0
-    for fqn in space.fqns:
-        total += min(cost_model.layer_cost(fqn, c).latency_s for c in space.layer_choices(fqn))
-    return total * 1e3
 
 
 def compare(

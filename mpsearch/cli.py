@@ -500,24 +500,14 @@ def _cmd_compare(args) -> int:
 
 
 def _pngs(out: Path, tracking: dict) -> None:
-    """The report's figures as PNGs (kaleido draws them in a headless Chrome or Chromium; the API
-    writes report.html alone), also to MLflow; without a browser, one line on stderr and no PNGs
-    (the search is done and written: a missing browser must not fail it)."""
-    from mpsearch.errors import MissingDependencyError
-    from mpsearch.report.html import write_report
-    from mpsearch.results.tracking import Tracker
+    """The report's figures as PNGs, also to MLflow (mpsearch.report.html.draw_pngs, which the API
+    offers too); a failed write says how to draw them again."""
+    from mpsearch.report.html import draw_pngs
 
     redo = _command("report", str(out))
-    try:
-        with _on_write_error(lambda e: f"the search is complete in {out}: {_remedy(e)}, then `{redo}` draws the "
-                                       "report and its plots"):
-            files = write_report(out, png=True)
-    except MissingDependencyError as e:
-        print(f"mpsearch: PNG plots skipped: {e}; {out / 'report.html'} has the same views", file=sys.stderr)
-        return
-    tracker = Tracker.resume(tracking)
-    if tracker is not None:
-        tracker.log_files(files)
+    with _on_write_error(lambda e: f"the search is complete in {out}: {_remedy(e)}, then `{redo}` draws the "
+                                   "report and its plots"):
+        draw_pngs(out, tracking)
 
 
 def _export_format(args) -> str:

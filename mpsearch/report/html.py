@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -339,7 +340,7 @@ def history_figure(data: dict):
 def _predicted_reference(result: SearchResult, name: str) -> float | None:
     """The cost model's latency of a verification reference: FP32's (result.json's reference).
     Not int8's: verify's uniform int8 quantizes the model's input too, the search's reference
-    (mpsearch.api.int8_reference) keeps it float, so their predictions differ."""
+    (mpsearch.engine.setup.int8_reference) keeps it float, so their predictions differ."""
     return result.reference.get("fp32_latency_ms") if name == "fp32" else None
 
 
@@ -515,6 +516,25 @@ def write_report(out_dir: str | Path, png: bool = False) -> list[Path]:
     if png:
         written += write_pngs(out_dir, figs)
     return written
+
+
+def draw_pngs(out_dir: str | Path, tracking: dict | None = None) -> list[Path]:
+    """What `mpsearch search` and `compare` draw after their summary: report.html again with its
+    figures as PNGs (write_report), the PNGs logged to the search's MLflow run (`tracking`:
+    SearchResult.tracking). Without a browser for kaleido, one line on stderr and no PNGs: the
+    search is done and written, a missing browser must not fail it. Returns the files written."""
+    from mpsearch.results.tracking import Tracker
+
+    out_dir = Path(out_dir)
+    try:
+        files = write_report(out_dir, png=True)
+    except MissingDependencyError as e:
+        print(f"mpsearch: PNG plots skipped: {e}; {out_dir / 'report.html'} has the same views", file=sys.stderr)
+        return []
+    tracker = Tracker.resume(tracking or {})
+    if tracker is not None:
+        tracker.log_files(files)
+    return files
 
 
 def write_pngs(out_dir: Path, figs: dict) -> list[Path]:

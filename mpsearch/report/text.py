@@ -296,3 +296,12 @@ def compare_table(cmp: Comparison) -> str:
         lines += [f"  {target}: {line}" if i == 0 else f"    {line.strip()}"
                   for i, line in enumerate(best_lines(cmp.view(target)))]
     return "\n".join(lines)
+
+
+def space_line(space, strategy: str, study_name: str, n_previous: int, join: bool, resume: bool) -> str:
+    """The line a search starts with on stderr: its space (before and after ties and pins), its
+    strategy, and the study it joins or resumes."""
+    return (f"mpsearch: space of 10^{space.log10_size:.2f} candidates (10^{space.unreduced_log10_size:.2f} "
+            f"before ties and pins); strategy {strategy}"
+            + (f"; joining study {study_name!r} ({n_previous} trials so far)" if join else
+               f"; resuming after {n_previous} trials" if resume else ""))

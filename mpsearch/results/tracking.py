@@ -218,7 +218,7 @@ class Tracker:
                 "int8_latency_ms": ref.get("int8_latency_ms"), f"int8_{self.metric_name}": ref.get("int8_metric")}
 
     def log_reference(self, reference: dict[str, Any]) -> None:
-        """The references known after the trials (uniform int8's, mpsearch.api.int8_reference)
+        """The references known after the trials (uniform int8's, mpsearch.engine.setup.int8_reference)
         as metrics of the parent run."""
         self.reference = dict(reference)
         if self.parent_run_id is not None:

@@ -414,9 +414,9 @@ def test_without_a_browser_the_pngs_are_skipped_in_one_line_after_the_summary(tm
 
 def test_slow_stages_say_what_they_do_and_quick_ones_stay_quiet(tmp_path, capsys, monkeypatch):
     import mpsearch
-    from mpsearch import api
+    from mpsearch.engine import setup
 
-    monkeypatch.setattr(api, "STAGE_QUIET_S", 0.0)  # every stage counts as slow
+    monkeypatch.setattr(setup, "STAGE_QUIET_S", 0.0)  # every stage counts as slow
     mpsearch.search("digits", n_trials=1, strategy="optuna", out_dir=tmp_path / "a", track=False, progress=True)
     err = capsys.readouterr().err
     stages = [ln for ln in err.splitlines() if STAGE_LINE.match(ln)]
@@ -425,10 +425,10 @@ def test_slow_stages_say_what_they_do_and_quick_ones_stay_quiet(tmp_path, capsys
     assert stages[2] == ("mpsearch: preparing the evaluator (activation ranges on 4 calibration batches, FP32 outputs "
                          "on 3 evaluation batches; kept in the evaluator cache) ...")
     assert re.fullmatch(r"mpsearch: preparing the evaluator: done in [0-9]+\.[0-9] s", stages[3])
-    monkeypatch.setattr(api, "STAGE_QUIET_S", 60.0)  # quick stages say nothing, and --no-progress nothing at all
-    with api.stage(True, "a quick stage"):
+    monkeypatch.setattr(setup, "STAGE_QUIET_S", 60.0)  # quick stages say nothing, and --no-progress nothing at all
+    with setup.stage(True, "a quick stage"):
         pass
-    with api.stage(False, "anything"):
+    with setup.stage(False, "anything"):
         pass
     assert capsys.readouterr().err == ""
 

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from mpsearch.engine.loop import has_record
 from mpsearch.engine.storage import make_storage
 
-SLOW_TASK = f"{Path(__file__).with_name('slow_digits.py')}:build"
+SLOW_TASK = f"{Path(__file__).parents[1] / 'slow_digits.py'}:build"
 CLI = [sys.executable, "-m", "mpsearch.cli"]
 
 

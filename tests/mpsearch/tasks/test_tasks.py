@@ -17,7 +17,7 @@ from mpsearch.cache import sha256_file
 from mpsearch.errors import MissingDependencyError, TaskLoadError, UnknownTaskError
 from mpsearch.tasks import BUILTIN_TASKS, Task, digits, list_tasks, load_task
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "custom_task.py"
 
 

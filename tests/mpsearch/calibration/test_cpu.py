@@ -1,5 +1,7 @@
 """Calibration: the fits recover known figures; the command writes a profile that works as a target."""
 
+import contextlib
+import io
 import math
 
 import pytest
@@ -59,17 +61,29 @@ def test_session_noise_compares_each_session_with_its_copies():
     assert session_noise({"fp32": 1.0, "mixed_0": 2.0}) is None
 
 
-def test_calibrate_command_writes_a_profile_that_works_as_a_target(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """`mpsearch calibrate` run once on digits: (the profile file, what the command printed)."""
     pytest.importorskip("onnxruntime")
     from mpsearch.cli import main
 
-    out = tmp_path / "my-cpu.toml"
-    rc = main(["calibrate", "--task", "digits", "--out", str(out), "--mixed", "3", "--no-progress",
-               "--name", "my-cpu"])
-    text = capsys.readouterr().out
-    assert rc == 0 and "wrote" in text and "3 random mixtures" in text
+    out = tmp_path_factory.mktemp("calibrated") / "my-cpu.toml"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["calibrate", "--task", "digits", "--out", str(out), "--mixed", "3", "--no-progress",
+                   "--name", "my-cpu"])
+    assert rc == 0
+    return out, printed.getvalue()
+
+
+def test_calibrate_command_says_what_it_measured(calibrated):
+    out, text = calibrated
+    assert f"wrote {out}" in text and "3 random mixtures" in text
     assert "identical sessions built separately differ by" in text
-    prof = load_profile(out)
+
+
+def test_calibrated_profile_holds_fitted_figures_and_each_layer_s_measured_times(calibrated):
+    prof = load_profile(calibrated[0])
     assert prof.name == "my-cpu" and prof.kind == "cpu"
     assert all(0 < v <= 1 for v in prof.efficiency.values())
     assert "fitted" in prof.sources["efficiency"] and "digits" in prof.sources["efficiency"]
@@ -81,10 +95,14 @@ def test_calibrate_command_writes_a_profile_that_works_as_a_target(tmp_path, cap
     # QuantizeLinear and of DequantizeLinear
     assert not any(">" in k or "@" in k for e in table.layers.values() for k in e)
     assert prof.quantize_bytes_per_elem is not None and prof.dequantize_bytes_per_elem is not None
-    # pricing sums the layers' measured times, the non-layer time and the graph's conversions
+
+
+def test_calibrated_profile_prices_the_measured_layers_plus_the_graph_s_conversions(calibrated):
     from mpsearch.scoring.onnx_graph import deploy_graph_of
     from mpsearch.tasks import load_task
 
+    prof = load_profile(calibrated[0])
+    table = prof.layer_table
     task = load_task("digits")
     graph = deploy_graph_of(task, analyze(task.model, task.example_input))
     fqns = list(table.layers)
@@ -99,6 +117,12 @@ def test_calibrate_command_writes_a_profile_that_works_as_a_target(tmp_path, cap
     expected = (table.other_s + sum(table.layers[f]["int8" if f in int8 else "fp32"] for f in fqns)
                 + sum(prof.transition_overhead_s + b.elems * per[b.kind] / prof.mem_bw_bytes_per_s for b in bounds))
     assert CostModel(_digits_layers(), prof, 1, graph).price(cand).latency_s == pytest.approx(expected)
+
+
+def test_calibrated_profile_works_as_a_target_and_is_read_from_its_file(calibrated, tmp_path, capsys):
+    from mpsearch.cli import main
+
+    out = calibrated[0]
     rc = main(["profile", "--task", "digits", "--target", str(out), "--precision", "int8"])
     text = capsys.readouterr().out
     assert rc == 0 and "my-cpu" in text and "(measured per-layer table)" in text
@@ -108,7 +132,13 @@ def test_calibrate_command_writes_a_profile_that_works_as_a_target(tmp_path, cap
     rc = main(["profile", "--task", "digits", "--target", str(bad)])
     err = capsys.readouterr().err
     assert rc == 2 and "layer_overhead_s" in err and str(bad) in err
+
+
+def test_calibrate_refuses_an_out_file_that_is_no_toml_and_a_target_that_is_no_cpu(tmp_path, capsys):
+    from mpsearch.cli import main
+
     rc = main(["calibrate", "--task", "digits", "--out", str(tmp_path / "x.json")])
     assert rc == 2 and ".toml" in capsys.readouterr().err
-    rc = main(["calibrate", "--task", "digits", "--target", "cortex-m7", "--out", str(out)])
+    rc = main(["calibrate", "--task", "digits", "--target", "cortex-m7", "--out", str(tmp_path / "p.toml")])
     assert rc == 2 and "cortex-m7 is a mcu profile" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any measurement or write

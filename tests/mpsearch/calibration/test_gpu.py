@@ -214,7 +214,7 @@ def test_calibrate_command_path_on_cuda_writes_a_table_for_the_task(tmp_path):
     assert {"fp32", "fp16", "fp8", "int8"} <= set(prof.layer_table.layers[gemm.fqn])
 
 
-RECORD = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "h100-2026-11-28.json"
+RECORD = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "h100-2026-11-28.json"
 
 
 def _recorded() -> tuple[list[Measurement], float]:

@@ -20,7 +20,7 @@ from mpsearch.cli import main
 from mpsearch.results.records import SearchResult
 
 CLI = [sys.executable, "-m", "mpsearch.cli"]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-SLOW_TASK = f"{Path(__file__).with_name('slow_digits.py')}:build"
+SLOW_TASK = f"{Path(__file__).parents[1] / 'slow_digits.py'}:build"
 CLI = [sys.executable, "-m", "mpsearch.cli"]
 
 
