@@ -57,7 +57,8 @@ from scipy.stats import mannwhitneyu
 
 from hw_models import CostModel, LayerChoice, Precision, get_profile
 from mpsearch.cache import atomic_write_bytes, cache_dir
-from mpsearch.engine.loop import Budgets, make_sampler, run_search
+from mpsearch.engine.budgets import Budgets
+from mpsearch.engine.loop import make_sampler, run_search
 from mpsearch.engine.strategy import plan
 from mpsearch.results.objectives import hypervolume
 from mpsearch.results.objectives import value as objective_value

@@ -16,16 +16,25 @@ from hw_models.precision import Precision
 from hw_models.profile import HardwareProfile
 
 SCALE_BYTES = 4  # one fp32 scale per output channel (integer) or per tensor (fp8)
+# how weight bytes are counted (Cost.weight_bytes, the size and memory budgets, the weight_memory
+# objective): "with-scales", what a deployed graph stores; "payload", the packed values alone.
+# Latency and capacity checks always move and hold the stored bytes.
+WEIGHT_BYTES = ("with-scales", "payload")
 GRAPH_KINDS = ("int8", "fp32")  # compute kinds the deployed-graph mode prices (hw_models.graph's rule)
 
 
-def weight_bytes(layer: LayerSpec, precision: Precision) -> int:
-    """Bytes to store the layer's weight at `precision`, quantization scales included.
+def weight_bytes(layer: LayerSpec, precision: Precision, counting: str = "with-scales") -> int:
+    """Bytes to store the layer's weight at `precision`, quantization scales included
+    (counting "with-scales") or the packed values alone ("payload").
 
     Integer weights are symmetric per output channel: packed b-bit values plus one fp32 scale
     per output channel (no zero point). fp8 carries one fp32 per-tensor scale. Bias is not counted.
     """
+    if counting not in WEIGHT_BYTES:
+        raise ValueError(f"weight byte counting must be one of {', '.join(WEIGHT_BYTES)}, got {counting!r}")
     payload = math.ceil(layer.weight_elems * precision.bits / 8)
+    if counting == "payload":
+        return payload
     if precision.is_int:
         return payload + SCALE_BYTES * layer.out_channels
     if precision == Precision.FP8_E4M3:
@@ -58,6 +67,7 @@ class LayerCost:
     bops: int
     energy_j: float | None = None
     transition_s: float = 0.0
+    stored_bytes: int | None = None  # the weight as stored (with scales) where weight_bytes counts the payload
 
     @property
     def bound(self) -> str:
@@ -126,9 +136,12 @@ class CostModel:
     """
 
     def __init__(self, layers: Sequence[LayerSpec], profile: HardwareProfile, batch_size: int = 1,
-                 graph: DeployGraph | None = None):
+                 graph: DeployGraph | None = None, weight_counting: str = "with-scales"):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        if weight_counting not in WEIGHT_BYTES:
+            raise ValueError(f"weight byte counting must be one of {', '.join(WEIGHT_BYTES)}, got {weight_counting!r}")
+        self.weight_counting = weight_counting
         self.layers = tuple(layers)
         self.profile = profile
         self.batch_size = batch_size
@@ -190,11 +203,14 @@ class CostModel:
     def _layer_cost(self, layer: LayerSpec, choice: LayerChoice) -> LayerCost:
         p = self.profile
         rule = p.rule(choice.weight, choice.activation)
-        wb = weight_bytes(layer, choice.weight if rule is None else rule.stored)
+        stored = choice.weight if rule is None else rule.stored
+        wb = weight_bytes(layer, stored)  # moved and held as stored; counted as self.weight_counting says
+        counted = {} if self.weight_counting == "with-scales" else {
+            "weight_bytes": weight_bytes(layer, stored, self.weight_counting), "stored_bytes": wb}
         act = math.ceil(layer.in_elems * choice.activation.bits / 8) + layer.out_elems * 4
         b = bops(layer, choice)
         if rule is None:
-            return LayerCost(layer.fqn, choice, False, None, math.inf, math.inf, math.inf, wb, act, b)
+            return replace(LayerCost(layer.fqn, choice, False, None, math.inf, math.inf, math.inf, wb, act, b), **counted)
         compute_s = self.batch_size * layer.macs / p.rule_macs_per_s(rule)
         moved = wb + self.batch_size * act
         memory_s = moved / p.mem_bw_bytes_per_s
@@ -206,7 +222,8 @@ class CostModel:
             energy = self.batch_size * layer.macs * p.energy_pj_per_mac[rule.compute] * 1e-12
             if p.energy_pj_per_byte is not None:
                 energy += moved * p.energy_pj_per_byte * 1e-12
-        return LayerCost(layer.fqn, choice, True, rule.compute, latency, compute_s, memory_s, wb, act, b, energy)
+        return replace(LayerCost(layer.fqn, choice, True, rule.compute, latency, compute_s, memory_s, wb, act, b, energy),
+                       **counted)
 
     def layer_cost(self, fqn: str, choice: LayerChoice) -> LayerCost:
         cost = self._table.get((fqn, choice))
@@ -289,6 +306,7 @@ class CostModel:
         p = self.profile
         latency = 0.0
         wbytes = 0
+        stored = 0  # held on the target (the capacity check), whatever wbytes counts
         peak_act = 0
         total_bops = 0
         energy = 0.0 if p.energy_pj_per_mac else None
@@ -323,6 +341,7 @@ class CostModel:
                 n_trans += n
                 prev = c.compute
             wbytes += c.weight_bytes
+            stored += c.weight_bytes if c.stored_bytes is None else c.stored_bytes
             total_bops += c.bops
             if energy is not None and c.energy_j is not None:
                 energy += c.energy_j
@@ -338,8 +357,8 @@ class CostModel:
             moved = (trans_s - n_trans * p.transition_overhead_s) * p.mem_bw_bytes_per_s
             energy += moved * p.energy_pj_per_byte * 1e-12
         peak_act *= self.batch_size
-        if not reason and p.weight_capacity_bytes is not None and wbytes > p.weight_capacity_bytes:
-            reason = f"weights need {wbytes:,} bytes; {p.name} holds {p.weight_capacity_bytes:,}"
+        if not reason and p.weight_capacity_bytes is not None and stored > p.weight_capacity_bytes:
+            reason = f"weights need {stored:,} bytes; {p.name} holds {p.weight_capacity_bytes:,}"
         if not reason and p.act_capacity_bytes is not None and peak_act > p.act_capacity_bytes:
             reason = f"peak activations need {peak_act:,} bytes; {p.name} holds {p.act_capacity_bytes:,}"
         return Cost(

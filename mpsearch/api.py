@@ -72,7 +72,7 @@ def search(
     n_trials: int = DEFAULT_TRIALS,
     sampler: str | optuna.samplers.BaseSampler = DEFAULT_SAMPLER,
     seed: int | None = DEFAULT_SEED,
-    latency_budget_ms: float | None = None,
+    latency_budget_ms: float | str | None = None,
     weight_precisions: Iterable[str | Precision] | None = None,
     activation_precisions: Iterable[str | Precision] | None = None,
     out_dir: str | os.PathLike | None = None,
@@ -87,8 +87,9 @@ def search(
     *,
     strategy: str = DEFAULT_STRATEGY,
     objectives: str | Sequence[str] | None = None,
-    size_budget_mb: float | None = None,
-    memory_budget_mb: float | None = None,
+    size_budget_mb: float | str | None = None,
+    memory_budget_mb: float | str | None = None,
+    weight_bytes: str = "with-scales",
     max_drop: float | str | None = None,
     ties: Iterable[Sequence[str]] = (),
     pins: Mapping[str, str | LayerChoice] | None = None,
@@ -112,7 +113,11 @@ def search(
     objectives: "metric" and any of latency, weight_memory, activation_memory, bops, energy
     (mpsearch.results.objectives; default metric,latency). Budgets (latency_budget_ms, size_budget_mb:
     weight memory, memory_budget_mb: weights plus peak activations) are constraints: a candidate
-    over one is priced, never scored.
+    over one is priced, never scored. Each is a number (ms, MB) or relative to the target's uniform
+    FP32 or int8 configuration: "0.5xfp32", "75%int8" (mpsearch.engine.budgets; settings.budgets_given
+    keeps the form, the flat settings the number). weight_bytes: "with-scales" (default: the integer
+    weights' per-channel fp32 scales counted, as the exported graph stores them) or "payload" (the
+    packed values alone), for the size and memory budgets and the weight_memory objective.
     max_drop: how far below the FP32 metric the best trial's metric may be, in metric points (0.01)
     or percent of the FP32 metric ("1%"); default: the evaluation set's own noise (one standard
     error of an accuracy-like FP32 metric, at least one sample; else 1% of it). The best trial
@@ -151,8 +156,9 @@ def search(
         task=_task_ref(task), target=_target_ref(target, profile), n_trials=n_trials, strategy=strategy,
         sampler=sampler if isinstance(sampler, str) else DEFAULT_SAMPLER, seed=seed, objectives=objectives,
         latency_budget_ms=latency_budget_ms, size_budget_mb=size_budget_mb, memory_budget_mb=memory_budget_mb,
-        max_drop=max_drop, weight_precisions=weight_precisions, activation_precisions=activation_precisions,
-        ties=ties, pins=pins or {}, pin_first_last=pin_first_last, batch_size=batch_size,
+        weight_bytes=weight_bytes, max_drop=max_drop, weight_precisions=weight_precisions,
+        activation_precisions=activation_precisions, ties=ties, pins=pins or {}, pin_first_last=pin_first_last,
+        batch_size=batch_size,
         quant=quant or QuantSettings(), early_stop=early_stop, evaluator_cache=evaluator_cache, n_seeds=n_seeds,
         exhaustive_limit=exhaustive_limit, backend=backend, ray_address=ray_address, workers=workers,
         worker_threads=worker_threads, retries=retries)
@@ -169,6 +175,7 @@ def search(
     try:
         evaluator = make_evaluator(setup.task, setup.analysis, options, progress)
         cost_model = setup.priced_on(evaluator.deploy_graph)
+        setup.resolve_budgets(cost_model)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study, study_name, previous, store = open_study(
             storage_url, study_name, resume, sampler_obj, setup.identity(), options.objectives,
@@ -275,6 +282,7 @@ def join_study(storage: str, study_name: str | None = None, *, out_dir: str | os
 # the study's options a worker searches with; its own: the trials it runs, the sampler's random
 # stream, where it writes, the strategy (the sampler: the study's seeds are the creator's) and retries
 WORKER_OPTIONS = ("target", "sampler", "objectives", "latency_budget_ms", "size_budget_mb", "memory_budget_mb",
+                  "weight_bytes",
                   "max_drop", "weight_precisions", "activation_precisions", "ties", "pins", "pin_first_last",
                   "batch_size", "quant", "early_stop", "evaluator_cache")
 

@@ -107,6 +107,19 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _budget(kind: str):
+    def parse(s: str) -> str:
+        from mpsearch.engine.budgets import parse_budget
+
+        try:
+            parse_budget(s, kind)
+        except InvalidConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return s
+
+    return parse
+
+
 def _max_drop(s: str) -> str:
     from mpsearch.errors import InvalidConfigError
     from mpsearch.results.selection import parse_max_drop
@@ -230,6 +243,7 @@ def _add_verify_options(v) -> None:
 
 
 def _add_search_options(s: argparse.ArgumentParser, compare: bool = False) -> None:
+    from hw_models.cost import WEIGHT_BYTES
     from mpsearch.results.objectives import DEFAULT_OBJECTIVES, OBJECTIVES
 
     s.add_argument("--task", required=True, help=TASK_HELP)
@@ -256,11 +270,17 @@ def _add_search_options(s: argparse.ArgumentParser, compare: bool = False) -> No
         b.add_argument("--latency-budget", type=_positive_float, action="append", default=[], metavar="MS",
                        help="a latency budget (ms) for every target's table (repeatable)")
     else:
-        b.add_argument("--latency-budget", type=_positive_float, metavar="MS",
-                       help="latency budget in ms (a constraint: configurations over it are priced, not scored)")
-    b.add_argument("--size-budget", type=_positive_float, metavar="MB", help="weight memory budget in MB")
-    b.add_argument("--memory-budget", type=_positive_float, metavar="MB",
-                   help="weights plus peak activations budget in MB")
+        b.add_argument("--latency-budget", type=_budget("latency"), metavar="MS",
+                       help="latency budget in ms, or relative to the target's uniform FP32 or int8 (0.5xfp32, "
+                            "75%%int8): a constraint, configurations over it are priced, not scored")
+    b.add_argument("--size-budget", type=_budget("size"), metavar="MB",
+                   help="weight memory budget in MB, or relative (75%%int8, 0.25xfp32)")
+    b.add_argument("--memory-budget", type=_budget("memory"), metavar="MB",
+                   help="weights plus peak activations budget in MB, or relative (0.5xfp32)")
+    b.add_argument("--weight-bytes", choices=WEIGHT_BYTES, default=WEIGHT_BYTES[0],
+                   help="how weight bytes are counted for size, memory and weight_memory: with the integer "
+                        "weights' per-channel fp32 scales (as the exported graph stores them) or the packed "
+                        "values alone (default %(default)s)")
     b.add_argument("--max-drop", type=_max_drop, metavar="D",
                    help="how far below FP32 the best configuration's metric may be: metric points (0.01) or "
                         "percent of the FP32 metric (1%%); best is the fastest within it (the cheapest in the first "
@@ -430,6 +450,7 @@ def _search_kwargs(args) -> dict:
         "objectives": args.objectives,
         "size_budget_mb": args.size_budget,
         "memory_budget_mb": args.memory_budget,
+        "weight_bytes": args.weight_bytes,
         "max_drop": args.max_drop,
         "ties": [[x.strip() for x in t.split(",") if x.strip()] for t in args.tie],
         "pins": pins,

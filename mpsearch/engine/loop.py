@@ -23,8 +23,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from hw_models import Candidate, Cost, CostModel
+from hw_models import Candidate, CostModel
 from mpsearch.defaults import SAMPLERS
+from mpsearch.engine.budgets import NO_BUDGETS, Budgets
 from mpsearch.errors import InvalidConfigError, MpsearchError, SearchInterrupted
 from mpsearch.executors import THIS_PROCESS, Executor, LocalExecutor, Outcome
 from mpsearch.outlock import process_gone, this_process
@@ -49,55 +50,6 @@ _DERIVED_ATTRS = ("speedup_fp32", "mean_weight_bits", "mean_activation_bits")
 GATHER_TIMEOUT_S = 300.0  # how long a search waits for other processes' trials on a shared study
 OWNER_ATTR = "mpsearch.owner"  # a running trial's process (outlock.this_process): a dead one's trial is failed
 ORPHAN_GRACE_S = 20.0  # a running trial that names no owner this long after it started is an orphan
-
-
-@dataclass(frozen=True)
-class Budgets:
-    """Cost constraints: latency (ms), size (weight bytes) and memory (weight bytes plus peak
-    activation bytes); None: no budget."""
-
-    latency_ms: float | None = None
-    size_bytes: float | None = None
-    memory_bytes: float | None = None
-
-    def overruns(self, cost: Cost) -> dict[str, float]:
-        """Constraint name -> how far over budget (<= 0: within), for the budgets set."""
-        out = {}
-        if self.latency_ms is not None:
-            out["latency_over_budget_ms"] = cost.latency_ms - self.latency_ms
-        if self.size_bytes is not None:
-            out["size_over_budget_mb"] = (cost.weight_bytes - self.size_bytes) / 1e6
-        if self.memory_bytes is not None:
-            out["memory_over_budget_mb"] = (cost.weight_bytes + cost.peak_act_bytes - self.memory_bytes) / 1e6
-        return out
-
-    def reason(self, cost: Cost) -> str:
-        over = []
-        if self.latency_ms is not None and cost.latency_ms > self.latency_ms:
-            over.append(f"latency {cost.latency_ms:.4g} ms is over the budget of {self.latency_ms:g} ms")
-        if self.size_bytes is not None and cost.weight_bytes > self.size_bytes:
-            over.append(f"weights {cost.weight_bytes / 1e6:.4g} MB are over the size budget of "
-                        f"{self.size_bytes / 1e6:g} MB")
-        if self.memory_bytes is not None and cost.weight_bytes + cost.peak_act_bytes > self.memory_bytes:
-            over.append(f"weights + peak activations {(cost.weight_bytes + cost.peak_act_bytes) / 1e6:.4g} MB "
-                        f"are over the memory budget of {self.memory_bytes / 1e6:g} MB")
-        return "; ".join(over)
-
-    def ilp_limits(self) -> dict[str, float]:
-        """The budgets as limits on the ILP's additive per-layer costs (mpsearch.engine.ilp): latency in
-        seconds (conversions left out), and weight bytes under the size budget and under the
-        memory budget (weights alone must fit it; activations are checked when pricing)."""
-        limits = {}
-        if self.latency_ms is not None:
-            limits["latency_s"] = self.latency_ms / 1e3
-        caps = [b for b in (self.size_bytes, self.memory_bytes) if b is not None]
-        if caps:
-            limits["weight_bytes"] = min(caps)
-        return limits
-
-    def to_dict(self) -> dict[str, float | None]:
-        return {"latency_ms": self.latency_ms, "size_mb": None if self.size_bytes is None else self.size_bytes / 1e6,
-                "memory_mb": None if self.memory_bytes is None else self.memory_bytes / 1e6}
 
 
 class _DeferredInterrupt:
@@ -209,7 +161,7 @@ def run_search(
     n_trials: int,
     out_dir: Path,
     tracker: Tracker | None,
-    budgets: Budgets = Budgets(),
+    budgets: Budgets = NO_BUDGETS,
     objectives: Sequence[str] = DEFAULT_OBJECTIVES,
     seeds: Iterable[Candidate] = (),
     seeds_only: bool = False,
@@ -276,7 +228,7 @@ class TrialLoop:
     run_search for what each option means."""
 
     def __init__(self, *, result: SearchResult, space: SearchSpace, cost_model: CostModel, study: optuna.Study,
-                 out_dir: Path, tracker: Tracker | None, executor: Executor, budgets: Budgets = Budgets(),
+                 out_dir: Path, tracker: Tracker | None, executor: Executor, budgets: Budgets = NO_BUDGETS,
                  objectives: Sequence[str] = DEFAULT_OBJECTIVES, seeds: Iterable[Candidate] = (),
                  seeds_only: bool = False, on_trial: Callable[[TrialRecord], None] | None = None,
                  early_stop: bool = False, study_total: int | None = None,

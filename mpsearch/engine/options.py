@@ -10,20 +10,21 @@ What is not an option here is how one run is carried out and reported (its outpu
 storage, MLflow store, progress bars, resume): those are the run's, not the search's, and a
 worker chooses its own.
 
-The schema has a version (OPTIONS_VERSION). A stored launch record without one (written before
-the version existed, same fields) still reads; a newer version is refused in one line.
+The schema has a version (OPTIONS_VERSION). A stored launch record of an older version, or without
+one (written before the version existed), still reads: the fields it lacks take their defaults; a
+newer version is refused in one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from hw_models import LayerChoice, Precision
+from hw_models.cost import WEIGHT_BYTES
 from mpsearch.defaults import (
     BACKENDS,
     DEFAULT_BACKEND,
@@ -39,12 +40,14 @@ from mpsearch.defaults import (
     SAMPLERS,
     STRATEGIES,
 )
+from mpsearch.engine.budgets import Relative, parse_budget
 from mpsearch.errors import InvalidConfigError
 from mpsearch.results.objectives import DEFAULT_OBJECTIVES, parse_objectives
 from mpsearch.results.selection import parse_max_drop
 from mpsearch.scoring.evaluator import QuantSettings
 
-OPTIONS_VERSION = 1
+BUDGET_FIELDS = {"latency": "latency_budget_ms", "size": "size_budget_mb", "memory": "memory_budget_mb"}
+OPTIONS_VERSION = 2  # 2: relative budgets ("0.5xfp32", "75%int8") and weight_bytes
 
 
 def _positive_int(name: str, v: Any, low: int = 1) -> None:
@@ -95,9 +98,10 @@ class SearchOptions:
     sampler: str = DEFAULT_SAMPLER
     seed: int | None = DEFAULT_SEED
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
-    latency_budget_ms: float | None = None
-    size_budget_mb: float | None = None
-    memory_budget_mb: float | None = None
+    latency_budget_ms: float | str | None = None  # ms, or relative: "0.5xfp32", "75%int8" (engine.budgets)
+    size_budget_mb: float | str | None = None
+    memory_budget_mb: float | str | None = None
+    weight_bytes: str = "with-scales"  # or "payload" (hw_models.cost.WEIGHT_BYTES)
     max_drop: float | str | None = None
     weight_precisions: tuple[str, ...] | None = None
     activation_precisions: tuple[str, ...] | None = None
@@ -122,10 +126,11 @@ class SearchOptions:
 
         if isinstance(self.n_trials, bool) or not isinstance(self.n_trials, int) or self.n_trials < 1:
             raise InvalidConfigError(f"the number of trials must be a positive integer, got {self.n_trials!r}")
-        for name in ("latency", "size", "memory"):
-            v = getattr(self, f"{name}_budget_{'ms' if name == 'latency' else 'mb'}")
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not (v > 0 and math.isfinite(v))):
-                raise InvalidConfigError(f"the {name} budget must be a positive, finite number, got {v!r}")
+        for kind, name in BUDGET_FIELDS.items():
+            v = parse_budget(getattr(self, name), kind)
+            put(name, v.text if isinstance(v, Relative) else v)
+        if self.weight_bytes not in WEIGHT_BYTES:
+            raise InvalidConfigError(f"weight bytes: {self.weight_bytes!r} is not one of {', '.join(WEIGHT_BYTES)}")
         parse_max_drop(self.max_drop)
         put("objectives", parse_objectives(self.objectives))
         if self.strategy not in STRATEGIES:
@@ -155,6 +160,10 @@ class SearchOptions:
         _positive_int("worker threads", self.worker_threads)
         _positive_int("retries", self.retries, low=0)
 
+    def budgets_given(self) -> dict[str, float | Relative | None]:
+        """{"latency", "size", "memory"}: each budget as a number or a Relative (engine.budgets.resolve)."""
+        return {kind: parse_budget(getattr(self, name), kind) for kind, name in BUDGET_FIELDS.items()}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, with the schema version (from_dict reads it back)."""
         d: dict[str, Any] = {"version": OPTIONS_VERSION}
@@ -178,7 +187,7 @@ class SearchOptions:
         `where`, for a newer version, a field this version does not know, or a value that fails
         its check."""
         version = d.get("version")
-        if version is not None and version != OPTIONS_VERSION:
+        if version is not None and not (isinstance(version, int) and 1 <= version <= OPTIONS_VERSION):
             raise InvalidConfigError(f"{where}: options version {version!r}, this mpsearch reads version "
                                      f"{OPTIONS_VERSION}: use the mpsearch that wrote them")
         names = {f.name for f in dataclasses.fields(cls)}

@@ -28,8 +28,8 @@ from hw_models import Candidate, Cost, CostModel, HardwareProfile, LayerChoice, 
 from hw_models.graph import DeployGraph
 from mpsearch.cache import cache_dir
 from mpsearch.defaults import OUT_ROOT
+from mpsearch.engine.budgets import Budgets, Relative, reference_candidate, resolve
 from mpsearch.engine.ilp import choice_costs, solve_allocation
-from mpsearch.engine.loop import Budgets
 from mpsearch.engine.options import SearchOptions, parse_precisions
 from mpsearch.engine.strategy import Plan, check_strategy
 from mpsearch.engine.strategy import plan as make_plan
@@ -80,8 +80,9 @@ class Setup:
                            n_eval_samples(task_obj.eval_batches),
                            is_proportion(task_obj.metric_fn, task_obj.metric_name, task_obj.fp32_metric))
         analysis, space, cost_model, fp32_act = setup_space(task_obj, profile, options)
-        budgets = Budgets(options.latency_budget_ms, None if options.size_budget_mb is None else options.size_budget_mb * MB,
-                          None if options.memory_budget_mb is None else options.memory_budget_mb * MB)
+        # numbers are checked now; a relative budget once its reference is priced (resolve_budgets)
+        budgets = resolve({k: v for k, v in options.budgets_given().items() if not isinstance(v, Relative)},
+                          cost_model)
         fp32 = cost_model.price(Candidate.uniform(space.fqns, Precision.FP32, Precision.FP32))
         cheapest = check_budgets(space, cost_model, budgets)
         return cls(task_obj, task if isinstance(task, str) else task_obj.name, profile, options, analysis, space,
@@ -89,7 +90,17 @@ class Setup:
 
     def priced_on(self, graph: DeployGraph) -> CostModel:
         """The cost model that prices conversions where the deployed graph has them (hw_models.graph)."""
-        return CostModel(self.analysis.layers, self.profile, batch_size=self.options.batch_size, graph=graph)
+        return CostModel(self.analysis.layers, self.profile, batch_size=self.options.batch_size, graph=graph,
+                         weight_counting=self.options.weight_bytes)
+
+    def resolve_budgets(self, cost_model: CostModel) -> Budgets:
+        """The budgets as numbers, a relative one ("0.5xfp32") priced by `cost_model` against its
+        reference as result.json reports it (engine.budgets); BudgetError when none can meet them."""
+        given = self.options.budgets_given()
+        if any(isinstance(v, Relative) for v in given.values()):
+            self.budgets = resolve(given, cost_model, self.fp32_act)
+            check_budgets(self.space, self.cost_model, self.budgets)
+        return self.budgets
 
     def identity(self) -> dict:
         """What a resumed study must match: task, target, space, objectives and budgets."""
@@ -121,12 +132,15 @@ def new_result(setup: Setup, evaluator: Evaluator, cost_model: CostModel, plan: 
     """The SearchResult the trial loop fills: FP32 reference figures, the settings (the options,
     versioned, and the flat keys MLflow logs as params), the space, and the trials a resumed study
     already holds."""
-    o, task, fp32 = setup.options, setup.task, setup.fp32
+    o, task, fp32, b = setup.options, setup.task, setup.fp32, setup.budgets
+    given = {k: str(v) for k, v in o.budgets_given().items() if isinstance(v, Relative)}  # as typed: "75%int8"
     settings = {
         "options": o.to_dict(),  # what `mpsearch worker` joins with (SearchOptions), versioned
         "n_trials": o.n_trials, "strategy": o.strategy, "sampler": sampler_name, "seed": o.seed,
-        "latency_budget_ms": o.latency_budget_ms, "size_budget_mb": o.size_budget_mb,
-        "memory_budget_mb": o.memory_budget_mb, "max_drop": o.max_drop, "drop_budget": setup.drop.to_dict(),
+        "latency_budget_ms": b.latency_ms, "size_budget_mb": b.size_bytes and b.size_bytes / MB,
+        "memory_budget_mb": b.memory_bytes and b.memory_bytes / MB, "weight_bytes": o.weight_bytes,
+        **({"budgets_given": given} if given else {}),
+        "max_drop": o.max_drop, "drop_budget": setup.drop.to_dict(),
         "batch_size": o.batch_size, "quant": evaluator.settings.to_dict(), "early_stop": o.early_stop,
         "objectives": list(o.objectives),
         "hv_reference": reference_point(o.objectives, task.fp32_metric, cost_upper_bounds(setup.space, cost_model)),
@@ -285,7 +299,8 @@ def setup_space(task: Task, profile: HardwareProfile, options: SearchOptions):
     except SpaceError as e:
         raise InvalidConfigError(str(e)) from None
     check_strategy(options.strategy, space, options.exhaustive_limit)
-    return analysis, space, CostModel(analysis.layers, profile, batch_size=options.batch_size), fp32_act
+    return analysis, space, CostModel(analysis.layers, profile, batch_size=options.batch_size,
+                                      weight_counting=options.weight_bytes), fp32_act
 
 
 def int8_reference(result: SearchResult, cost_model: CostModel, evaluator: Evaluator,
@@ -295,9 +310,7 @@ def int8_reference(result: SearchResult, cost_model: CostModel, evaluator: Evalu
     --precision int8` prices it), its latency and weights on the target and its metric, a trial's
     when the search scored that configuration, else scored once now. None where the target cannot
     run it."""
-    fp32_act = set(fp32_activation_layers)
-    cand = Candidate((f, LayerChoice(Precision.INT8, Precision.FP32 if f in fp32_act else Precision.INT8))
-                     for f in (x.fqn for x in cost_model.layers))
+    cand = reference_candidate(cost_model.layers, "int8", fp32_activation_layers)
     cost = cost_model.price(cand)
     if not cost.feasible:
         return {"int8_metric": None, "int8_latency_ms": None, "int8_weight_bytes": None}

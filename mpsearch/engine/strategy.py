@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hw_models import Candidate, CostModel
-from mpsearch.engine.loop import Budgets
+from mpsearch.engine.budgets import Budgets
 from mpsearch.errors import InvalidConfigError
 from mpsearch.scoring.evaluator import Evaluator
 from search_spaces import SearchSpace

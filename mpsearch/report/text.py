@@ -94,8 +94,10 @@ def best_lines(result: SearchResult) -> list[str]:
     latency, and when no trial is within the drop budget."""
     ref, st, sel = result.reference, result.settings, result.selection
     name, fp32_ms = ref["metric_name"], ref.get("fp32_latency_ms")
-    budgets = [f"{st[k]:g} {unit}" for k, unit in (("latency_budget_ms", "ms"), ("size_budget_mb", "MB of weights"),
-                                                   ("memory_budget_mb", "MB of memory")) if st.get(k) is not None]
+    given = st.get("budgets_given") or {}  # a relative budget as typed ("75%int8") beside its number
+    budgets = [f"{st[k]:.6g} {unit}" + (f" ({given[kind]})" if kind in given else "")
+               for kind, k, unit in (("latency", "latency_budget_ms", "ms"), ("size", "size_budget_mb", "MB of weights"),
+                                     ("memory", "memory_budget_mb", "MB of memory")) if st.get(k) is not None]
     under = f" under {', '.join(budgets)}" if budgets else ""
     if sel.trial is None:
         return [f"best: none (no complete trial{under})"]

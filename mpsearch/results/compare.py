@@ -99,11 +99,14 @@ def _on_target(t: TrialRecord, cost: dict | None) -> TrialRecord:
 
 def price_on_targets(result: SearchResult, layers, profiles: Sequence[HardwareProfile], batch_size: int = 1,
                      latency_budgets_ms: Sequence[float] = (), graph=None) -> Comparison:
-    """Price every trial of `result` on every profile; fronts and budget tables per target."""
+    """Price every trial of `result` on every profile (weight bytes counted as the search counted
+    them: settings.weight_bytes); fronts and budget tables per target."""
     fqns = [x.fqn for x in layers]
+    counting = result.settings.get("weight_bytes", "with-scales")
     per_target, models = {}, {}
     for prof in profiles:
-        model = models[prof.name] = CostModel(layers, prof, batch_size=batch_size, graph=graph)
+        model = models[prof.name] = CostModel(layers, prof, batch_size=batch_size, graph=graph,
+                                               weight_counting=counting)
         priced = {}
         for t in result.trials:
             c = model.price(t.config)

@@ -270,3 +270,27 @@ def test_a_targets_precisions_come_in_one_order_in_every_process():
                            env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
     assert len(runs) == 1
     assert "['int8', 'fp8_e4m3', 'bf16', 'fp16', 'fp32']" in runs.pop()  # h100: by kind, width, then name
+
+
+def test_payload_counting_leaves_the_scales_out_of_weight_bytes_but_not_out_of_latency():
+    assert weight_bytes(CONV, P.INT8, "payload") == 1152 and weight_bytes(FC, P.FP8_E4M3, "payload") == 640
+    assert weight_bytes(CONV, P.FP32, "payload") == weight_bytes(CONV, P.FP32) == 1152 * 4
+    with pytest.raises(ValueError, match="payload"):
+        weight_bytes(CONV, P.INT8, "kernel")
+    stored, payload = CostModel([CONV, FC], X86), CostModel([CONV, FC], X86, weight_counting="payload")
+    cand = Candidate([("conv", LayerChoice(P.INT8, P.INT8)), ("fc", LayerChoice(P.INT4, P.INT8))])
+    a, b = stored.price(cand), payload.price(cand)
+    assert a.weight_bytes == (1152 + 64) + (320 + 40) and b.weight_bytes == 1152 + 320
+    assert b.latency_s == a.latency_s  # the scales are moved all the same
+    assert payload.layer_cost("conv", LayerChoice(P.INT8, P.INT8)).stored_bytes == 1152 + 64
+
+
+def test_capacity_holds_the_stored_weights_whatever_is_counted():
+    # 1M int8 weights need 1,048,576 payload bytes + 4,096 bytes of scales: a flash of 1,050,000
+    # bytes holds the payload but not the weights as stored
+    small = dataclasses.replace(get_profile("cortex-m7"), weight_capacity_bytes=1_050_000)
+    big = LayerSpec("big", "linear", (1024, 1024), 1, 1024 * 1024, 1024, 1024)
+    cand = Candidate([("big", LayerChoice(P.INT8, P.INT8))])
+    for counting in ("with-scales", "payload"):
+        cost = CostModel([big], small, weight_counting=counting).price(cand)
+        assert not cost.feasible and "weights need 1,052,672 bytes" in cost.reason

@@ -13,7 +13,8 @@ import pytest
 from optuna.trial import TrialState
 
 from hw_models import CostModel, Precision, get_profile
-from mpsearch.engine.loop import Budgets, make_sampler, run_search
+from mpsearch.engine.budgets import Budgets
+from mpsearch.engine.loop import make_sampler, run_search
 from mpsearch.errors import SearchInterrupted
 from mpsearch.executors import Outcome
 from mpsearch.results.records import SearchResult

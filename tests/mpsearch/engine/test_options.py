@@ -39,11 +39,11 @@ def test_a_launch_record_written_before_the_version_still_reads():
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"version": 2}, "study 's1': options version 2, this mpsearch reads version 1"),
+    ({"version": 3}, "study 's1': options version 3, this mpsearch reads version 2"),
     ({"colour": "red"}, "study 's1': unknown option 'colour'"),
     ({"n_trials": 0}, "study 's1': the number of trials must be a positive integer, got 0"),
     ({"strategy": "greedy"}, "study 's1': unknown strategy 'greedy'"),
-    ({"latency_budget_ms": -1}, "study 's1': the latency budget must be a positive, finite number, got -1"),
+    ({"latency_budget_ms": -1}, "study 's1': the latency budget must be a positive, finite number of ms, or relative"),
     ({"weight_precisions": ["int7"]}, "study 's1': weight precisions:"),
     ({"quant": {"act_range": "guess"}}, "study 's1': act_range 'guess' is not one of"),
     ({"workers": 4}, "study 's1': workers needs the ray backend"),
