@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import mpsearch
-from hw_models import Candidate, CostModel, LayerChoice, LayerSpec, Precision, get_profile
+from hw_models import Candidate, CostModel, LayerSpec, Precision, get_profile
 from mpsearch.engine.budgets import Relative, parse_budget, resolve
 from mpsearch.engine.options import SearchOptions
 from mpsearch.errors import BudgetError, InvalidConfigError
