@@ -59,7 +59,7 @@ from mpsearch.onnx_export import (
     set_nodes,
 )
 from mpsearch.scoring.onnx_graph import find_layer_sites, graph_nodes, read_graph
-from mpsearch.scoring.quant import int_range, resolve_clipping, weight_qparams
+from mpsearch.scoring.quant import resolve_clipping, weight_qparams, weight_range
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -115,7 +115,7 @@ def weight_ints(evaluator: Evaluator, fqn: str, precision: Precision) -> tuple[t
                            clipping=resolve_clipping(s.weight_clipping, precision.bits))
     simulated = evaluator.weight(fqn, precision).to(torch.float32).contiguous()
     ints = torch.round(simulated / scale)
-    qmin, qmax = int_range(precision.bits, signed=True)
+    qmin, qmax = weight_range(precision.bits)
     if not torch.equal(ints * scale, simulated) or float(ints.min()) < qmin or float(ints.max()) > qmax:
         raise EvaluationError(f"{where}: the evaluator's weight is not on the {precision} grid of its scales; "
                               "mpsearch.deploy.build must follow the evaluator's weight quantizer")

@@ -11,8 +11,8 @@ output on calibration inputs is reconstructed as well as possible:
 * w_floor = floor(w / scale); a continuous variable V per weight gives the rectified sigmoid
   h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1, initialised
   so that h(V) equals the fractional part w / scale - w_floor (the soft weight starts at w).
-* soft weight: scale * clamp(w_floor + h(V), qmin, qmax) on the symmetric grid
-  [-(2^(b-1)-1), 2^(b-1)-1] of `mpsearch.scoring.quant.int_range(bits, signed=True)`.
+* soft weight: scale * clamp(w_floor + h(V), qmin, qmax) on the grid of
+  `mpsearch.scoring.quant.weight_range(bits)` ([-(2^(b-1)-1), 2^(b-1)-1]; every level at 2 and 3 bits).
 * loss = rec + reg_weight * sum(1 - |2 h(V) - 1|^beta). rec is the MSE of the layer's output
   with the soft weight against the FP32 output, averaged over all output elements (samples,
   channels, positions). (AIMET / BRECQ sum over output channels instead, i.e. a regulariser
@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpsearch.scoring.quant import WEIGHT_BITS, int_range
+from mpsearch.scoring.quant import WEIGHT_BITS, weight_range
 
 __all__ = ["adaround_weight"]
 
@@ -227,7 +227,7 @@ def _adaround(
     module, weight, scale, bits, inputs, iters, lr, reg_weight, beta_range, warmup, batch_size, seed
 ) -> torch.Tensor:
     """adaround_weight after the argument checks, in a grad-enabled, non-inference context."""
-    qmin, qmax = int_range(bits, signed=True)
+    qmin, qmax = weight_range(bits)
     with torch.no_grad():
         w = _plain(weight)
         _check_finite(w, "weight")
@@ -312,7 +312,7 @@ def adaround_weight(
     weight: the FP32 weight, shaped like module.weight.
     scale: scales from `mpsearch.scoring.quant.weight_qparams(weight, bits, ...)`: broadcastable to
         weight (per-channel, per-tensor), or group-wise [out, in // g, 1] for a 2-D weight.
-    bits: 2..8, the symmetric grid [-(2^(b-1)-1), 2^(b-1)-1].
+    bits: 2..8, on the grid of `mpsearch.scoring.quant.weight_range(bits)`.
     inputs: FP32 calibration inputs of this layer, batch-first: [N, C, H, W] (Conv2d),
         [N, C, L] (Conv1d), [N, ..., in_features] (Linear).
     iters, lr, reg_weight, beta_range, warmup, batch_size, seed: see the module docstring.

@@ -55,7 +55,7 @@ from mpsearch.scoring.quant import (
 )
 from mpsearch.tasks.base import Task, run_model
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5  # 5: int2 / int3 weights use every level of their grid
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 WEIGHT_CLIPPINGS = ("auto", "minmax", "mse")
 ACT_RANGES = ("minmax", "percentile", "mse")

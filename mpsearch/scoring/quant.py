@@ -1,6 +1,11 @@
 """Simulated (fake) quantization of weights and activations, computed in FP32 torch.
 
-Weights — symmetric, zero point 0, integer 2..8 bits on the grid [-(2^(b-1)-1), 2^(b-1)-1]:
+Weights — zero point 0, integer 2..8 bits (`weight_range`): from 4 bits up the symmetric grid
+[-(2^(b-1)-1), 2^(b-1)-1] (int8: -127..127, as int8 kernels take it); at 2 and 3 bits every level
+of the two's-complement grid, [-2^(b-1), 2^(b-1)-1] (int2: {-2, -1, 0, 1}, not ternary; int3:
+-4..3), as low-bit kernel formats store them (INT4 holds both), since a symmetric grid would leave
+one of only 4 or 8 levels unused. The min-max scale is the smallest whose grid covers the group's
+[min, max]; MSE clipping shrinks it by the error-minimising ratio, on each side's own reach:
 
 * granularity "per_channel" (default; one scale per output channel, axis 0) or "per_tensor";
   group-wise for 2-D (Linear) weights with `group_size=g`: one scale per (output row, run of g
@@ -61,6 +66,7 @@ __all__ = [
     "quantize_weight",
     "resolve_clipping",
     "weight_qparams",
+    "weight_range",
     "weight_scales",
 ]
 
@@ -78,6 +84,7 @@ CLIPPINGS = ("minmax", "mse", "auto")
 ACT_METHODS = ("minmax", "percentile", "mse")
 
 WEIGHT_BITS = (2, 8)  # inclusive
+FULL_RANGE_MAX_BITS = 3  # weights of this many bits and fewer use every level of their grid (weight_range)
 ACT_BITS = (2, 16)
 
 # MSE clipping of weights: alpha grid, searched coarse-to-fine (every 5th point, then the
@@ -118,6 +125,15 @@ def int_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def weight_range(bits: int) -> tuple[int, int]:
+    """Integer grid of a b-bit weight: symmetric [-(2^(b-1)-1), 2^(b-1)-1] from 4 bits up, every
+    level of the two's-complement grid [-2^(b-1), 2^(b-1)-1] at FULL_RANGE_MAX_BITS and below."""
+    _check_bits(bits, WEIGHT_BITS, "weight")
+    if bits <= FULL_RANGE_MAX_BITS:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return int_range(bits, signed=True)
+
+
 def resolve_clipping(clipping: str, bits: int) -> str:
     """The weight clipping method actually used: "auto" is "mse" at <= 4 bits, "minmax" above."""
     _check_name(clipping, CLIPPINGS, "clipping method")
@@ -156,36 +172,37 @@ def _scale_groups(
     return w.reshape(w.shape[0], -1), (w.shape[0],) + (1,) * (w.dim() - 1)
 
 
-def _alpha_errors(absx: torch.Tensor, amax: torch.Tensor, alphas: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Squared quantize-dequantize error of each row of absx [G, n] at clipping ratios alphas [A, G]."""
+def _alpha_errors(x: torch.Tensor, amax: torch.Tensor, alphas: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Squared quantize-dequantize error of each row of x [G, n] at clipping ratios alphas [A, G],
+    the scale being alpha x amax / qmax."""
     n_alpha = alphas.shape[0]
-    chunk = max(1, _MSE_CHUNK_ELEMS // max(1, absx.numel()))
-    out = torch.empty(n_alpha, absx.shape[0], device=absx.device)
+    chunk = max(1, _MSE_CHUNK_ELEMS // max(1, x.numel()))
+    out = torch.empty(n_alpha, x.shape[0], device=x.device)
     for i in range(0, n_alpha, chunk):
         inv = qmax / (alphas[i : i + chunk] * amax)  # [a, G]: 1 / scale
-        y = absx.unsqueeze(0) * inv.unsqueeze(-1)  # |w| / scale
-        r = torch.round(y).clamp_max_(qmax).sub_(y)  # error in units of the scale
+        y = x.unsqueeze(0) * inv.unsqueeze(-1)  # w / scale
+        r = torch.round(y).clamp_(qmin, qmax).sub_(y)  # error in units of the scale
         out[i : i + chunk] = torch.linalg.vector_norm(r, dim=-1).square_() / inv.square()
     return out
 
 
-def _mse_alphas(x: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Per row of x [G, n], the alpha of MSE_ALPHAS minimising the squared error (vectorised over rows).
+def _mse_alphas(x: torch.Tensor, amax: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Per row of x [G, n], the alpha of MSE_ALPHAS minimising the squared error of the grid
+    [qmin, qmax] at scale alpha x amax / qmax (vectorised over rows). A symmetric grid is searched
+    on |x| (the same errors, the sign does not matter there).
 
     Coarse-to-fine: every 5th grid point, then the neighbours of each row's best; alpha = 1
     (min-max) is always evaluated and wins ties, so the error is never above min-max's.
     """
-    absx = x.abs()
-    amax = absx.amax(dim=1).clamp_min(_TINY)
     grid = MSE_ALPHAS.to(x.device)
     n_rows = x.shape[0]
     coarse_idx = torch.arange(0, len(grid), _MSE_COARSE_STEP, device=x.device)
-    err = _alpha_errors(absx, amax, grid[coarse_idx].unsqueeze(1).expand(-1, n_rows), qmax)
+    err = _alpha_errors(x, amax, grid[coarse_idx].unsqueeze(1).expand(-1, n_rows), qmin, qmax)
     best_err, pos = err.min(dim=0)  # first minimum: the largest alpha among ties
     best_idx = coarse_idx[pos]
     offsets = torch.tensor([o for o in range(-_MSE_COARSE_STEP + 1, _MSE_COARSE_STEP) if o], device=x.device)
     fine_idx = (best_idx.unsqueeze(0) + offsets.unsqueeze(1)).clamp_(0, len(grid) - 1)  # [A2, G]
-    fine_err = _alpha_errors(absx, amax, grid[fine_idx], qmax)
+    fine_err = _alpha_errors(x, amax, grid[fine_idx], qmin, qmax)
     f_err, f_pos = fine_err.min(dim=0)
     f_idx = fine_idx.gather(0, f_pos.unsqueeze(0)).squeeze(0)
     better = (f_err < best_err) | ((f_err == best_err) & (f_idx < best_idx))
@@ -200,7 +217,7 @@ def weight_qparams(
     clipping: str = "minmax",
     group_size: int | None = None,
 ) -> torch.Tensor:
-    """Scales of a symmetric integer weight quantizer (zero point 0), FP32.
+    """Scales of an integer weight quantizer (zero point 0, the grid of `weight_range`), FP32.
 
     Shape: per_channel [out, 1, ..., 1]; per_tensor [1, ..., 1] (both with w.dim() axes, so
     they broadcast against w); group-wise (group_size=g, 2-D w only) [out, in // g, 1], to be
@@ -212,20 +229,24 @@ def weight_qparams(
     w = w.detach().to(torch.float32)
     _check_finite(w, "weight tensor")
     rows, shape = _scale_groups(w, granularity, group_size)
-    _, qmax = int_range(bits, signed=True)
-    absmax = rows.abs().amax(dim=1).clamp_min(_TINY)
+    qmin, qmax = weight_range(bits)
+    if qmin == -qmax:
+        x = rows.abs()
+        amax = x.amax(dim=1).clamp_min(_TINY)
+    else:  # the grid reaches qmax x scale up and -qmin x scale down: the smallest covering [min, max]
+        x = rows
+        amax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1) * (qmax / qmin)).clamp_min(_TINY)
     if method == "mse":
-        absmax = absmax * _mse_alphas(rows, qmax)
-    return (absmax / qmax).reshape(shape)
+        amax = amax * _mse_alphas(x, amax, qmin, qmax)
+    return (amax / qmax).reshape(shape)
 
 
 def fake_quant_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Round w / scale to [-(2^(b-1)-1), 2^(b-1)-1], clamp, dequantize; FP32, same shape as w.
+    """Round w / scale, clamp to the grid of `weight_range(bits)`, dequantize; FP32, same shape as w.
 
     `scale` broadcasts against w, or is a group-wise [out, in // g, 1] scale of a 2-D w.
     """
-    _check_bits(bits, WEIGHT_BITS, "weight")
-    qmin, qmax = int_range(bits, signed=True)
+    qmin, qmax = weight_range(bits)
     w = w.detach().to(torch.float32)
     scale = scale.to(torch.float32)
     if w.dim() == 2 and scale.dim() == 3:

@@ -12,7 +12,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from hw_models import Candidate, LayerChoice, Precision
-from mpsearch.deploy.build import build
+from mpsearch.deploy.build import build, weight_ints
 from mpsearch.errors import InvalidConfigError, MissingDependencyError
 from mpsearch.metrics import accuracy
 from mpsearch.onnx_export import OrtRunner, count_int8_kernels, default_weight_dtype, export_fp32
@@ -125,6 +125,31 @@ def test_narrow_weights_are_stored_as_int4_and_run_on_int8_kernels():
     kept = build(ev, cand, weight_dtype="int8", int4_storage=False)
     assert kept.storage == {"conv": "int8", "fc": "int8"}
     assert torch.equal(OrtRunner(kept.proto).run(x), runner.run(x))
+
+
+def test_two_and_three_bit_weights_ship_every_level_and_run_as_simulated():
+    """int2 weights on {-2, -1, 0, 1}, int3 on -4..3 (mpsearch.scoring.quant.weight_range): the
+    deployed graph stores the same integers in INT4 and ONNX Runtime computes what the evaluator
+    simulates (within one activation step, as for int8)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    _task, _analysis, ev, x = _tiny_case()
+    cand = Candidate({"conv": LayerChoice(Precision.INT2, Precision.INT8), "fc": LayerChoice(Precision.INT3, Precision.INT8)})
+    dep = build(ev, cand, weight_dtype="int8", int4_storage=False)  # int8 containers: numpy reads them
+    inits = {t.name: numpy_helper.to_array(t) for t in dep.proto.graph.initializer}
+    conv = np.abs(inits["conv.weight_quantized"]).astype(int)  # |levels|: a folding sign may flip a channel
+    fc = inits["fc.weight_quantized"].astype(int)
+    assert set(np.unique(conv)) == {0, 1, 2} and fc.min() >= -4 and fc.max() <= 3 and len(np.unique(fc)) == 8
+    out = OrtRunner(dep.proto, optimize=False).run(x)
+    # a conv with 2-bit weights puts its outputs on a coarse lattice, so more of them than at 8 bits
+    # land within float rounding of a rounding boundary of fc's input (measured: up to 4 of 100
+    # in a sample); each is one activation step, times fc's int3 weight, plus fc's int32 bias rounding
+    step = ev.act_params("fc", Precision.INT8).scale
+    _, fc_scale = weight_ints(ev, "fc", Precision.INT3)
+    bound = 5 * step * ev.weight("fc", Precision.INT3).abs().amax(1) + 0.5 * step * fc_scale + 1e-4
+    assert bool(((out - ev.outputs(cand)[0]).abs() <= bound).all())
+    assert torch.equal(OrtRunner(build(ev, cand, weight_dtype="int8").proto).run(x), OrtRunner(dep.proto).run(x))
 
 
 @pytest.mark.slow  # ~5 s: torch.export + onnxscript

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpsearch.scoring.adaround import _Conv, adaround_weight
-from mpsearch.scoring.quant import fake_quant_weight, int_range, weight_qparams
+from mpsearch.scoring.quant import fake_quant_weight, weight_qparams, weight_range
 
 
 def _layer_out(module: nn.Module, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def _linear_case(fin: int = 32, fout: int = 16, n: int = 256):
 
 
 def _assert_on_grid(wq, w, scale, bits):
-    qmin, qmax = int_range(bits, signed=True)
+    qmin, qmax = weight_range(bits)
     q = wq / scale
     assert torch.allclose(q, torch.round(q), atol=1e-4)
     assert float(q.min()) >= qmin - 1e-4 and float(q.max()) <= qmax + 1e-4
@@ -90,7 +90,7 @@ def test_depthwise_conv_reaches_the_best_rounding(bits):
     assert wq.shape == w.shape
     _assert_on_grid(wq, w, scale, bits)
 
-    qmin, qmax = int_range(bits, signed=True)
+    qmin, qmax = weight_range(bits)
     choices = torch.tensor(list(itertools.product([0.0, 1.0], repeat=9)))  # [512, 9]
     floor = torch.floor(w / scale).reshape(8, 9)
     best = torch.empty(8, 9)

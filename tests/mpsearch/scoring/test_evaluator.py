@@ -138,9 +138,10 @@ def test_adaround_weights_are_on_the_grid_and_reconstruct_better(digits, tmp_pat
     assert torch.allclose(x, seen[0][: x.shape[0]], rtol=1e-5, atol=1e-5)
     w = ada._fp32_weights[fqn]
     wq_near, wq_ada = near.weight(fqn, P.INT3), ada.weight(fqn, P.INT3)
-    scale = w.abs().amax(dim=(1, 2, 3), keepdim=True) / 3  # int3 min-max: qmax 3
+    # int3 min-max on the grid [-4, 3]: the smallest scale covering each channel's [min, max]
+    scale = torch.maximum(w.amax(dim=(1, 2, 3), keepdim=True) / 3, w.amin(dim=(1, 2, 3), keepdim=True) / -4)
     ints = wq_ada / scale
-    assert torch.allclose(ints, ints.round(), atol=1e-4) and ints.abs().max() <= 3 + 1e-4
+    assert torch.allclose(ints, ints.round(), atol=1e-4) and ints.min() >= -4 - 1e-4 and ints.max() <= 3 + 1e-4
     assert ((wq_ada / scale - w / scale).abs() < 1 + 1e-4).all()  # floor or ceil
     assert not torch.equal(wq_ada, wq_near)
     conv = analysis.handles[fqn].module

@@ -17,13 +17,14 @@ from mpsearch.scoring.quant import (
     quantize_weight,
     resolve_clipping,
     weight_qparams,
+    weight_range,
     weight_scales,
 )
 
 P = Precision
 
 
-@pytest.mark.parametrize("prec", [P.INT2, P.INT3, P.INT4, P.INT6, P.INT8])
+@pytest.mark.parametrize("prec", [P.INT4, P.INT6, P.INT8])
 def test_weight_error_at_most_half_a_step_per_channel(prec):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 8, 3, 3, generator=g) * torch.linspace(0.1, 3, 16).reshape(-1, 1, 1, 1)
@@ -39,6 +40,31 @@ def test_weight_error_at_most_half_a_step_per_channel(prec):
     assert torch.allclose(q.reshape(16, -1).abs().amax(1), w.reshape(16, -1).abs().amax(1))
 
 
+@pytest.mark.parametrize(("prec", "qmin", "qmax"), [(P.INT2, -2, 1), (P.INT3, -4, 3)])
+def test_two_and_three_bit_weights_use_every_level_of_their_grid(prec, qmin, qmax):
+    assert weight_range(prec.bits) == (qmin, qmax)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, 3, 3, generator=g) * torch.linspace(0.1, 3, 16).reshape(-1, 1, 1, 1)
+    q = quantize_weight(w, prec, clipping="minmax")
+    scale = weight_scales(w, prec.bits)
+    rows = w.reshape(16, -1)
+    # min-max: the smallest scale whose grid [qmin, qmax] x scale covers the channel's [min, max]
+    assert torch.allclose(scale, torch.maximum(rows.amax(1) / qmax, rows.amin(1) / qmin))
+    assert torch.all((q - w).abs().reshape(16, -1).amax(1) <= scale / 2 + 1e-6)  # nothing clipped
+    levels = torch.round(q.reshape(16, -1) / scale.reshape(-1, 1))
+    assert float(levels.min()) >= qmin and float(levels.max()) <= qmax
+    # the 72 weights of a channel land on all 2^b levels (a symmetric grid has 2^b - 1)
+    assert max(len(torch.unique(levels[c])) for c in range(16)) == 2**prec.bits
+
+
+def test_int2_is_four_levels_by_hand():
+    # one channel [-1.0, -0.4, 0.1, 0.5]: min-max scale max(0.5 / 1, -1.0 / -2) = 0.5; w / scale =
+    # [-2, -0.8, 0.2, 1] -> levels [-2, -1, 0, 1]: the four levels of {-2, -1, 0, 1} x 0.5
+    w = torch.tensor([[-1.0, -0.4, 0.1, 0.5]])
+    assert torch.equal(quantize_weight(w, P.INT2, clipping="minmax"), torch.tensor([[-1.0, -0.5, 0.0, 0.5]]))
+    assert float(weight_scales(w, 2)) == 0.5
+
+
 def test_more_bits_less_error():
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
     errs = [
@@ -52,6 +78,8 @@ def test_more_bits_less_error():
 def test_int_ranges():
     assert int_range(4, signed=True) == (-7, 7)
     assert int_range(2, signed=True) == (-1, 1)
+    assert weight_range(2) == (-2, 1) and weight_range(3) == (-4, 3) and weight_range(4) == (-7, 7)
+    assert weight_range(8) == (-127, 127)
     assert int_range(8, signed=False) == (0, 255)
 
 
@@ -159,12 +187,12 @@ def test_weight_error_at_most_half_a_step_inside_the_range(bits, clipping, kwarg
     w = _heavy_tailed((8, 64), seed=bits)
     s = weight_qparams(w, bits, clipping=clipping, **kwargs)
     q = fake_quant_weight(w, s, bits)
-    qmax = 2 ** (bits - 1) - 1
+    qmin, qmax = weight_range(bits)  # [-2, 1] at 2 bits, [-4, 3] at 3, symmetric from 4 up
     step = s.expand(8, 4, 16).reshape(8, 64) if "group_size" in kwargs else s.expand_as(w)
-    inside = w.abs() <= qmax * step * (1 + 1e-6)
+    inside = (w <= qmax * step * (1 + 1e-6)) & (w >= qmin * step * (1 + 1e-6))
     assert torch.all((q - w).abs()[inside] <= step[inside] / 2 + 1e-6)
-    # values beyond the clipping range land on the largest level
-    assert torch.allclose(q[~inside].abs(), qmax * step[~inside])
+    # values beyond the clipping range land on the end level of their side
+    assert torch.allclose(q[~inside], torch.where(w[~inside] > 0, qmax, qmin) * step[~inside])
     assert torch.allclose(q / step, torch.round(q / step), atol=1e-4)  # on the grid
     if clipping == "minmax":
         assert bool(inside.all())
