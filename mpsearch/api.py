@@ -98,6 +98,7 @@ def search(
     study_name: str | None = None,
     resume: bool = False,
     n_seeds: int | None = None,
+    patience: int | None = None,
     exhaustive_limit: int = EXHAUSTIVE_LIMIT,
     backend: str = DEFAULT_BACKEND,
     ray_address: str | None = None,
@@ -127,7 +128,10 @@ def search(
     searched or scored.
     strategy: hybrid (default: sensitivity-guided ILP solutions first, then the sampler), optuna,
     ilp, or exhaustive (mpsearch.engine.strategy); n_seeds: the hybrid's ILP solutions (default a tenth
-    of the trials).
+    of the trials). With a budget and no max_drop, best is the most accurate configuration within
+    the budgets (mpsearch.results.selection), the ILP solutions lie near the budget, and the hybrid
+    then refines around its best trial and stops once `patience` trials (default a fifth of the
+    trials, at least 10; 0: never) found nothing better (mpsearch.engine.refine).
     ties: groups of layer names that must share a precision pair (layers sharing a weight tensor
     are tied automatically); pins: {layer: "weight/activation"}; pin_first_last: the first and
     last layers at int8/int8 (their widest pair where the target has no int8).
@@ -160,7 +164,7 @@ def search(
         activation_precisions=activation_precisions, ties=ties, pins=pins or {}, pin_first_last=pin_first_last,
         batch_size=batch_size,
         quant=quant or QuantSettings(), early_stop=early_stop, evaluator_cache=evaluator_cache, n_seeds=n_seeds,
-        exhaustive_limit=exhaustive_limit, backend=backend, ray_address=ray_address, workers=workers,
+        patience=patience, exhaustive_limit=exhaustive_limit, backend=backend, ray_address=ray_address, workers=workers,
         worker_threads=worker_threads, retries=retries)
     sampler_obj = make_sampler(sampler, seed, n_trials)
     if resume and out_dir is None and storage is None:
@@ -199,6 +203,7 @@ def search(
                             objectives=options.objectives, seeds=plan.seeds, seeds_only=plan.seeds_only,
                             out_dir=out, tracker=tracker, progress=progress, early_stop=early_stop,
                             executor=executor, gather=shared, heartbeats=Heartbeats.of(store, study_name),
+                            refiner=plan.refiner,
                             study_total=study.user_attrs[LAUNCH_ATTR]["n_trials"] if join else
                             n_trials if shared else None)
         if not join:

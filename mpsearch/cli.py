@@ -298,6 +298,9 @@ def _add_search_options(s: argparse.ArgumentParser, compare: bool = False) -> No
     sp.add_argument("--pin-first-last", action="store_true", help="first and last layers at int8/int8")
     sp.add_argument("--ilp-seeds", type=_positive_int, metavar="N",
                     help="ILP solutions a hybrid search starts from (default a tenth of the trials, at least 2)")
+    sp.add_argument("--patience", type=_natural_int, metavar="N",
+                    help="a budgeted hybrid search (a budget, no --max-drop) stops after N trials without a better "
+                         "configuration within the budgets (default a fifth of the trials, at least 10; 0: never)")
     sp.add_argument("--exhaustive-limit", type=_positive_int, default=D.EXHAUSTIVE_LIMIT, metavar="N",
                     help="largest space --strategy exhaustive enumerates (default %(default)s)")
     sp.add_argument("--batch-size", type=_positive_int, default=D.DEFAULT_BATCH_SIZE, metavar="B",
@@ -459,6 +462,7 @@ def _search_kwargs(args) -> dict:
         "study_name": args.study_name,
         "resume": args.resume,
         "n_seeds": args.ilp_seeds,
+        "patience": args.patience,
         "exhaustive_limit": args.exhaustive_limit,
         "backend": args.backend,
         "ray_address": args.ray_address,

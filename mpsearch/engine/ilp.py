@@ -330,6 +330,7 @@ def sweep(
     budgets: Mapping[str, float] | None = None,
     ties: Sequence[Sequence[str]] = (),
     max_terms: Mapping[str, float] | None = None,
+    near: float | None = None,
 ) -> list[Allocation]:
     """A sketch of the sensitivity / `key` front: the best allocation for n budgets of `key`.
 
@@ -339,6 +340,10 @@ def sweep(
     "20% smaller"), else evenly; n == 1 gives the smallest only. Each is solved with the other
     `budgets` as constraints. Returned in increasing `key`, keeping only allocations strictly
     less sensitive than every cheaper one (so each allocation once); [] if `budgets` cannot be met.
+
+    near: with a budget on `key` itself, sweep only its neighbourhood: from (1 - near) times the
+    upper end (the least-sensitive allocation within the budget, at most the budget) up to it,
+    not the whole front down to the cheapest (a budgeted search wants the budget used well).
     """
     if n < 1:
         raise InvalidConfigError(f"a sweep needs at least one point, got n={n}")
@@ -349,6 +354,8 @@ def sweep(
     if cheapest is None:
         return []
     lo, hi = p.total(cheapest, key), p.total(p.solve(p.flat(None), budgets), key)
+    if near is not None and key in budgets:
+        lo = max(lo, hi * (1 - near))
     if n == 1 or hi <= lo:
         points = [lo]
     else:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from hw_models import Candidate, CostModel
 from mpsearch.defaults import SAMPLERS
 from mpsearch.engine.budgets import NO_BUDGETS, Budgets
+from mpsearch.engine.refine import Refiner
 from mpsearch.errors import InvalidConfigError, MpsearchError, SearchInterrupted
 from mpsearch.executors import THIS_PROCESS, Executor, LocalExecutor, Outcome
 from mpsearch.outlock import process_gone, this_process
@@ -172,6 +173,7 @@ def run_search(
     study_total: int | None = None,
     gather: bool = False,
     heartbeats: Heartbeats | None = None,
+    refiner: Refiner | None = None,
 ) -> SearchResult:
     """Run up to n_trials more trials, appending to result.trials; result.json is rewritten after
     each, and each finished trial's record is kept in the study (user attribute RECORD_ATTR).
@@ -182,7 +184,9 @@ def run_search(
     sampler), the cost model prices it, and only a candidate the target runs within every budget
     is scored. The study is told [metric, *costs] in `objectives` order and one constraint per
     budget (plus UNSUPPORTED); an infeasible candidate is told a metric below any real one.
-    seeds_only: stop when the seeds run out (the ilp and exhaustive strategies).
+    seeds_only: stop when the seeds run out (the ilp and exhaustive strategies). refiner: once the
+    seeds are used, it proposes (the budget's neighbourhood; the sampler when it has nothing) and
+    ends the search when its patience runs out (mpsearch.engine.refine; settings.stopped_early).
 
     executor: where candidates are scored (default: LocalExecutor(evaluator), one at a time).
     With `executor.slots` = W scorings in flight, trials are told in the order they were asked and
@@ -208,7 +212,7 @@ def run_search(
     loop = TrialLoop(result=result, space=space, cost_model=cost_model, study=study, out_dir=out_dir,
                      tracker=tracker, executor=executor or LocalExecutor(evaluator), budgets=budgets,
                      objectives=objectives, seeds=seeds, seeds_only=seeds_only, on_trial=on_trial,
-                     early_stop=early_stop, study_total=study_total, heartbeats=heartbeats)
+                     early_stop=early_stop, study_total=study_total, heartbeats=heartbeats, refiner=refiner)
     return loop.run(n_trials, gather=gather, progress=progress)
 
 
@@ -232,11 +236,11 @@ class TrialLoop:
                  objectives: Sequence[str] = DEFAULT_OBJECTIVES, seeds: Iterable[Candidate] = (),
                  seeds_only: bool = False, on_trial: Callable[[TrialRecord], None] | None = None,
                  early_stop: bool = False, study_total: int | None = None,
-                 heartbeats: Heartbeats | None = None) -> None:
+                 heartbeats: Heartbeats | None = None, refiner: Refiner | None = None) -> None:
         self.result, self.space, self.cost_model, self.study = result, space, cost_model, study
         self.tracker, self.executor, self.budgets, self.on_trial = tracker, executor, budgets, on_trial
         self.seeds, self.seeds_only, self.early_stop = iter(seeds), seeds_only, early_stop
-        self.study_total, self.heartbeats = study_total, heartbeats
+        self.study_total, self.heartbeats, self.refiner = study_total, heartbeats, refiner
         self.result_path = out_dir / "result.json"
         self.dists = space.distributions()
         self.costs = [o for o in objectives if o != "metric"]
@@ -337,6 +341,12 @@ class TrialLoop:
         seed = next(self.seeds, None)
         if seed is None and self.seeds_only:
             return None
+        if seed is None and self.refiner is not None:
+            stalled = self.refiner.stalled(self.result.trials)
+            if stalled is not None:
+                self.stopped_early(stalled)
+                return None
+            seed = self.refiner.propose(self.result.trials)
         with self.interrupts.critical():  # a trial created in the storage is always one we hold
             if seed is not None:
                 study.enqueue_trial(self.space.params(seed), skip_if_exists=False)
@@ -356,6 +366,17 @@ class TrialLoop:
             p = self.pending[trial.number] = _Pending(trial, t0, heartbeat=beat)
         self.asked += 1
         return p
+
+    def stopped_early(self, best: TrialRecord) -> None:
+        """The refiner's patience ran out: no more trials, and say so (once)."""
+        if "stopped_early" in self.result.settings:
+            return
+        patience = self.refiner.patience
+        self.result.settings["stopped_early"] = {"after_trials": len(self.result.trials), "patience": patience,
+                                                 "best_trial": best.number}
+        print(f"mpsearch: stopped early after {_trials(len(self.result.trials))}: no better configuration within "
+              f"the budgets in the last {_trials(patience)} (best: trial {best.number}; --patience 0 runs every trial)",
+              file=sys.stderr)
 
     def price(self, p: _Pending) -> None:
         """The candidate's costs into its record; over a budget or unrunnable, it is ready

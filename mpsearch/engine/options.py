@@ -47,7 +47,7 @@ from mpsearch.results.selection import parse_max_drop
 from mpsearch.scoring.evaluator import QuantSettings
 
 BUDGET_FIELDS = {"latency": "latency_budget_ms", "size": "size_budget_mb", "memory": "memory_budget_mb"}
-OPTIONS_VERSION = 2  # 2: relative budgets ("0.5xfp32", "75%int8") and weight_bytes
+OPTIONS_VERSION = 2  # 2: relative budgets ("0.5xfp32", "75%int8"), weight_bytes and patience
 
 
 def _positive_int(name: str, v: Any, low: int = 1) -> None:
@@ -113,6 +113,7 @@ class SearchOptions:
     early_stop: bool = False
     evaluator_cache: bool = True
     n_seeds: int | None = None
+    patience: int | None = None  # a budgeted hybrid search: trials without a better one before it stops
     exhaustive_limit: int = EXHAUSTIVE_LIMIT
     backend: str = DEFAULT_BACKEND
     ray_address: str | None = None
@@ -148,6 +149,8 @@ class SearchOptions:
             put("quant", QuantSettings(**self.quant))
         if self.n_seeds is not None:
             _positive_int("ILP seeds", self.n_seeds)
+        if self.patience is not None:
+            _positive_int("patience", self.patience, low=0)
         _positive_int("exhaustive limit", self.exhaustive_limit)
         if self.backend not in BACKENDS:
             raise InvalidConfigError(f"unknown backend {self.backend!r} (known: {', '.join(BACKENDS)})")

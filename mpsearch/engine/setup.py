@@ -11,6 +11,7 @@ what a run that failed before any trial would leave there.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -79,6 +80,8 @@ class Setup:
         drop = drop_budget(options.max_drop, task_obj.fp32_metric, task_obj.metric_name,
                            n_eval_samples(task_obj.eval_batches),
                            is_proportion(task_obj.metric_fn, task_obj.metric_name, task_obj.fp32_metric))
+        if options.max_drop is None and any(v is not None for v in options.budgets_given().values()):
+            drop = dataclasses.replace(drop, mode="most_accurate")  # the best that fits (results.selection)
         analysis, space, cost_model, fp32_act = setup_space(task_obj, profile, options)
         # numbers are checked now; a relative budget once its reference is priced (resolve_budgets)
         budgets = resolve({k: v for k, v in options.budgets_given().items() if not isinstance(v, Relative)},
@@ -121,7 +124,8 @@ class Setup:
         return make_plan(o.strategy, self.space, cost_model, evaluator, budgets=self.budgets,
                          objectives=o.objectives, n_trials=self.remaining(len(previous), join), n_seeds=o.n_seeds,
                          tried=[t.config for t in previous], progress=progress,
-                         cache_dir=cache_dir("sensitivity") if o.evaluator_cache else None)
+                         cache_dir=cache_dir("sensitivity") if o.evaluator_cache else None, drop=self.drop,
+                         patience=o.patience)
 
     def study_name(self) -> str:
         return f"{slug(self.task_name)}-{slug(self.profile.name)}"

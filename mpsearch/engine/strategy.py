@@ -6,6 +6,12 @@
               solution is one trial, and the search ends when they run out
   hybrid      (default) those ILP solutions first, enqueued as the study's first trials, then the
               sampler refines from them instead of starting blind
+
+With a budget on the swept cost (a size budget when weight memory is the first cost objective, a
+latency budget when latency is), the sweep covers the budget's neighbourhood (NEAR_BUDGET) rather
+than the whole front: the configurations a budgeted search is after use the budget well. A hybrid
+search whose best is the most accurate within its budgets (a budget and no max_drop) then refines
+around its best trial and stops when that stops improving (mpsearch.engine.refine).
   exhaustive  every candidate of the space, refused above `exhaustive_limit` candidates
 """
 
@@ -19,12 +25,17 @@ from pathlib import Path
 
 from hw_models import Candidate, CostModel
 from mpsearch.engine.budgets import Budgets
+from mpsearch.engine.refine import Refiner, default_patience
 from mpsearch.errors import InvalidConfigError
+from mpsearch.results.selection import DropBudget
 from mpsearch.scoring.evaluator import Evaluator
 from search_spaces import SearchSpace
 
 # additive per-layer cost the ILP sweeps, per cost objective (activation memory is a peak, not a sum)
 SWEEP_KEY = {"latency": "latency_s", "weight_memory": "weight_bytes", "bops": "bops", "energy": "energy_j"}
+# with a budget on the swept cost, the ILP seeds lie within this share under the least-sensitive
+# allocation the budget allows (ilp.sweep's `near`), not along the whole front
+NEAR_BUDGET = 0.15
 
 
 @dataclass
@@ -36,6 +47,7 @@ class Plan:
     seeds_only: bool  # the search ends when the seeds run out
     setup_s: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    refiner: Refiner | None = None  # a budgeted hybrid search: the budget's neighbourhood after the seeds
 
 
 def check_strategy(strategy: str, space: SearchSpace, exhaustive_limit: int) -> None:
@@ -68,8 +80,13 @@ def plan(
     tried: Iterable[Candidate] = (),
     cache_dir: Path | None = None,
     progress: bool = True,
+    drop: DropBudget | None = None,
+    patience: int | None = None,
 ) -> Plan:
-    """The seeds of `strategy` (see the module doc), leaving out candidates already `tried`."""
+    """The seeds of `strategy` (see the module doc), leaving out candidates already `tried`; for a
+    hybrid search whose best is the most accurate within its budgets (`drop` mode "most_accurate"),
+    the Refiner that follows the seeds (mpsearch.engine.refine; `patience`: trials without a better
+    one before it stops the search, 0: never)."""
     tried = set(tried)
     if strategy == "optuna":
         return Plan((), 0, False)
@@ -98,7 +115,8 @@ def plan(
     for i, opts in enumerate(groups):
         # at least the two ends of each sweep: the cheapest allocation and the least sensitive one
         share = max(2, want // len(groups) + (1 if i < want % len(groups) else 0))
-        allocations += sweep(opts, sens.values, costs, key, share, budgets=limits, ties=space.ties)
+        allocations += sweep(opts, sens.values, costs, key, share, budgets=limits, ties=space.ties,
+                             near=NEAR_BUDGET)
     seeds = []
     for a in allocations:
         c = Candidate((f, a.choices[f]) for f in space.fqns)
@@ -111,9 +129,14 @@ def plan(
         print(f"mpsearch: {strategy}: sensitivity of {sum(len(v) for v in sens.values.values())} layer choices "
               f"({sens.from_cache} from the cache) in {t1 - t0:.1f} s, {len(seeds)} ILP solutions over the "
               f"{key} sweep in {t2 - t1:.2f} s", file=sys.stderr)
+    refiner = None
+    if strategy == "hybrid" and drop is not None and drop.mode == "most_accurate":
+        refiner = Refiner(space, cost_model, budgets, sens.values, drop, objectives,
+                          default_patience(n_trials) if patience is None else patience)
     return Plan(seeds, len(seeds), strategy == "ilp",
                 setup_s={"sensitivity_s": t1 - t0, "ilp_s": t2 - t1},
-                info={"sensitivity_measure": sens.measure, "ilp_solutions": len(seeds), "sweep": key})
+                info={"sensitivity_measure": sens.measure, "ilp_solutions": len(seeds), "sweep": key,
+                      **({"patience": refiner.patience} if refiner else {})}, refiner=refiner)
 
 
 def _within_latency(cand, alloc, budget_ms, cost_model, options, sensitivity, costs, limits, space, tries=4):

@@ -109,6 +109,13 @@ def best_lines(result: SearchResult) -> list[str]:
              + f", weights {b.weight_bytes / 1024:.1f} KiB"]
     if sel.within_drop is None:  # a result written before drop budgets
         lines.append(f"  chosen: the highest {name}")
+    elif sel.mode == "most_accurate":
+        lines.append(f"  chosen: the most accurate within the budgets; {name}s within {sel.max_drop:.4g} of the highest "
+                     f"({sel.source.removeprefix('default: ')}) told apart by the lowest KL to FP32 (else the highest "
+                     f"SQNR), then the {RANKED_BY.get(sel.objective, 'cheapest ' + str(sel.objective))}")
+        if not sel.within_drop:
+            lines.append(f"  note: its {name} is below FP32 {ref['fp32_metric']:.4f} - {sel.max_drop:.4g}: the budgets "
+                         "cost more than the evaluation set's noise")
     else:
         limit = (f"{name} >= {sel.min_metric:.4f} (FP32 {ref['fp32_metric']:.4f} - {sel.max_drop:.4g}; "
                  f"{sel.source})")

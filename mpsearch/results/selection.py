@@ -14,6 +14,14 @@ sample while running slower than FP32. So, like AIMET's allowed accuracy drop, b
 max_drop, in metric points (0.01: one point of accuracy in [0, 1]) or, given as "1%", in percent
 of the FP32 metric. Without one, DEFAULT: the evaluation set's own noise.
 
+A search with a budget (latency, size or memory) and no max_drop asks another question: the best
+configuration that fits (as MCT and HAQ read a budget), not the cheapest one that is good enough.
+Its best (DropBudget.mode "most_accurate") is the most accurate complete trial within the budgets;
+trials whose metric is within the evaluation set's noise of the highest (the default drop, e.g. one
+of 256 crops) are told apart by the finer proxy the evaluator computes on the same outputs: the
+lowest KL to FP32 (kl_to_fp32) for classifiers, else the highest SQNR (sqnr_db); then the cheapest,
+then the earliest. A given max_drop keeps the cheapest-within-the-drop rule, budgets or not.
+
   - A metric that is a share of samples (accuracy, top-1 agreement: `mpsearch.metrics.accuracy`
     or `top1_agreement`, or a metric named so, with FP32 in [0, 1]) over n evaluation samples:
     one standard error of the FP32 metric, sqrt(p (1 - p) / n), and at least one sample, 1 / n.
@@ -36,14 +44,18 @@ from typing import Any
 from mpsearch.errors import InvalidConfigError
 from mpsearch.results.objectives import value as objective_value
 
-__all__ = ["DEFAULT_RELATIVE_DROP", "Best", "DropBudget", "default_drop", "drop_budget", "parse_max_drop",
-           "select_best"]
+__all__ = ["DEFAULT_RELATIVE_DROP", "Best", "DropBudget", "default_drop", "drop_budget", "most_accurate",
+           "parse_max_drop", "select_best"]
 
 DEFAULT_RELATIVE_DROP = 0.01
 PROPORTION_METRICS = ("accuracy", "top1_agreement")
 # floats of a share of n samples (k / n) compared with a threshold computed in another order
 _TOLERANCE = 1e-9
 # what "best" means per ranking objective, for the printed summary
+MODES = ("cheapest", "most_accurate")
+# the finer proxy that tells apart trials whose metrics are within the evaluation set's noise:
+# (proxy, sign): lower KL is better, higher SQNR is
+FINER_PROXIES = (("kl_to_fp32", 1.0), ("sqnr_db", -1.0))
 RANKED_BY = {"latency": "fastest", "weight_memory": "smallest weights", "activation_memory": "smallest peak activations",
              "bops": "fewest BOPs", "energy": "least energy"}
 
@@ -78,6 +90,7 @@ class DropBudget:
     points: float  # in metric units
     min_metric: float  # fp32_metric - points
     source: str  # where the figure comes from, in words
+    mode: str = "cheapest"  # or "most_accurate": a budgeted search without a max_drop (module doc)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +137,7 @@ class Best:
     source: str | None
     speedup_fp32: float | None  # FP32 latency / the best trial's latency (None: unknown)
     fastest_speedup_fp32: float | None  # the same for the fastest complete trial within the budgets
+    mode: str = "cheapest"  # DropBudget.mode this was chosen by
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +152,23 @@ def ranking_objective(objectives: Sequence[str]) -> str:
 def _cost(t, objective: str) -> float:
     v = objective_value(t, objective)
     return v if v is not None and math.isfinite(v) else math.inf
+
+
+def most_accurate(pool: Sequence, noise: float, objective: str):
+    """The most accurate of `pool` (complete trials within the budgets): among those whose metric
+    is within `noise` of the highest, the best by the finer proxy (FINER_PROXIES, the first every one
+    of them has), then the cheapest in `objective`, then the earliest; None for an empty pool."""
+    if not pool:
+        return None
+    top = max(t.metric for t in pool)
+    near = [t for t in pool if t.metric >= top - noise - _TOLERANCE * max(1.0, abs(top))]
+    proxy = next(((name, sign) for name, sign in FINER_PROXIES
+                  if all(t.proxies.get(name) is not None and math.isfinite(t.proxies[name]) for t in near)), None)
+
+    def finer(t) -> float:
+        return 0.0 if proxy is None else proxy[1] * t.proxies[proxy[0]]
+
+    return min(near, key=lambda t: (finer(t), _cost(t, objective), -t.metric, t.number))
 
 
 def select_best(trials: Sequence, reference: dict[str, Any], objectives: Sequence[str],
@@ -156,12 +187,18 @@ def select_best(trials: Sequence, reference: dict[str, Any], objectives: Sequenc
     fastest = min(pool, key=lambda t: (_cost(t, "latency"), -t.metric, t.number)) if pool else None
     highest = min(pool, key=lambda t: (-t.metric, t.latency_ms, t.number)) if pool else None
     if isinstance(drop, dict):
-        drop = DropBudget(**{k: drop[k] for k in ("points", "min_metric", "source")})
+        drop = DropBudget(**{k: drop[k] for k in ("points", "min_metric", "source")}, mode=drop.get("mode", "cheapest"))
     if drop is None:
         return Best(None if highest is None else highest.number, "highest metric", None, None, None, None, None,
                     speedup(highest), speedup(fastest))
     objective = ranking_objective(objectives)
     threshold = drop.min_metric - _TOLERANCE * max(1.0, abs(drop.min_metric))
+    if drop.mode == "most_accurate":
+        best = most_accurate(pool, drop.points, objective)
+        rule = "most accurate within the budgets (within the evaluation set's noise: the finer proxy, then the cost)"
+        return Best(None if best is None else best.number, rule, objective, None if best is None else
+                    best.metric >= threshold, drop.points, drop.min_metric, drop.source, speedup(best),
+                    speedup(fastest), mode=drop.mode)
     within = [t for t in pool if t.metric >= threshold]
     if within:
         best = min(within, key=lambda t: (_cost(t, objective), -t.metric, t.number))

@@ -217,3 +217,19 @@ def test_missing_values_are_config_errors():
         solve_allocation(OPTIONS, {"a": SENS["a"], "b": SENS["b"]}, COSTS, {})
     with pytest.raises(InvalidConfigError, match="latency_s"):
         solve_allocation(OPTIONS, SENS, COSTS, {"latency_s": 1.0})
+
+
+def test_a_budget_on_the_swept_cost_keeps_the_sweep_near_it():
+    # bytes <= 10: the least sensitive allocation is a int8, b fp32, c int8 (9 bytes, 0.3); near 0.2
+    # sweeps 7.2 .. 9 bytes: under 7.2 the best is 6 bytes (0.8, as on the hand-solved front), and no
+    # point goes down to the 3-byte end the whole front starts from
+    front = sweep(OPTIONS, SENS, COSTS, "bytes", 3, budgets={"bytes": 10}, near=0.2)
+    assert [(a.costs["bytes"], a.objective) for a in front] == [(6, pytest.approx(0.8)), (9, pytest.approx(0.3))]
+    whole = sweep(OPTIONS, SENS, COSTS, "bytes", 3, budgets={"bytes": 10})
+    assert whole[0].costs["bytes"] == 3  # without near: from the cheapest
+    # near applies to a budget on the swept cost only
+    def points(front):
+        return [(a.choices, a.costs, a.objective) for a in front]
+
+    assert points(sweep(OPTIONS, SENS, COSTS, "bytes", 3, budgets={"lat": 3}, near=0.2)) == points(
+        sweep(OPTIONS, SENS, COSTS, "bytes", 3, budgets={"lat": 3}))

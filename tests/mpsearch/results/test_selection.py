@@ -174,3 +174,51 @@ def test_summary_says_plainly_when_no_trial_is_within_the_drop():
                        "highest accuracy"
     assert best_lines(result_of([rec(0, None, 0.5, state="fail")], 0.01)) == ["best: none (no complete trial)"]
     assert not math.isnan(select_best([], REF, ("metric", "latency"), budget(0.01)).min_metric)
+
+
+def kl_rec(n, metric, kl, wbytes, lat=0.8):
+    return TrialRecord(n, "complete", CFG, metric, lat, wbytes, 1000, True, proxies={"kl_to_fp32": kl})
+
+
+def test_a_budgeted_search_chooses_the_most_accurate_trial_within_the_noise_by_kl():
+    """A size budget and no max_drop: the best that fits, as MCT picks. The drop (one of 256 crops,
+    0.0039) is the noise: 0.9961 and 1.0 are told apart by KL, not by the one crop between them."""
+    trials = [
+        kl_rec(0, 0.9961, 0.055, wbytes=2600),  # one crop below the highest, the lowest KL: best
+        kl_rec(1, 1.0, 0.081, wbytes=2160),  # the highest metric, but within the noise of 0: KL decides
+        kl_rec(2, 0.9922, 0.040, wbytes=2000),  # two crops below the highest: out of the noise band
+        kl_rec(3, 0.9961, 0.055, wbytes=2500),  # = trial 0's metric and KL, smaller: cheaper wins the tie
+        TrialRecord(4, "infeasible", CFG, None, 0.8, 3000, 1000, False),
+    ]
+    drop = {"points": 1 / 256, "min_metric": 1 - 1 / 256, "source": "default: one of 256", "mode": "most_accurate"}
+    best = select_best(trials, REF, ["metric", "weight_memory"], drop)
+    assert (best.trial, best.mode, best.within_drop) == (3, "most_accurate", True)
+    assert best.rule.startswith("most accurate within the budgets")
+    # the same trials under the cheapest-within-the-drop rule (metric >= 1 - 1/256): trial 2 is below
+    # it; trial 1 is the smallest of the rest
+    assert select_best(trials, REF, ["metric", "weight_memory"], {**drop, "mode": "cheapest"}).trial == 1
+    # without KL on every trial of the band, SQNR (higher is better) decides; without either, the cost
+    sq = [TrialRecord(0, "complete", CFG, 0.99, 0.8, 300, 1000, True, proxies={"sqnr_db": 20.0}),
+          TrialRecord(1, "complete", CFG, 0.99, 0.8, 200, 1000, True, proxies={"sqnr_db": 25.0})]
+    assert select_best(sq, REF, ["metric", "weight_memory"], {**drop, "min_metric": 0.98}).trial == 1
+    bare = [TrialRecord(0, "complete", CFG, 0.99, 0.8, 300, 1000, True),
+            TrialRecord(1, "complete", CFG, 0.99, 0.8, 200, 1000, True)]
+    assert select_best(bare, REF, ["metric", "weight_memory"], {**drop, "min_metric": 0.98}).trial == 1
+
+
+def test_a_budgeted_digits_search_says_it_chose_the_most_accurate(tmp_path):
+    import mpsearch
+
+    r = mpsearch.search("digits", n_trials=8, out_dir=tmp_path / "s", track=False, progress=False,
+                        size_budget_mb="80%int8", objectives="metric,weight_memory")
+    assert r.settings["drop_budget"]["mode"] == "most_accurate"
+    pool = [t for t in r.trials if t.state == "complete" and t.feasible]
+    top = max(t.metric for t in pool)
+    b = r.trial(r.best)
+    noise = r.settings["drop_budget"]["points"]
+    assert b.metric >= top - noise - 1e-9
+    assert b.proxies["kl_to_fp32"] == min(t.proxies["kl_to_fp32"] for t in pool if t.metric >= top - noise - 1e-9)
+    assert "chosen: the most accurate within the budgets" in "\n".join(best_lines(r))
+    given = mpsearch.search("digits", n_trials=2, strategy="optuna", out_dir=tmp_path / "g", track=False,
+                            progress=False, size_budget_mb="80%int8", max_drop="1%")
+    assert given.settings["drop_budget"]["mode"] == "cheapest"  # a max_drop given: the cheapest within it
