@@ -121,7 +121,8 @@ def search(
     packed values alone), for the size and memory budgets and the weight_memory objective.
     max_drop: how far below the FP32 metric the best trial's metric may be, in metric points (0.01)
     or percent of the FP32 metric ("1%"); default: the evaluation set's own noise (one standard
-    error of an accuracy-like FP32 metric, at least one sample; else 1% of it). The best trial
+    error of an accuracy-like FP32 metric, at least one sample; else 1% of it). Without a budget,
+    or with max_drop given, the best trial
     (SearchResult.best) is the cheapest complete trial within every budget and this drop: the
     fastest when latency is an objective, else the cheapest in the first cost objective; if none is
     within the drop, the highest-metric one (mpsearch.results.selection). It does not change what is

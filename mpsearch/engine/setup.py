@@ -141,8 +141,11 @@ def new_result(setup: Setup, evaluator: Evaluator, cost_model: CostModel, plan: 
     settings = {
         "options": o.to_dict(),  # what `mpsearch worker` joins with (SearchOptions), versioned
         "n_trials": o.n_trials, "strategy": o.strategy, "sampler": sampler_name, "seed": o.seed,
-        "latency_budget_ms": b.latency_ms, "size_budget_mb": b.size_bytes and b.size_bytes / MB,
-        "memory_budget_mb": b.memory_bytes and b.memory_bytes / MB, "weight_bytes": o.weight_bytes,
+        # the numbers the loop checks: a number as given, a relative budget as resolved
+        "latency_budget_ms": b.latency_ms,
+        "size_budget_mb": o.size_budget_mb if "size" not in given else b.size_bytes / MB,
+        "memory_budget_mb": o.memory_budget_mb if "memory" not in given else b.memory_bytes / MB,
+        "weight_bytes": o.weight_bytes,
         **({"budgets_given": given} if given else {}),
         "max_drop": o.max_drop, "drop_budget": setup.drop.to_dict(),
         "batch_size": o.batch_size, "quant": evaluator.settings.to_dict(), "early_stop": o.early_stop,
