@@ -1,5 +1,5 @@
-"""The search loop: Optuna proposes (ask), the cost model prices, the evaluator scores, Optuna
-learns (tell). Pricing is cheap and scoring is expensive: a candidate that breaks a budget, or
+"""The search loop: the strategy's seeds, then the refiner (a budgeted hybrid search) or Optuna's
+sampler propose (ask), the cost model prices, the evaluator scores, Optuna learns (tell). Pricing is cheap and scoring is expensive: a candidate that breaks a budget, or
 that the target cannot run, is told to the study as infeasible without scoring.
 """
 

@@ -11,23 +11,41 @@ evaluation batches:
 - other task kinds: "normalized_mse", the output noise energy over the FP32 output energy,
   sum (y_q - y)^2 / sum y^2 = 10 ** (-sqnr_db / 10).
 
-Suffix evaluation. A layer quantized alone changes nothing computed before its first call, so the
-model is traced with torch.fx; per batch the FP32 graph is run once, in layer order, keeping only
-the values live across the next cut, and for each layer every choice re-runs only the nodes from
-that layer's call onward, fed the cached FP32 values. The traced graph calls the evaluator's own
-submodules, so its weight swaps and forward hooks (activation quantizers, bias corrections) apply
-unchanged. A model that cannot be traced, or whose trace does not reach every hook point or does
-not reproduce the FP32 outputs, is measured with whole forward passes instead (`Sensitivity.path`).
+Two methods measure it (`method`):
 
+"fisher" (default): the second-order (Fisher) estimate, as HAWQ and MCT price a layer, but of
+each pair's own perturbation rather than a Hessian trace times a weight error. The model is traced
+with torch.fx; per batch one FP32 forward and PROBES backward passes give, at every tensor a
+quantized layer changes, the gradient of a random projection r of the output, with E[r r^T] the
+output's Fisher metric (diag(p) - p p^T of the softmax for KL, the identity for the normalized
+MSE). Each pair then re-runs only its own few nodes (the layer and the quantizers the deployed
+graph puts around it) to get the change d it makes there, and the estimate is the mean over
+probes of (g . d)^2 (for KL halved): KL(p || q) = 1/2 dz^T (diag(p) - p p^T) dz + O(|dz|^3)
+for a change dz of the logits, and E[(r^T J d)^2] = d^T J^T E[r r^T] J d. The probes are seeded,
+so the estimate is reproducible. On mobilenet_v2 it costs about a third of "exact" and ranks the
+pairs as well for the ILP (benchmarks/sensitivity.py: allocations solved from either come within
+the same ~2% of those solved from exact values on all 256 evaluation samples). Models where it
+cannot apply (a node that modifies a tensor in place other than a module's own `inplace` flag, a
+non-tensor value a layer changes) are measured exactly instead (`Sensitivity.note` says why).
+
+"exact": the measure itself. A layer quantized alone changes nothing computed before its first
+call, so per batch the FP32 graph is run once, in layer order, keeping only the values live across
+the next cut, and for each layer every choice re-runs only the nodes from that layer's call onward,
+fed the cached FP32 values. The traced graph calls the evaluator's own submodules, so its weight
+swaps and forward hooks (activation quantizers, bias corrections) apply unchanged. A model that
+cannot be traced, or whose trace does not reach every hook point or does not reproduce the FP32
+outputs, is measured with whole forward passes instead (`Sensitivity.path`, either method).
 Cost: about (pairs x average suffix share x samples) forward passes of one sample; for
-mobilenet_v2 on x86-vnni (583 pairs) the suffix averages ~half the network. The default sample
-count (DEFAULT_SAMPLES = 64) was chosen there: allocations solved (mpsearch.engine.ilp) from 64-sample
-sensitivities came within ~4% of the optimum under 256-sample ones (16 samples: up to ~45%,
-128: under 1%), at a quarter of the cost. Pass `batches` for more.
+mobilenet_v2 the suffix averages ~40% of the network.
+
+The default sample count (DEFAULT_SAMPLES = 64) was chosen on mobilenet_v2 (583 pairs): allocations
+solved (mpsearch.engine.ilp) from 64-sample sensitivities came within ~4% of the optimum under
+256-sample ones (16 samples: up to ~45%, 128: under 1%). Pass `batches` for more.
 
 Disk cache: `cache_dir / f"sensitivity-{key}.json"`, key = hash of the evaluator's cache key, the
-number of batches and the measure; values found there are reused, new ones merged in atomically,
-every CHUNK_PAIRS pairs, so an interrupted measurement resumes where it stopped.
+number of batches, the measure and the method; values found there are reused, new ones merged in
+atomically (for "exact" every CHUNK_PAIRS pairs, so an interrupted measurement resumes where it
+stopped).
 """
 
 from __future__ import annotations
@@ -56,7 +74,9 @@ from mpsearch.scoring.evaluator import Evaluator
 from mpsearch.tasks.base import run_model
 
 __all__ = [
+    "DEFAULT_METHOD",
     "DEFAULT_SAMPLES",
+    "METHODS",
     "Sensitivity",
     "cache_path",
     "default_batches",
@@ -65,7 +85,11 @@ __all__ = [
     "parse_pair",
 ]
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the method is part of the key
+METHODS = ("fisher", "exact")
+DEFAULT_METHOD = "fisher"
+PROBES = 2  # random projections per sample of the "fisher" method (see the module doc)
+PROBE_SEED = 0
 DEFAULT_SAMPLES = 64  # batches=None: the first batches holding at least this many samples
 CHUNK_PAIRS = 64  # pairs measured between cache writes (each chunk re-runs the FP32 prefix once)
 KL = "kl_to_fp32"
@@ -97,9 +121,10 @@ class Sensitivity:
     seconds: time spent measuring (0 when everything came from the cache).
     from_cache: how many (layer, choice) values came from the disk cache.
     batches: how many evaluation batches were used.
-    path: how the measured values were computed: "suffix" (traced graph, re-running only the
-        layers after the quantized one), "full" (whole forward passes) or "cache" (none measured).
-    note: why the "full" path was taken.
+    path: how the measured values were computed: "fisher" (the second-order estimate), "suffix"
+        (exact, on the traced graph, re-running only the layers after the quantized one), "full"
+        (exact, whole forward passes) or "cache" (none measured).
+    note: why a slower path than the method asked for was taken.
     """
 
     measure: str
@@ -153,9 +178,10 @@ def default_batches(evaluator: Evaluator, samples: int = DEFAULT_SAMPLES) -> int
     return len(evaluator.reference_outputs)
 
 
-def cache_path(evaluator: Evaluator, cache_dir: str | Path, batches: int, measure: str) -> Path:
-    """The JSON file holding sensitivities for this evaluator, batch count and measure."""
-    ident = f"mpsearch-sensitivity/{CACHE_VERSION}/{evaluator.cache_key()}/{batches}/{measure}"
+def cache_path(evaluator: Evaluator, cache_dir: str | Path, batches: int, measure: str,
+               method: str = DEFAULT_METHOD) -> Path:
+    """The JSON file holding sensitivities for this evaluator, batch count, measure and method."""
+    ident = f"mpsearch-sensitivity/{CACHE_VERSION}/{evaluator.cache_key()}/{batches}/{measure}/{method}"
     h = hashlib.sha256(ident.encode())
     return Path(cache_dir) / f"sensitivity-{h.hexdigest()[:24]}.json"
 
@@ -168,15 +194,23 @@ def measure_sensitivity(
     cache_dir: str | Path | None = None,
     progress: bool = False,
     suffix: bool = True,
+    method: str = DEFAULT_METHOD,
+    probes: int = PROBES,
 ) -> Sensitivity:
     """Sensitivity of every (layer, choice) in `options` (see the module doc).
 
     batches: leading evaluation batches to use (None: enough for DEFAULT_SAMPLES samples).
     cache_dir: where the JSON cache lives (None: no disk cache).
     progress: a tqdm bar on stderr over the (layer, choice) pairs measured.
-    suffix: False forces whole forward passes (the slower reference path).
+    suffix: False forces whole forward passes (the slower exact path, either method).
+    method: "fisher" (the second-order estimate) or "exact" (see the module doc).
+    probes: random projections per sample of the "fisher" method.
     """
     start = time.perf_counter()
+    if method not in METHODS:
+        raise InvalidConfigError(f"sensitivity method {method!r} is not one of {', '.join(METHODS)}")
+    if probes < 1:
+        raise InvalidConfigError(f"probes must be at least 1, got {probes}")
     n_eval = len(evaluator.task.eval_batches)
     if batches is None:
         batches = default_batches(evaluator)
@@ -189,7 +223,7 @@ def measure_sensitivity(
 
     values: dict[str, dict[LayerChoice, float]] = {}
     todo: list[tuple[str, LayerChoice]] = []
-    path = cache_path(evaluator, cache_dir, batches, measure) if cache_dir is not None else None
+    path = cache_path(evaluator, cache_dir, batches, measure, method) if cache_dir is not None else None
     cached = _read_cache(path, measure, batches)
     from_cache = 0
     for fqn, choices in options.items():
@@ -209,26 +243,42 @@ def measure_sensitivity(
     runner, note = None, "suffix=False"
     if suffix:
         runner, note = _SuffixRunner.build(evaluator, todo, batches)
-    how = "suffix" if runner is not None else "full"
     if runner is not None:  # in layer order, so that each chunk's FP32 prefix stops early
         todo.sort(key=lambda fc: runner.cuts[fc[0]])
+    fisher = None
+    if runner is not None and method == "fisher":
+        fisher, note = _FisherRunner.build(runner, evaluator, todo, measure, probes)
+    how = "fisher" if fisher is not None else "suffix" if runner is not None else "full"
     bar = tqdm(total=len(todo), desc="layer sensitivity", unit="pair", file=sys.stderr, disable=not progress)
     try:
-        for i in range(0, len(todo), CHUNK_PAIRS):
-            acc = _Accumulator(evaluator, measure, todo[i : i + CHUNK_PAIRS], batches)
-            if runner is not None:
-                runner.run(acc, bar)
-            else:
-                _run_full(evaluator, acc, batches, bar)
-            for (fqn, c), v in acc.values().items():
-                values[fqn][c] = v
-            if path is not None:  # saved as it goes: an interrupted run resumes from here
-                _write_cache(path, measure, batches, values)
+        if fisher is not None:
+            try:
+                _measure(fisher, evaluator, measure, todo, batches, len(todo), values, path, bar)
+            except _NotApplicable as e:  # found on the first batch: measure exactly instead
+                how, note = "suffix", str(e)
+                bar.reset()
+        if how != "fisher":
+            _measure(runner, evaluator, measure, todo, batches, CHUNK_PAIRS, values, path, bar)
     finally:
         evaluator.restore()
         bar.close()
     seconds = time.perf_counter() - start
     return Sensitivity(measure, values, seconds, from_cache, batches, how, note)
+
+
+def _measure(runner, evaluator, measure, todo, batches, chunk, values, path, bar) -> None:
+    """Measure `todo` with `runner` (None: whole forward passes) into `values`, `chunk` pairs at a
+    time, each chunk merged into the disk cache at `path` (so an interrupted run resumes there)."""
+    for i in range(0, len(todo), chunk):
+        acc = _Accumulator(evaluator, measure, todo[i : i + chunk], batches)
+        if runner is not None:
+            runner.run(acc, bar)
+        else:
+            _run_full(evaluator, acc, batches, bar)
+        for (fqn, c), v in acc.values().items():
+            values[fqn][c] = v
+        if path is not None:
+            _write_cache(path, measure, batches, values)
 
 
 # -- accumulating the measure ----------------------------------------------------------------
@@ -281,6 +331,12 @@ class _Accumulator:
             self.sums[(fqn, c)] += metrics.kl_divergence([out], [ref]) * ref.shape[0]
         else:
             self.sums[(fqn, c)] += float((out.double() - ref.double()).pow(2).sum())
+
+    def add_estimate(self, fqn: str, c: LayerChoice, total: float) -> None:
+        """Add one batch's summed estimate: of the KL (nats) or of the output noise energy."""
+        if not math.isfinite(total):
+            raise EvaluationError(f"layer {fqn} at {pair_name(c)}: the sensitivity estimate is not finite")
+        self.sums[(fqn, c)] += total
 
     def values(self) -> dict[tuple[str, LayerChoice], float]:
         denom = self.n_samples if self.measure == KL else self.signal
@@ -488,6 +544,200 @@ class _SuffixRunner:
                         acc.add(fqn, c, b, out)
                         done += 1
                         bar.update(base + done // self.batches - bar.n)
+
+
+class _NotApplicable(Exception):
+    """The "fisher" estimate does not apply to this model (the message says why)."""
+
+
+class _FisherRunner:
+    """The "fisher" method (see the module doc) on a traced graph.
+
+    Per pair (layer, choice): `start` (the layer's cut: its first node), `end` (the last node that
+    calls a module the pair quantizes: the layer, its input's quantizer, the outputs the deployed
+    graph quantizes), `live`, the nodes in start..end whose values are used after `end`: the only
+    values through which the pair changes the output, and `quantized`: live node -> the layer
+    whose input quantizer the pair turns on there. The last is a shortcut: where the pair's last
+    node is a Conv/Linear layer that sees the pair only through its input quantizer (the next
+    layer's int8 input, say) and is that input's only user, the segment stops before it, and the
+    change at its input, Q(x') - x, is projected on the gradient there (the layer is linear in its
+    input, so that is what it passes on).
+    """
+
+    def __init__(self, suffix: _SuffixRunner, segments: dict, measure: str, probes: int):
+        self.s = suffix
+        self.segments = segments
+        self.measure = measure
+        self.probes = probes
+        nodes = suffix.nodes
+        self.live = list(dict.fromkeys(n for _, _, live, _ in segments.values() for n in live))
+        # the FP32 values a pair's nodes read from before its start, and the live values
+        keep: set[torch.fx.Node] = set(self.live)
+        for start, end, _, _ in segments.values():
+            for i in range(start, end + 1):
+                keep.update(a for a in nodes[i].all_input_nodes if suffix.index[a] < start)
+        self.keep = keep
+
+    @classmethod
+    def build(cls, suffix: _SuffixRunner, evaluator: Evaluator, todo: list[tuple[str, LayerChoice]],
+              measure: str, probes: int) -> tuple[_FisherRunner | None, str]:
+        """The runner, or None and why the pairs must be measured exactly."""
+        for i, node in enumerate(suffix.nodes):
+            if i in suffix.mutates and not (node.op == "call_module" and hasattr(suffix.modules[node.target], "inplace")):
+                return None, f"the traced graph modifies a tensor in place ({node.name})"
+        calls: dict[int, int] = {}  # id of a module -> the last node calling it
+        n_calls: dict[int, int] = {}
+        for i, node in enumerate(suffix.nodes):
+            if node.op == "call_module":
+                calls[id(suffix.modules[node.target])] = i
+                n_calls[id(suffix.modules[node.target])] = n_calls.get(id(suffix.modules[node.target]), 0) + 1
+        modules = dict(evaluator.model.named_modules())
+        segments = {}
+        for fqn, c in todo:
+            plan = evaluator.plan(alone(evaluator, fqn, c))
+            h = evaluator.handles[fqn]
+            hooked = [h.module, *(modules[m] for m in plan.sim_outputs)]
+            if h.input_module is not None:
+                hooked.append(h.input_module)
+            start = suffix.cuts[fqn]
+            # the layers whose input quantizer alone the pair turns on: the shortcut may apply
+            only_input = {}
+            for f in plan.sim_inputs:
+                m = evaluator.handles[f].input_module
+                if m is not None and m not in hooked:
+                    only_input[id(m)] = f
+            end = max((calls.get(id(m), start) for m in hooked if m is not None), default=start)
+            tail = {}
+            for i in sorted((calls[k] for k in only_input if k in calls), reverse=True):
+                node = suffix.nodes[i]
+                f = only_input[id(suffix.modules[node.target])]
+                arg = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+                if i > end and isinstance(arg, torch.fx.Node) and cls._linear_input(evaluator.handles[f]) \
+                        and n_calls[id(suffix.modules[node.target])] == 1 and list(arg.users) == [node]:
+                    tail[i] = (arg, f)
+                else:
+                    end = max(end, i)
+                    break
+            quantized = {arg: f for i, (arg, f) in tail.items() if i > end}
+            end = max([end, *(suffix.index[a] for a in quantized)])
+            live = [n for n in suffix.nodes[start : end + 1] if any(suffix.index[u] > end for u in n.users)]
+            live += [a for a in quantized if a not in live]
+            segments[(fqn, c)] = (start, end, live, quantized)
+        return cls(suffix, segments, measure, probes), ""
+
+    @staticmethod
+    def _linear_input(handle) -> bool:
+        """The layer's module is linear in the one input its quantizer changes (Conv, Linear)."""
+        m = handle.input_module
+        return (m is handle.module and isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+                and handle.input_arg in (0, "input") and not handle.other_input_args)
+
+    def _probe(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """A random r with E[r r^T] the output's metric: diag(p) - p p^T (softmax p) for KL, I else."""
+        eps = torch.randint(0, 2, out.shape, generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
+        if self.measure != KL:
+            return eps.to(out.dtype)
+        p = torch.softmax(out.detach().double(), dim=-1)
+        sp = p.sqrt()
+        return (sp * eps - p * (sp * eps).sum(-1, keepdim=True)).to(out.dtype)
+
+    def _fp32_pass(self, inputs: Any, gen: torch.Generator):
+        """The FP32 values to keep and, per probe, the gradient of r . output at each live value."""
+        s = self.s
+        env = s._bind(inputs)
+        with torch.enable_grad():
+            out = None
+            for i, node in enumerate(s.nodes):
+                if node.op == "output":
+                    out = torch.fx.node.map_arg(node.args[0], env.__getitem__)
+                    break
+                if node.op != "placeholder":
+                    env[node] = s._node(node, env)
+                v = env[node]
+                # a float value computed from nothing that needs a gradient (the input, an
+                # embedding of token ids) starts the gradients' graph
+                if node.op != "get_attr" and isinstance(v, torch.Tensor) and v.is_floating_point() \
+                        and not v.requires_grad:
+                    env[node] = v.detach().requires_grad_(True)
+                for dead in s.dies[i]:
+                    if dead not in self.keep:
+                        env.pop(dead, None)
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                raise _NotApplicable(f"the model's output is a {type(out).__name__}, not a float tensor")
+            live = [n for n in self.live if isinstance(env[n], torch.Tensor) and env[n].requires_grad]
+            per_probe = [
+                torch.autograd.grad(out, [env[n] for n in live], grad_outputs=self._probe(out, gen),
+                                    retain_graph=k < self.probes - 1, allow_unused=True)
+                for k in range(self.probes)
+            ]
+        # live value -> (channels-last order, its gradients per probe as (batch, elements) views);
+        # None: the output does not depend on it
+        grads = {}
+        for n, g in zip(live, zip(*per_probe), strict=True):
+            nhwc = g[0] is not None and _nhwc(g[0])
+            grads[n] = None if g[0] is None else (nhwc, [_flat(x, nhwc) for x in g])
+        kept = {n: (env[n].detach() if isinstance(env[n], torch.Tensor) else env[n]) for n in self.keep}
+        return kept, grads
+
+    def run(self, acc: _Accumulator, bar) -> None:
+        s = self.s
+        inplace = [m for m in s.modules.values() if getattr(m, "inplace", False) is True]
+        params = [p for p in s.gm.parameters() if p.requires_grad]  # gradients of values only
+        gen = torch.Generator().manual_seed(PROBE_SEED)
+        half = 0.5 if self.measure == KL else 1.0
+        done, base = 0, bar.n
+        try:
+            for m in inplace:  # the values autograd keeps must not change under it
+                m.inplace = False
+            for p in params:
+                p.requires_grad_(False)
+            for b, (inputs, _) in enumerate(s.ev.task.eval_batches[: s.batches]):
+                fp32, grads = self._fp32_pass(inputs, gen)
+                with torch.no_grad():
+                    for fqn, c in acc.todo:
+                        start, end, live, quantized = self.segments[(fqn, c)]
+                        env = dict(fp32)
+                        acc.swap_in(fqn, c)
+                        try:
+                            for i in range(start, end + 1):
+                                env[s.nodes[i]] = s._node(s.nodes[i], env)
+                        finally:
+                            acc.swap_out(fqn)
+                        proj = 0.0
+                        for n in live:
+                            new, old = env[n], fp32[n]
+                            q = acc.parts[(fqn, c)][1].get(quantized[n]) if n in quantized else None
+                            if q is not None:  # what the next layer sees through its input quantizer
+                                new = q.fake_quant(new)
+                            if n not in grads:  # a value without a gradient must not change
+                                if new is not old and not (isinstance(new, torch.Tensor) and torch.equal(new, old)):
+                                    raise _NotApplicable(f"layer {fqn} changes a value without a gradient ({n.name})")
+                                continue
+                            if grads[n] is not None:
+                                nhwc, gs = grads[n]
+                                d = _flat(new - old, nhwc)
+                                proj = proj + torch.stack([torch.linalg.vecdot(g, d) for g in gs]).double()
+                        total = half * float((proj**2).mean(0).sum()) if isinstance(proj, torch.Tensor) else 0.0
+                        acc.add_estimate(fqn, c, total)
+                        done += 1
+                        bar.update(base + done // s.batches - bar.n)
+                del fp32, grads
+        finally:
+            for m in inplace:
+                m.inplace = True
+            for p in params:
+                p.requires_grad_(True)
+
+
+def _nhwc(x: torch.Tensor) -> bool:
+    """A channels-last activation (whose elements are in memory order as N, H, W, C)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _flat(x: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    """x as (batch, elements), ordered N, H, W, C when `nhwc` (no copy for channels-last x), else
+    in its logical order (two tensors flattened with the same `nhwc` have matching elements)."""
+    return (x.permute(0, 2, 3, 1) if nhwc else x).reshape(x.shape[0], -1)
 
 
 def _storage(x: Any) -> int | None:
