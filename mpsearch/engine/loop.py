@@ -47,6 +47,8 @@ UNSUPPORTED = "unsupported_precision"  # 1.0 when the target cannot run a layer'
 STATE_ATTR = "state"
 RECORD_ATTR = "mpsearch.record"
 PROXY_PREFIX = "proxy."
+# a trial's 95% confidence intervals (TrialRecord.intervals) as two numbers each, "ci95_low.metric"
+CI_LOW, CI_HIGH = "ci95_low.", "ci95_high."
 _DERIVED_ATTRS = ("speedup_fp32", "mean_weight_bits", "mean_activation_bits")
 GATHER_TIMEOUT_S = 300.0  # how long a search waits for other processes' trials on a shared study
 OWNER_ATTR = "mpsearch.owner"  # a running trial's process (outlock.this_process): a dead one's trial is failed
@@ -416,7 +418,8 @@ class TrialLoop:
             record.duplicate_of = None
         earlier = self.scored.get(candidate)
         if earlier is not None:
-            _apply(record, Score(earlier.metric, dict(earlier.proxies)), None, 0.0, None)
+            _apply(record, Score(earlier.metric, dict(earlier.proxies), intervals=dict(earlier.intervals)), None, 0.0,
+                   None)
             p.ready = True
         elif candidate in self.in_flight:
             p.waits_for = self.in_flight[candidate]
@@ -560,14 +563,17 @@ def _gather(result: SearchResult, study: optuna.Study, space: SearchSpace, track
 
 def record_attrs(record: TrialRecord, fp32_latency_ms: float | None, every_field: bool = False) -> dict[str, object]:
     """A trial's record as the study's user attributes: one per field (those at their default
-    left out unless every_field), its proxies as `proxy.<name>`, and the speed-up over FP32 and
+    left out unless every_field), its proxies as `proxy.<name>`, its confidence intervals as
+    `ci95_low.<name>` and `ci95_high.<name>`, and the speed-up over FP32 and
     the mean bit widths to read in a dashboard. The configuration is not among them: it is the
     trial's params."""
     d = record.to_dict()
     del d["config"], d["number"]
     out: dict[str, object] = {k: v for k, v in d.items()
-                              if k != "proxies" and (every_field or v != _RECORD_DEFAULTS.get(k, ()))}
+                              if k not in ("proxies", "intervals") and (every_field or v != _RECORD_DEFAULTS.get(k, ()))}
     out.update({f"{PROXY_PREFIX}{k}": v for k, v in record.proxies.items()})
+    for k, (lo, hi) in record.intervals.items():
+        out.update({f"{CI_LOW}{k}": lo, f"{CI_HIGH}{k}": hi})
     out["speedup_fp32"] = speedup(fp32_latency_ms, record.latency_ms)
     out["mean_weight_bits"] = round(record.mean_weight_bits, 4)
     out["mean_activation_bits"] = round(record.mean_activation_bits, 4)
@@ -601,10 +607,13 @@ def record_of(trial: FrozenTrial, space: SearchSpace) -> TrialRecord:
     attrs = trial.user_attrs
     if STATE_ATTR not in attrs:
         return TrialRecord.from_dict(attrs[RECORD_ATTR])
-    fields = {k: v for k, v in attrs.items() if k in _RECORD_FIELDS and k not in ("config", "proxies", "number")}
+    fields = {k: v for k, v in attrs.items()
+              if k in _RECORD_FIELDS and k not in ("config", "proxies", "intervals", "number")}
     proxies = {k.removeprefix(PROXY_PREFIX): v for k, v in attrs.items() if k.startswith(PROXY_PREFIX)}
+    intervals = {k.removeprefix(CI_LOW): [v, attrs[CI_HIGH + k.removeprefix(CI_LOW)]] for k, v in attrs.items()
+                 if k.startswith(CI_LOW) and CI_HIGH + k.removeprefix(CI_LOW) in attrs}
     return TrialRecord(number=trial.number, config=space.candidate(trial.params), proxies=proxies,
-                       **{"metric": None, **fields})
+                       intervals=intervals, **{"metric": None, **fields})
 
 
 _RECORD_FIELDS = {f.name for f in dataclasses.fields(TrialRecord)}
@@ -618,6 +627,7 @@ def _apply(record: TrialRecord, score: Score | None, error: str | None, seconds:
         record.state, record.reason = "fail", error or "no score"
         return
     record.metric, record.proxies = score.metric, dict(score.proxies)
+    record.intervals = {k: list(v) for k, v in score.intervals.items()}
     if score.fidelity < 1:
         record.state, record.fidelity = "pruned", score.fidelity
         record.reason = (

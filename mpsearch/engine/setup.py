@@ -35,9 +35,10 @@ from mpsearch.engine.options import SearchOptions, parse_precisions
 from mpsearch.engine.strategy import Plan, check_strategy
 from mpsearch.engine.strategy import plan as make_plan
 from mpsearch.errors import BudgetError, InvalidConfigError, OutputDirError
+from mpsearch.metrics import is_proportion, n_eval_samples
 from mpsearch.results.objectives import MB, reference_point
 from mpsearch.results.records import SearchResult
-from mpsearch.results.selection import DropBudget, drop_budget, is_proportion, n_eval_samples
+from mpsearch.results.selection import DropBudget, drop_budget
 from mpsearch.results.tracking import Tracker
 from mpsearch.scoring.analysis import ModelAnalysis, analyze
 from mpsearch.scoring.evaluator import ADAROUND_MAX_BITS, Evaluator

@@ -35,6 +35,7 @@ from typing import Any
 
 from mpsearch.cache import atomic_write_bytes
 from mpsearch.errors import InvalidConfigError, MissingDependencyError
+from mpsearch.report.text import ci
 from mpsearch.results.records import SearchResult, TrialRecord, speedup
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -395,14 +396,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], table_id: str =
 
 def trials_table(data: dict) -> str:
     result, name, targets = data["result"], data["metric_name"], data["targets"]
-    header = ["trial", "state", name]
+    header = ["trial", "state", name, f"{name} 95% CI", "KL to FP32"]
     for t in targets:
         suffix = f" ({t['name']})" if len(targets) > 1 else ""
         header += [f"latency ms{suffix}", f"vs FP32{suffix}"]
     header += ["weights KiB", "weight bits", "activation bits", "Pareto", "best", "configuration", "note"]
     rows = []
     for tr in result.trials:
-        row = [tr.number, tr.state, _num(tr.metric, ".4f")]
+        kl = tr.proxies.get("kl_to_fp32")
+        row = [tr.number, tr.state, _num(tr.metric, ".4f"), ci(tr.intervals.get("metric"), ".4f"),
+               "" if kl is None else f"{kl:.3g}" + (f" ({ci(tr.intervals['kl_to_fp32'], '.3g')})"
+                                                    if "kl_to_fp32" in tr.intervals else "")]
         for t in targets:
             cost = t["priced"].get(tr.number)
             lat = cost["latency_ms"] if cost is not None else tr.latency_ms

@@ -45,6 +45,7 @@ def _row(t: TrialRecord, fp32_latency_ms: float | None, marker: str, extra: list
     return [
         f"{t.number}{marker}",
         f"{t.metric:.4f}",
+        ci(t.intervals.get("metric"), ".3f"),
         f"{t.latency_ms:.5g}",
         vs_fp32(t.latency_ms, fp32_latency_ms),
         f"{t.weight_bytes / 1024:.1f}",
@@ -58,6 +59,11 @@ def _row(t: TrialRecord, fp32_latency_ms: float | None, marker: str, extra: list
 _EXTRA_HEADER = {"activation_memory": "peak_act_KiB", "energy": "energy_mJ"}
 
 
+def ci(interval, fmt: str = ".4g") -> str:
+    """A 95% confidence interval as "low-high" ("-" when there is none)."""
+    return "-" if not interval else f"{interval[0]:{fmt}}-{interval[1]:{fmt}}"
+
+
 def _ms(v: float | None) -> str:
     return "n/a on this target" if v is None else f"{v:.4g} ms"
 
@@ -67,7 +73,7 @@ def pareto_table(result: SearchResult) -> str:
     best trial was chosen (best_lines) and the trial counts."""
     ref = result.reference
     extra = [o for o in result.objectives if o in _EXTRA_HEADER]
-    header = ["trial", ref["metric_name"], "latency_ms", "vs_fp32", "weights_KiB",
+    header = ["trial", ref["metric_name"], "ci95", "latency_ms", "vs_fp32", "weights_KiB",
               *(_EXTRA_HEADER[e] for e in extra), "MBOPs", "w_bits", "a_bits"]
     best = result.best
     rows = [_row(result.trial(n), ref["fp32_latency_ms"], "*" if n == best else "", extra) for n in result.pareto]
@@ -107,6 +113,12 @@ def best_lines(result: SearchResult) -> list[str]:
     lines = [f"best{under}: trial {b.number}, {name} {b.metric:.4f}, {b.latency_ms:.4g} ms"
              + ("" if fp32_ms is None else f" ({speed} FP32{': SLOWER than FP32' if slower else ''})")
              + f", weights {b.weight_bytes / 1024:.1f} KiB"]
+    if b.intervals:  # what the evaluation set can resolve (mpsearch.metrics)
+        kl = b.proxies.get("kl_to_fp32")
+        parts = [f"{name} {ci(b.intervals['metric'], '.4f')}"] if "metric" in b.intervals else []
+        if kl is not None and "kl_to_fp32" in b.intervals:
+            parts.append(f"KL to FP32 {kl:.3g} ({ci(b.intervals['kl_to_fp32'], '.3g')})")
+        lines.append(f"  95% confidence: {', '.join(parts)}")
     if sel.within_drop is None:  # a result written before drop budgets
         lines.append(f"  chosen: the highest {name}")
     elif sel.mode == "most_accurate":

@@ -71,7 +71,8 @@ class TrialRecord:
     """One trial. state: "complete" (scored), "infeasible" (priced only: over budget or a
     precision the target cannot run), "pruned" (stopped early by multi-fidelity scoring: metric
     and proxies on the first `fidelity` share of the evaluation batches; see reason), or "fail"
-    (scoring raised; see reason)."""
+    (scoring raised; see reason). intervals: 95% confidence intervals [low, high] of "metric" and
+    (classifiers) "kl_to_fp32" (mpsearch.metrics' module doc)."""
 
     number: int
     state: str
@@ -92,6 +93,7 @@ class TrialRecord:
     pricing_s: float = 0.0
     scoring_s: float = 0.0
     worker: str = ""  # host:pid of the process that scored it (or priced it, when not scored)
+    intervals: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         # not dataclasses.asdict: it deep-copies the Candidate, ~60x slower (result.json is
@@ -99,6 +101,7 @@ class TrialRecord:
         d = {name: getattr(self, name) for name in _RECORD_FIELDS}
         d["config"] = self.config.to_dict()
         d["proxies"] = dict(self.proxies)
+        d["intervals"] = {k: list(v) for k, v in self.intervals.items()}
         return d
 
     def to_json(self) -> str:
@@ -352,6 +355,11 @@ def check_record(d: Any) -> TrialRecord:
     proxies = kw.get("proxies", {})
     if not isinstance(proxies, dict) or not all(v is None or _is_number(v) for v in proxies.values()):
         raise bad("proxies", "an object of numbers or nulls")
+    intervals = kw.get("intervals", {})
+    if not isinstance(intervals, dict) or not all(
+        isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) for v in intervals.values()
+    ):
+        raise bad("intervals", "an object of [low, high] number pairs")
     try:
         kw["config"] = Candidate.from_dict(kw["config"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -48,7 +48,6 @@ __all__ = ["DEFAULT_RELATIVE_DROP", "Best", "DropBudget", "default_drop", "drop_
            "parse_max_drop", "select_best"]
 
 DEFAULT_RELATIVE_DROP = 0.01
-PROPORTION_METRICS = ("accuracy", "top1_agreement")
 # floats of a share of n samples (k / n) compared with a threshold computed in another order
 _TOLERANCE = 1e-9
 # what "best" means per ranking objective, for the printed summary
@@ -210,22 +209,5 @@ def select_best(trials: Sequence, reference: dict[str, Any], objectives: Sequenc
                 speedup(fastest))
 
 
-def is_proportion(metric_fn, metric_name: str, fp32_metric: float) -> bool:
-    """Whether a task's metric is a share of its evaluation samples (module doc)."""
-    from mpsearch import metrics
-    if metric_fn in (metrics.accuracy, metrics.top1_agreement):
-        return True
-    return metric_name.lower() in PROPORTION_METRICS and 0.0 <= fp32_metric <= 1.0
 
-
-def n_eval_samples(eval_batches) -> int | None:
-    """The number of evaluation samples: the first dimension of each batch's target (None when a
-    target is not a tensor, or not one sample a row)."""
-    n = 0
-    for _, target in eval_batches:
-        shape = getattr(target, "shape", None)
-        if not shape:
-            return None
-        n += int(shape[0])
-    return n or None
 

@@ -254,6 +254,8 @@ class Tracker:
             "peak_act_bytes": t.peak_act_bytes,
             "energy_mj": t.energy_mj,
             **t.proxies,
+            **{f"{k if k != 'metric' else self.metric_name}_ci95_{end}": v for k, (lo, hi) in t.intervals.items()
+               for end, v in (("low", lo), ("high", hi))},
             **self._reference_metrics(),
         }
         params = {

@@ -128,12 +128,15 @@ class Score:
     early (`Evaluator.score(..., stop_below=...)`): metric and proxies are on those batches only,
     and metric_upper is the upper confidence bound of the full metric that fell below the
     threshold.
+    intervals: 95% confidence intervals (low, high) of "metric" and, for classifiers, of
+    "kl_to_fp32", on the batches scored (`Evaluator.intervals`, mpsearch.metrics' module doc).
     """
 
     metric: float
     proxies: dict[str, float] = field(default_factory=dict)
     fidelity: float = 1.0
     metric_upper: float | None = None
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 # Multi-fidelity scoring: where (share of the evaluation batches) a candidate may be stopped,
@@ -570,7 +573,8 @@ class Evaluator:
         metric = self._metric(outputs)
         self.n_evaluations += 1
         self.n_batches_scored += k
-        score = Score(metric, self.proxies(outputs), fidelity=k / n, metric_upper=upper if k < n else None)
+        score = Score(metric, self.proxies(outputs), fidelity=k / n, metric_upper=upper if k < n else None,
+                      intervals=self.intervals(outputs, metric))
         if k < n:
             self._partial[candidate] = score
         else:
@@ -654,6 +658,30 @@ class Evaluator:
             out["top1_agreement"] = metrics.top1_agreement(outputs, ref)
         elif self.task.kind == "embedding":
             out["cosine_to_fp32"] = metrics.mean_cosine(outputs, ref)
+        return out
+
+    def intervals(self, outputs: list[torch.Tensor], metric: float) -> dict[str, tuple[float, float]]:
+        """95% confidence intervals of the metric of outputs of the first len(outputs) evaluation
+        batches and of their KL to FP32 (classifiers), as mpsearch.metrics' module doc says; a
+        metric that is no share of samples and was scored on one batch, or that a single batch
+        cannot score, has none."""
+        task, k = self.task, len(outputs)
+        out: dict[str, tuple[float, float]] = {}
+        n = metrics.n_eval_samples(task.eval_batches[:k])
+        if n and 0.0 <= metric <= 1.0 and metrics.is_proportion(task.metric_fn, task.metric_name, task.fp32_metric):
+            out["metric"] = metrics.wilson_interval(metric, n)
+        elif k > 1:
+            try:
+                se = metrics.standard_error([self._metric(outputs[i : i + 1], i) for i in range(k)])
+            except EvaluationError:
+                se = None
+            if se is not None:
+                out["metric"] = (metric - metrics.Z95 * se, metric + metrics.Z95 * se)
+        if task.kind == "classifier":
+            kl = metrics.kl_per_sample(outputs, self.reference_outputs[:k]).tolist()
+            mean, se = sum(kl) / len(kl), metrics.standard_error(kl)
+            if se is not None:
+                out["kl_to_fp32"] = (max(0.0, mean - metrics.Z95 * se), mean + metrics.Z95 * se)
         return out
 
     def close(self) -> None:

@@ -192,10 +192,17 @@ def test_report_figures_are_drawn_from_result_json(searched, capsys):
     rows = re.findall(r"<tr>(.*?)</tr>", page.split('id="trials"')[1].split("</table>")[0], re.DOTALL)
     assert len(rows) == len(result.trials) + 1
     cells = [re.findall(r"<td>(.*?)</td>", r) for r in rows[1:]]
-    assert {int(c[0]) for c in cells if c[8] == "yes"} == set(result.pareto)  # the Pareto column
-    assert [int(c[0]) for c in cells if c[9] == "yes"] == [result.best]
-    assert all(c[4] == f"{ref['fp32_latency_ms'] / scored[int(c[0])].latency_ms:.2f}x" for c in cells
+    assert {int(c[0]) for c in cells if c[10] == "yes"} == set(result.pareto)  # the Pareto column
+    assert [int(c[0]) for c in cells if c[11] == "yes"] == [result.best]
+    assert all(c[6] == f"{ref['fp32_latency_ms'] / scored[int(c[0])].latency_ms:.2f}x" for c in cells
                if int(c[0]) in scored)
+    for c in cells:  # the metric's 95% confidence interval and the KL to FP32 with its own
+        t = result.trial(int(c[0]))
+        if t.state == "complete":
+            lo, hi = t.intervals["metric"]
+            assert c[3] == f"{lo:.4f}-{hi:.4f}" and lo <= t.metric <= hi
+            klo, khi = t.intervals["kl_to_fp32"]
+            assert c[4] == f"{t.proxies['kl_to_fp32']:.3g} ({klo:.3g}-{khi:.3g})"
     rc = main(["report", str(out.parent / "nothing")])
     err = capsys.readouterr().err
     assert rc == 2 and "no result.json" in err

@@ -85,3 +85,18 @@ def test_memoized_write_is_the_same_file_one_trial_a_line(tmp_path):
     assert [t["number"] for t in lines] == [0, 1, 2] and lines[1]["proxies"] == {"kl_to_fp32": 0.25}
     assert json.loads(text)["trials"] == [t.to_dict() for t in r.trials]
     assert json.loads(text)["pareto"] == [0, 1, 2]
+
+
+def test_intervals_round_trip_and_are_checked(tmp_path):
+    t = rec(0, 0.9, 1.0)
+    t.intervals = {"metric": [0.85, 0.94], "kl_to_fp32": [0.001, 0.003]}
+    path = tmp_path / "result.json"
+    SearchResult("digits", "x86-vnni", {"metric_name": "accuracy", "fp32_metric": 1.0, "fp32_latency_ms": 2.0,
+                                        "fp32_weight_bytes": 400}, [t]).write(path)
+    assert json.loads(path.read_text())["trials"][0]["intervals"] == {"metric": [0.85, 0.94], "kl_to_fp32": [0.001, 0.003]}
+    assert SearchResult.read(path).trials[0].intervals == t.intervals
+    d = json.loads(path.read_text())
+    d["trials"][0]["intervals"] = {"metric": [0.85]}
+    path.write_text(json.dumps(d))
+    with pytest.raises(InvalidConfigError, match=r"intervals"):
+        SearchResult.read(path)

@@ -11,13 +11,12 @@ import torch
 
 from hw_models import Candidate, Precision
 from mpsearch.errors import InvalidConfigError
+from mpsearch.metrics import is_proportion, n_eval_samples
 from mpsearch.report.text import best_lines, pareto_table
 from mpsearch.results.records import SearchResult, TrialRecord
 from mpsearch.results.selection import (
     default_drop,
     drop_budget,
-    is_proportion,
-    n_eval_samples,
     parse_max_drop,
     select_best,
 )
@@ -146,9 +145,10 @@ def test_summary_names_the_rule_and_the_speedups():
     text = pareto_table(result_of(TRIALS, 0.01))
     lines = text.splitlines()
     assert lines[0].startswith("Pareto front: digits on x86-vnni") and "latency 1 ms" in lines[0]
-    assert lines[1].split() == ["trial", "accuracy", "latency_ms", "vs_fp32", "weights_KiB", "MBOPs", "w_bits", "a_bits"]
+    assert lines[1].split() == ["trial", "accuracy", "ci95", "latency_ms", "vs_fp32", "weights_KiB", "MBOPs", "w_bits", "a_bits"]
     rows = {ln.split()[0]: ln.split() for ln in lines[2:] if ln.strip()[:1].isdigit()}
-    assert rows["2"][3] == "2.00x" and rows["4*"][3] == "1.25x" and rows["0"][3] == "0.80x"
+    assert rows["2"][4] == "2.00x" and rows["4*"][4] == "1.25x" and rows["0"][4] == "0.80x"
+    assert rows["2"][2] == "-"  # no confidence interval in these hand-made records
     assert "best: trial 4, accuracy 0.9900, 0.8 ms (1.25x FP32), weights 0.2 KiB" in text
     assert "chosen: fastest among the complete trials with accuracy >= 0.9800 (FP32 0.9900 - 0.01; given)" in text
     assert "SLOWER" not in text and "beats FP32" not in text
@@ -222,3 +222,13 @@ def test_a_budgeted_digits_search_says_it_chose_the_most_accurate(tmp_path):
     given = mpsearch.search("digits", n_trials=2, strategy="optuna", out_dir=tmp_path / "g", track=False,
                             progress=False, size_budget_mb="80%int8", max_drop="1%")
     assert given.settings["drop_budget"]["mode"] == "cheapest"  # a max_drop given: the cheapest within it
+
+
+def test_summary_gives_the_best_trials_confidence_intervals():
+    best = rec(1, 0.985, 0.8, wbytes=200)
+    best.proxies = {"kl_to_fp32": 0.00123}
+    best.intervals = {"metric": [0.97, 0.99312], "kl_to_fp32": [0.0009, 0.00156]}
+    text = pareto_table(result_of([rec(0, 0.995, 1.25, wbytes=300), best], 0.01))
+    assert "\n  95% confidence: accuracy 0.9700-0.9931, KL to FP32 0.00123 (0.0009-0.00156)\n" in text
+    rows = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln.strip()[:1].isdigit()}
+    assert rows["1*"][2] == "0.970-0.993" and rows["0"][2] == "-"

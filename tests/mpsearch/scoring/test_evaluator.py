@@ -162,3 +162,36 @@ def test_adaround_weights_are_on_the_grid_and_reconstruct_better(digits, tmp_pat
     assert again.cache_loaded and torch.equal(again.weight(fqn, P.INT3), wq_ada)
     for ev in (near, ada, again):
         ev.close()
+
+
+def test_intervals_beside_the_metric_and_the_kl(digits):
+    """digits' accuracy is a share of 360 samples: the Wilson interval; its KL to FP32: the mean of
+    the per-sample KLs +- 1.96 standard errors; a metric that is no share: the metric +- 1.96
+    standard errors of its per-batch values (mpsearch.metrics' module doc)."""
+    from mpsearch import metrics
+
+    task, analysis = digits
+    ev = Evaluator(task, analysis, cache_dir=None)
+    cand = Candidate.uniform(analysis.fqns, P.INT4, P.INT8)
+    s = ev.score(cand)
+    assert s.intervals["metric"] == pytest.approx(metrics.wilson_interval(s.metric, 360), rel=1e-12)
+    lo, hi = s.intervals["metric"]
+    assert lo < s.metric < hi and hi - lo < 0.1
+    outputs = ev.outputs(cand)
+    kl = metrics.kl_per_sample(outputs, ev.reference_outputs).tolist()
+    half = metrics.Z95 * metrics.standard_error(kl)
+    assert s.proxies["kl_to_fp32"] == pytest.approx(sum(kl) / 360, rel=1e-9)
+    assert s.intervals["kl_to_fp32"] == pytest.approx((max(0.0, sum(kl) / 360 - half), sum(kl) / 360 + half), rel=1e-9)
+    ev.close()
+
+    def mean_logit(outputs, targets):  # no share of samples
+        return float(torch.cat(outputs).mean())
+
+    other = Task("digits-logit", task.model, task.calib_batches, task.eval_batches, "mean_logit", mean_logit)
+    ev = Evaluator(other, analysis, cache_dir=None)
+    s = ev.score(cand)
+    per_batch = [mean_logit([o], None) for o in ev.outputs(cand)]
+    se = metrics.standard_error(per_batch)
+    assert len(per_batch) == 3 and se > 0
+    assert s.intervals["metric"] == pytest.approx((s.metric - metrics.Z95 * se, s.metric + metrics.Z95 * se), rel=1e-9)
+    ev.close()
