@@ -573,8 +573,10 @@ class Evaluator:
         metric = self._metric(outputs)
         self.n_evaluations += 1
         self.n_batches_scored += k
-        score = Score(metric, self.proxies(outputs), fidelity=k / n, metric_upper=upper if k < n else None,
-                      intervals=self.intervals(outputs, metric))
+        # per-sample KLs once: their mean is the proxy, their spread its interval
+        kl = metrics.kl_per_sample(outputs, self.reference_outputs[:k]) if self.task.kind == "classifier" else None
+        score = Score(metric, self.proxies(outputs, kl), fidelity=k / n, metric_upper=upper if k < n else None,
+                      intervals=self.intervals(outputs, metric, kl))
         if k < n:
             self._partial[candidate] = score
         else:
@@ -649,22 +651,24 @@ class Evaluator:
         self._active_delta.clear()
         self._active_out.clear()
 
-    def proxies(self, outputs: list[torch.Tensor]) -> dict[str, float]:
-        """Label-free proxies of outputs of the first len(outputs) evaluation batches."""
+    def proxies(self, outputs: list[torch.Tensor], kl: torch.Tensor | None = None) -> dict[str, float]:
+        """Label-free proxies of outputs of the first len(outputs) evaluation batches (`kl`: their
+        per-sample KLs to FP32, when already computed)."""
         ref = self.reference_outputs[: len(outputs)]
         out = {"sqnr_db": metrics.sqnr_db(outputs, ref)}
         if self.task.kind == "classifier":
-            out["kl_to_fp32"] = metrics.kl_divergence(outputs, ref)
+            out["kl_to_fp32"] = float((metrics.kl_per_sample(outputs, ref) if kl is None else kl).mean())
             out["top1_agreement"] = metrics.top1_agreement(outputs, ref)
         elif self.task.kind == "embedding":
             out["cosine_to_fp32"] = metrics.mean_cosine(outputs, ref)
         return out
 
-    def intervals(self, outputs: list[torch.Tensor], metric: float) -> dict[str, tuple[float, float]]:
+    def intervals(self, outputs: list[torch.Tensor], metric: float,
+                  kl: torch.Tensor | None = None) -> dict[str, tuple[float, float]]:
         """95% confidence intervals of the metric of outputs of the first len(outputs) evaluation
-        batches and of their KL to FP32 (classifiers), as mpsearch.metrics' module doc says; a
-        metric that is no share of samples and was scored on one batch, or that a single batch
-        cannot score, has none."""
+        batches and of their KL to FP32 (classifiers; `kl`: their per-sample KLs when already
+        computed), as mpsearch.metrics' module doc says; a metric that is no share of samples and
+        was scored on one batch, or that a single batch cannot score, has none."""
         task, k = self.task, len(outputs)
         out: dict[str, tuple[float, float]] = {}
         n = metrics.n_eval_samples(task.eval_batches[:k])
@@ -678,8 +682,9 @@ class Evaluator:
             if se is not None:
                 out["metric"] = (metric - metrics.Z95 * se, metric + metrics.Z95 * se)
         if task.kind == "classifier":
-            kl = metrics.kl_per_sample(outputs, self.reference_outputs[:k]).tolist()
-            mean, se = sum(kl) / len(kl), metrics.standard_error(kl)
+            if kl is None:
+                kl = metrics.kl_per_sample(outputs, self.reference_outputs[:k])
+            mean, se = float(kl.mean()), metrics.standard_error(kl.tolist())
             if se is not None:
                 out["kl_to_fp32"] = (max(0.0, mean - metrics.Z95 * se), mean + metrics.Z95 * se)
         return out
