@@ -2,16 +2,19 @@
 (the default, second-order estimate) against "exact" (re-running the network after each layer),
 timed in one process, and how well each ranks the pairs for the ILP.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/sensitivity.py [--quick] [--json PATH]
+    PYTHONPATH=. .venv/bin/python benchmarks/sensitivity.py [--quick] [--seeds N] [--json PATH]
         [--task mobilenet_v2] [--target x86-vnni] [--weights int8,int4,int2] [--activations int8]
 
-Both methods measure on the default DEFAULT_SAMPLES (64) evaluation samples. Ranking quality is
-judged against "truth": exact sensitivities on every evaluation sample (256 on mobilenet_v2;
---quick: the first 128). For a grid of weight-byte budgets (GRID budgets evenly between the
-smallest allocation and all-int8), the ILP (mpsearch.engine.ilp.solve_allocation) is solved from
-each method's values and from the truth, and the allocation is priced by the truth: gap =
-truth-sum(method's allocation) / truth-sum(truth's allocation) - 1 (0: the same quality as the
-optimum). --quick: one timing repeat instead of 3, truth on 128 samples.
+Each method measures with its defaults: "exact" on DEFAULT_SAMPLES (64) evaluation samples,
+"fisher" on about half of a pool of twice as many (see mpsearch.engine.sensitivity). Ranking
+quality is judged against "truth": exact sensitivities on every evaluation sample (256 on
+mobilenet_v2; --quick: the first 128). For a grid of weight-byte budgets (GRID budgets evenly
+between the smallest allocation and all-int8), the ILP (mpsearch.engine.ilp.solve_allocation) is
+solved from each method's values and from the truth, and the allocation is priced by the truth:
+gap = truth-sum(method's allocation) / truth-sum(truth's allocation) - 1 (0: the same quality as
+the optimum). "fisher" draws its samples and probes at random (seeded: PROBE_SEED = 0 is what a
+search gets), so its quality is also given over --seeds seeds (default 5). --quick: one timing
+repeat instead of 3, 2 seeds, truth on 128 samples.
 
 JSON keys:
   cpu               this machine (mpsearch.host.cpu_info)
@@ -24,6 +27,7 @@ JSON keys:
   truth_samples, truth_s  the reference: samples and seconds
   spearman          {method: rank correlation of its values with the truth's, over every pair}
   gaps              {method: [gap per budget of the grid]}, max_gap and mean_gap likewise
+  fisher_seeds      [{seed, spearman, max_gap, mean_gap}] (seed 0: the "fisher" row above)
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import time
 from scipy.stats import spearmanr
 
 from hw_models import LayerChoice, Precision
+from mpsearch.engine import sensitivity
 from mpsearch.engine.ilp import choice_costs, solve_allocation
 from mpsearch.engine.options import SearchOptions
 from mpsearch.engine.sensitivity import METHODS, default_batches, measure_sensitivity
@@ -45,7 +50,7 @@ from mpsearch.host import cpu_info
 from mpsearch.targets import resolve_target
 from mpsearch.tasks import load_task
 
-GRID = 11
+GRID = 41  # budgets: with fewer, one budget's flip of one layer moves the max gap by several points
 KEY = "weight_bytes"
 
 
@@ -61,6 +66,7 @@ def main() -> int:
     ap.add_argument("--target", default="x86-vnni")
     ap.add_argument("--weights", default="int8,int4,int2", help="weight precisions of the space")
     ap.add_argument("--activations", default="int8", help="activation precisions of the space")
+    ap.add_argument("--seeds", type=int, help="fisher seeds whose ranking quality is reported (default 5; --quick 2)")
     args = ap.parse_args()
     cpu = cpu_info()
     log(f"cpu: {cpu.get('cpu')} ({', '.join(cpu.get('features', [])) or 'no int8 features'}), "
@@ -96,12 +102,21 @@ def main() -> int:
             values[method] = s.values
             log(f"repeat {r + 1}/{repeats}: {method} {s.seconds:.1f} s ({s.path}{', ' + s.note if s.note else ''})")
     speedup = statistics.median(e / f for e, f in zip(seconds["exact"], seconds["fisher"], strict=True))
+    n_seeds = args.seeds or (2 if args.quick else 5)
+    seeded = [values["fisher"]]
+    for seed in range(1, n_seeds):
+        sensitivity.PROBE_SEED = seed
+        seeded.append(measure_sensitivity(evaluator, pairs, method="fisher").values)
+        log(f"fisher seed {seed} measured")
+    sensitivity.PROBE_SEED = 0
+    fisher_batches = default_batches(evaluator, sensitivity.FISHER_POOL * sensitivity.DEFAULT_SAMPLES)
 
     n_eval = len(task.eval_batches)
     truth_batches = default_batches(evaluator, 128) if args.quick else n_eval
     truth = measure_sensitivity(evaluator, pairs, method="exact", batches=truth_batches)
     truth_samples = sum(r.shape[0] for r in evaluator.reference_outputs[:truth_batches])
     samples = sum(r.shape[0] for r in evaluator.reference_outputs[: default_batches(evaluator)])
+    pool = sum(r.shape[0] for r in evaluator.reference_outputs[:fisher_batches])
     log(f"truth: exact on {truth_samples} samples in {truth.seconds:.1f} s")
     evaluator.close()
 
@@ -119,23 +134,35 @@ def main() -> int:
            "seconds": seconds, "speedup": speedup, "truth_samples": truth_samples, "truth_s": truth.seconds,
            "spearman": {}, "gaps": {}, "max_gap": {}, "mean_gap": {}}
     keys = [(f, c) for f in pairs for c in pairs[f] if c.weight != Precision.FP32]
-    for method in METHODS:
-        v = values[method]
-        out["spearman"][method] = float(spearmanr([truth.values[f][c] for f, c in keys], [v[f][c] for f, c in keys])[0])
+
+    def judge(v) -> tuple[float, list[float]]:
+        rho = float(spearmanr([truth.values[f][c] for f, c in keys], [v[f][c] for f, c in keys])[0])
         gaps = []
         for b, opt in zip(grid, best, strict=True):
             alloc = solve_allocation(pairs, v, costs, {KEY: b}, ties=space.ties)
             gaps.append(truth_sum(alloc) / truth_sum(opt) - 1 if truth_sum(opt) > 0 else 0.0)
+        return rho, gaps
+
+    for method in METHODS:
+        out["spearman"][method], gaps = judge(values[method])
         out["gaps"][method] = gaps
         out["max_gap"][method] = max(gaps)
         out["mean_gap"][method] = statistics.mean(gaps)
+    out["fisher_seeds"] = []
+    for seed, v in enumerate(seeded):
+        rho, gaps = judge(v)
+        out["fisher_seeds"].append({"seed": seed, "spearman": rho, "max_gap": max(gaps), "mean_gap": statistics.mean(gaps)})
 
-    print(f"\n{args.task} on {args.target}, weights {args.weights}, activations {args.activations}: {n_pairs} pairs, "
-          f"{samples} samples")
+    print(f"\n{args.task} on {args.target}, weights {args.weights}, activations {args.activations}: {n_pairs} pairs; "
+          f"exact on {samples} samples, fisher on about half of {pool}")
     print(f"{'method':8s} {'seconds (median)':>17s} {'spearman':>9s} {'ILP gap max':>12s} {'mean':>7s}")
     for method in METHODS:
         print(f"{method:8s} {statistics.median(seconds[method]):17.1f} {out['spearman'][method]:9.4f} "
               f"{out['max_gap'][method]:12.2%} {out['mean_gap'][method]:7.2%}")
+    fs = out["fisher_seeds"]
+    print(f"fisher over seeds 0-{len(fs) - 1}: ILP gap max " + " ".join(f"{x['max_gap']:.2%}" for x in fs)
+          + f" (median {statistics.median(x['max_gap'] for x in fs):.2%}), mean "
+          + " ".join(f"{x['mean_gap']:.2%}" for x in fs) + f" (mean {statistics.mean(x['mean_gap'] for x in fs):.2%})")
     print(f"exact / fisher time: {speedup:.2f}x (median of {repeats}); truth: exact on {truth_samples} samples, "
           f"{GRID} weight-byte budgets between the smallest allocation and all-int8")
     if args.json:

@@ -15,20 +15,33 @@ Two methods measure it (`method`):
 
 "fisher" (default): the second-order (Fisher) estimate, as HAWQ and MCT price a layer, but of
 each pair's own perturbation rather than a Hessian trace times a weight error. The model is traced
-with torch.fx; per batch one FP32 forward and PROBES backward passes give, at every tensor a
-quantized layer changes, the gradient of a random projection r of the output, with E[r r^T] the
-output's Fisher metric (diag(p) - p p^T of the softmax for KL, the identity for the normalized
-MSE). Each pair then re-runs only its own few nodes (the layer and the quantizers the deployed
-graph puts around it) to get the change d it makes there, and the estimate is the mean over
-probes of (g . d)^2 (for KL halved): KL(p || q) = 1/2 dz^T (diag(p) - p p^T) dz + O(|dz|^3)
-for a change dz of the logits, and E[(r^T J d)^2] = d^T J^T E[r r^T] J d. The probes are seeded,
-so the estimate is reproducible. On mobilenet_v2 (weights int8/int4/int2, 159 pairs, 64 samples)
-it takes 10.9 s against 23.3 s for "exact" on a 2-core AVX-512 EPYC, and ranks the pairs as well
-for the ILP: allocations solved from either, at 11 weight budgets, come within the same 1.8% (mean
-0.38% and 0.35%) of those solved from exact values on all 256 evaluation samples
-(benchmarks/sensitivity.py). Memory: about twice the exact path's (the gradients it keeps). Models where it
-cannot apply (a node that modifies a tensor in place other than a module's own `inplace` flag, a
-non-tensor value a layer changes) are measured exactly instead (`Sensitivity.note` says why).
+with torch.fx; per FISHER_CHUNK samples one FP32 forward and a few backward passes give, at every
+tensor a quantized layer changes, the gradient g of a random projection r of the output, with
+E[r r^T] the output's Fisher metric (diag(p) - p p^T of the softmax for KL, the identity for the
+normalized MSE). Each pair then re-runs only its own few nodes (the layer and the quantizers the
+deployed graph puts around it) to get the change d it makes there, and the estimate is the mean
+over probes of (g . d)^2 (for KL halved): KL(p || q) = 1/2 dz^T (diag(p) - p p^T) dz + O(|dz|^3)
+for a change dz of the logits, and E[(r^T J d)^2] = d^T J^T E[r r^T] J d. The pairs of one layer
+share the projection of their changes on the gradients.
+
+Where the noise goes (classifiers, see _FisherRunner._plan and _probes): a sample's estimate
+scales with the trace of its metric, sum p (1 - p), so a confident prediction contributes little.
+By default the samples come from a pool of FISHER_POOL x DEFAULT_SAMPLES (128), of which about
+half are kept, the uncertain ones surely and the others with a chance in proportion to their trace
+(weighted by its inverse: unbiased), and the probes, PROBES per kept sample on average, go where
+the trace is. A sample's probes share one random sign vector over the classes, multiplied by the
+columns of a Walsh-Hadamard matrix, the classes taken in order of their share of the trace: each
+probe alone is unbiased, and the cross terms of the top classes cancel exactly. The draws are
+seeded (PROBE_SEED), so the estimate is reproducible.
+
+On mobilenet_v2 (weights int8/int4/int2, 159 pairs) it takes 7.3 s against 28.9 s for "exact"
+on its 64 samples (4.0x, a 2-core AVX-512 EPYC), and ranks the pairs at least as well for the
+ILP: allocations solved from either at 41 weight budgets come within 2.9% at most (mean 0.25%;
+over five seeds at most 1.7-4.2%, mean 0.30%) and 4.8% (mean 0.46%) of those solved from exact
+values on all 256 evaluation samples (benchmarks/sensitivity.py). Peak memory: 1.9 GB against
+the exact path's 1.4 GB (the FP32 pass runs a few samples at a time). Models where it cannot apply (a node that modifies a tensor in place other than a
+module's own `inplace` flag, a non-tensor value a layer changes) are measured exactly instead, on
+the same batches (`Sensitivity.note` says why).
 
 "exact": the measure itself. A layer quantized alone changes nothing computed before its first
 call, so per batch the FP32 graph is run once, in layer order, keeping only the values live across
@@ -40,9 +53,10 @@ outputs, is measured with whole forward passes instead (`Sensitivity.path`, eith
 Cost: about (pairs x average suffix share x samples) forward passes of one sample; for
 mobilenet_v2 the suffix averages ~40% of the network.
 
-The default sample count (DEFAULT_SAMPLES = 64) was chosen on mobilenet_v2 (583 pairs): allocations
-solved (mpsearch.engine.ilp) from 64-sample sensitivities came within ~4% of the optimum under
-256-sample ones (16 samples: up to ~45%, 128: under 1%). Pass `batches` for more.
+The default sample count (DEFAULT_SAMPLES = 64) was chosen on mobilenet_v2 (583 pairs) for
+"exact": allocations solved (mpsearch.engine.ilp) from 64-sample sensitivities came within ~4% of
+the optimum under 256-sample ones (16 samples: up to ~45%, 128: under 1%). Pass `batches` for
+more (for "fisher", a larger pool: it keeps half of it, or all of it up to DEFAULT_SAMPLES).
 
 Disk cache: `cache_dir / f"sensitivity-{key}.json"`, key = hash of the evaluator's cache key, the
 number of batches, the measure and the method; values found there are reused, new ones merged in
@@ -70,10 +84,11 @@ from tqdm import tqdm
 from hw_models import Candidate, LayerChoice, Precision
 from mpsearch import metrics
 from mpsearch.cache import atomic_write_bytes
+from mpsearch.defaults import DEFAULT_SENSITIVITY, SENSITIVITY_METHODS
 from mpsearch.errors import EvaluationError, InvalidConfigError
 from mpsearch.results.records import dumps_strict
 from mpsearch.scoring.evaluator import Evaluator
-from mpsearch.tasks.base import run_model
+from mpsearch.tasks.base import concat_batches, run_model, take_samples
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -87,12 +102,14 @@ __all__ = [
     "parse_pair",
 ]
 
-CACHE_VERSION = 3  # 3: the method is part of the key
-METHODS = ("fisher", "exact")
-DEFAULT_METHOD = "fisher"
-PROBES = 2  # random projections per sample of the "fisher" method (see the module doc)
+CACHE_VERSION = 4  # 3: the method is part of the key; 4: fisher samples by importance, stratified probes
+METHODS = SENSITIVITY_METHODS
+DEFAULT_METHOD = DEFAULT_SENSITIVITY
+PROBES = 2  # random projections per sample (average) of the "fisher" method (see the module doc)
 PROBE_SEED = 0
+FISHER_CHUNK = 4  # samples per FP32 and backward pass of "fisher" (see the module doc)
 DEFAULT_SAMPLES = 64  # batches=None: the first batches holding at least this many samples
+FISHER_POOL = 2  # batches=None, "fisher" on a classifier: FISHER_POOL x DEFAULT_SAMPLES, about half used
 CHUNK_PAIRS = 64  # pairs measured between cache writes (each chunk re-runs the FP32 prefix once)
 KL = "kl_to_fp32"
 NMSE = "normalized_mse"
@@ -201,12 +218,13 @@ def measure_sensitivity(
 ) -> Sensitivity:
     """Sensitivity of every (layer, choice) in `options` (see the module doc).
 
-    batches: leading evaluation batches to use (None: enough for DEFAULT_SAMPLES samples).
+    batches: leading evaluation batches to use (None: enough for DEFAULT_SAMPLES samples; for
+        "fisher" on a classifier FISHER_POOL times as many, about half of them used).
     cache_dir: where the JSON cache lives (None: no disk cache).
     progress: a tqdm bar on stderr over the (layer, choice) pairs measured.
     suffix: False forces whole forward passes (the slower exact path, either method).
     method: "fisher" (the second-order estimate) or "exact" (see the module doc).
-    probes: random projections per sample of the "fisher" method.
+    probes: random projections per sample of the "fisher" method (on average).
     """
     start = time.perf_counter()
     if method not in METHODS:
@@ -214,14 +232,15 @@ def measure_sensitivity(
     if probes < 1:
         raise InvalidConfigError(f"probes must be at least 1, got {probes}")
     n_eval = len(evaluator.task.eval_batches)
+    measure = KL if evaluator.task.kind == "classifier" else NMSE
     if batches is None:
-        batches = default_batches(evaluator)
+        pool = FISHER_POOL if method == "fisher" and suffix and measure == KL else 1
+        batches = default_batches(evaluator, pool * DEFAULT_SAMPLES)
     elif not 1 <= batches <= n_eval:
         raise InvalidConfigError(f"batches must be between 1 and {n_eval}, got {batches}")
     unknown = [f for f in options if f not in evaluator.handles]
     if unknown:
         raise InvalidConfigError(f"no quantizable layer named {', '.join(unknown)}")
-    measure = KL if evaluator.task.kind == "classifier" else NMSE
 
     values: dict[str, dict[LayerChoice, float]] = {}
     todo: list[tuple[str, LayerChoice]] = []
@@ -634,17 +653,70 @@ class _FisherRunner:
         return (m is handle.module and isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
                 and handle.input_arg in (0, "input") and not handle.other_input_args)
 
-    def _probe(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """A random r with E[r r^T] the output's metric: diag(p) - p p^T (softmax p) for KL, I else."""
-        eps = torch.randint(0, 2, out.shape, generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
-        if self.measure != KL:
-            return eps.to(out.dtype)
+    def _plan(self, ref: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which samples the estimate uses and how many probes each gets, from the FP32 outputs
+        `ref`: (probes per sample, 0 for a sample left out; each sample's weight).
+
+        For KL the estimate of a sample scales with the trace t of its output metric,
+        sum p (1 - p): a confident prediction barely moves. From a pool larger than
+        DEFAULT_SAMPLES an expected half (at least DEFAULT_SAMPLES) is kept, sample i with
+        probability pi_i = min(1, t_i / tau) and weight 1 / pi_i (unbiased), and the probes go in
+        proportion to max(t_i, tau), rounded to powers of two (for _probes' sign patterns): about
+        `probes` per kept sample on average. Else every sample, `probes` probes each."""
+        n = ref.shape[0]
+        p = torch.softmax(ref.double(), dim=-1)
+        t = (p * (1 - p)).sum(-1)
+        if self.measure != KL or not float(t.sum()) > 0:
+            return torch.full((n,), self.probes, dtype=torch.int64), torch.ones(n, dtype=torch.float64)
+        keep = max(DEFAULT_SAMPLES, n // 2)
+        pi, tau = torch.ones(n, dtype=torch.float64), 0.0
+        if keep < n:  # the tau with sum(min(1, t / tau)) = keep, by bisection
+            lo, hi = 0.0, float(t.sum())
+            for _ in range(100):
+                tau = (lo + hi) / 2
+                lo, hi = (tau, hi) if float(torch.clamp(t / tau, max=1).sum()) > keep else (lo, tau)
+            tau = hi
+            pi = torch.clamp(t / tau, max=1)
+        kept = torch.rand(n, generator=gen, dtype=torch.float64) < pi
+        share = torch.clamp(t, min=tau)
+        counts = torch.clamp(share / share[kept].sum() * (self.probes * int(kept.sum())), min=1)
+        counts = 2 ** torch.round(torch.log2(counts))
+        return torch.where(kept, counts, 0).long(), torch.where(kept, 1 / pi, 0.0)
+
+    def _probes(self, out: torch.Tensor, gen: torch.Generator, counts: torch.Tensor,
+                weight: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Vectors r_k (k < the largest count; row i zero where k >= counts[i]) and per-sample
+        weights w_k = weight / counts (0 there), with sum_k w_k E[r_k r_k^T] = weight times the
+        output's metric, row by row.
+
+        KL: r = (diag(sqrt p) - p sqrt(p)^T) s for a random sign vector s over the classes. A
+        sample's counts[i] (a power of two) sign vectors are one random s times the columns of a
+        Walsh-Hadamard matrix H: s_k[j] = s[j] H[k, rank(j) mod counts[i]], rank(j) the class's
+        place by its share of the metric's trace. Each s_k is uniformly random, so each probe is
+        unbiased, but the cross terms of classes with different ranks mod counts[i] cancel exactly
+        over the probes: the largest (the top classes') never enter the estimate's noise."""
+        kmax = int(counts.max())
+        rows = [(counts > k).to(torch.float64) for k in range(kmax)]
+        weights = [r / counts.clamp(min=1) * weight for r in rows]
+        if self.measure != KL:  # the identity metric: independent random signs
+            return [(_signs(out.shape, gen) * r[:, None]).to(out.dtype) for r in rows], weights
+        signs = _signs(out.shape, gen)
         p = torch.softmax(out.detach().double(), dim=-1)
         sp = p.sqrt()
-        return (sp * eps - p * (sp * eps).sum(-1, keepdim=True)).to(out.dtype)
+        share = p * ((1 - p) ** 2 + (p**2).sum(-1, keepdim=True) - p**2)  # |row j of the metric's root|^2
+        col = torch.argsort(torch.argsort(share, dim=-1, descending=True), dim=-1) % counts.clamp(min=1)[:, None]
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < kmax:  # Sylvester: the top-left P x P block is the order-P matrix
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        vectors = []
+        for k, r in enumerate(rows):
+            e = signs * h[k][col] * r[:, None]
+            vectors.append((sp * e - p * (sp * e).sum(-1, keepdim=True)).to(out.dtype))
+        return vectors, weights
 
-    def _fp32_pass(self, inputs: Any, gen: torch.Generator):
-        """The FP32 values to keep and, per probe, the gradient of r . output at each live value."""
+    def _fp32_pass(self, inputs: Any, gen: torch.Generator, counts: torch.Tensor, weight: torch.Tensor):
+        """The FP32 values to keep, per probe the gradient of r . output at each live value, and the
+        probes' per-sample weights (probes, samples)."""
         s = self.s
         env = s._bind(inputs)
         with torch.enable_grad():
@@ -667,68 +739,102 @@ class _FisherRunner:
             if not isinstance(out, torch.Tensor) or not out.is_floating_point():
                 raise _NotApplicable(f"the model's output is a {type(out).__name__}, not a float tensor")
             live = [n for n in self.live if isinstance(env[n], torch.Tensor) and env[n].requires_grad]
+            vectors, weights = self._probes(out, gen, counts, weight)
             per_probe = [
-                torch.autograd.grad(out, [env[n] for n in live], grad_outputs=self._probe(out, gen),
-                                    retain_graph=k < self.probes - 1, allow_unused=True)
-                for k in range(self.probes)
+                torch.autograd.grad(out, [env[n] for n in live], grad_outputs=r,
+                                    retain_graph=k < len(vectors) - 1, allow_unused=True)
+                for k, r in enumerate(vectors)
             ]
-        # live value -> (channels-last order, its gradients per probe as (batch, elements) views);
-        # None: the output does not depend on it
+        # live value -> its gradient per probe as (samples, elements), the elements in the order
+        # _flat gives its changes; None: the output does not depend on it
         grads = {}
         for n, g in zip(live, zip(*per_probe), strict=True):
-            nhwc = g[0] is not None and _nhwc(g[0])
-            grads[n] = None if g[0] is None else (nhwc, [_flat(x, nhwc) for x in g])
+            nhwc = _nhwc(env[n])
+            grads[n] = None if g[0] is None else [_flat(x, nhwc) for x in g]
         kept = {n: (env[n].detach() if isinstance(env[n], torch.Tensor) else env[n]) for n in self.keep}
-        return kept, grads
+        return kept, grads, torch.stack(weights)
 
     def run(self, acc: _Accumulator, bar) -> None:
         s = self.s
         inplace = [m for m in s.modules.values() if getattr(m, "inplace", False) is True]
         params = [p for p in s.gm.parameters() if p.requires_grad]  # gradients of values only
         gen = torch.Generator().manual_seed(PROBE_SEED)
-        half = 0.5 if self.measure == KL else 1.0
+        batch = concat_batches([x for x, _ in s.ev.task.eval_batches[: s.batches]])
+        counts, weight = self._plan(torch.cat(s.ev.reference_outputs[: s.batches]), gen)
+        # chunks of samples with similar probe counts (a chunk runs as many backward passes as
+        # its largest count)
+        order = torch.argsort(counts, descending=True, stable=True)[: int((counts > 0).sum())]
+        chunks = [order[lo : lo + FISHER_CHUNK] for lo in range(0, len(order), FISHER_CHUNK)]
+        # the pairs of one layer whose segments end in the same live values share one projection
+        groups: dict[tuple, list[tuple[str, LayerChoice]]] = {}
+        for fqn, c in acc.todo:
+            _, _, live, quantized = self.segments[(fqn, c)]
+            groups.setdefault((fqn, tuple(live), tuple(quantized)), []).append((fqn, c))
         done, base = 0, bar.n
         try:
             for m in inplace:  # the values autograd keeps must not change under it
                 m.inplace = False
             for p in params:
                 p.requires_grad_(False)
-            for b, (inputs, _) in enumerate(s.ev.task.eval_batches[: s.batches]):
-                fp32, grads = self._fp32_pass(inputs, gen)
+            for idx in chunks:
+                fp32, grads, weights = self._fp32_pass(take_samples(batch, idx), gen, counts[idx], weight[idx])
                 with torch.no_grad():
-                    for fqn, c in acc.todo:
-                        start, end, live, quantized = self.segments[(fqn, c)]
-                        env = dict(fp32)
-                        acc.swap_in(fqn, c)
-                        try:
-                            for i in range(start, end + 1):
-                                env[s.nodes[i]] = s._node(s.nodes[i], env)
-                        finally:
-                            acc.swap_out(fqn)
-                        proj = 0.0
-                        for n in live:
-                            new, old = env[n], fp32[n]
-                            q = acc.parts[(fqn, c)][1].get(quantized[n]) if n in quantized else None
-                            if q is not None:  # what the next layer sees through its input quantizer
-                                new = q.fake_quant(new)
-                            if n not in grads:  # a value without a gradient must not change
-                                if new is not old and not (isinstance(new, torch.Tensor) and torch.equal(new, old)):
-                                    raise _NotApplicable(f"layer {fqn} changes a value without a gradient ({n.name})")
-                                continue
-                            if grads[n] is not None:
-                                nhwc, gs = grads[n]
-                                d = _flat(new - old, nhwc)
-                                proj = proj + torch.stack([torch.linalg.vecdot(g, d) for g in gs]).double()
-                        total = half * float((proj**2).mean(0).sum()) if isinstance(proj, torch.Tensor) else 0.0
-                        acc.add_estimate(fqn, c, total)
-                        done += 1
-                        bar.update(base + done // s.batches - bar.n)
+                    for (fqn, live, _), group in groups.items():
+                        # the changes of the group's pairs at each live value, (samples, pairs, elements)
+                        d = {}
+                        for j, pair in enumerate(group):
+                            for n, new, old in self._changes(acc, pair, fp32, grads):
+                                if n not in d:
+                                    d[n] = new.new_empty(new.shape[0], len(group), new.shape[1])
+                                torch.sub(new, old, out=d[n][:, j])
+                        # proj[j, k, i]: sum over live values of (gradient of probe k) . (change of pair j), sample i
+                        proj = torch.zeros(len(group), *weights.shape, dtype=torch.float64)
+                        for n, dn in d.items():
+                            dt = dn.transpose(1, 2)
+                            for k, g in enumerate(grads[n]):
+                                proj[:, k] += torch.bmm(g.unsqueeze(1), dt)[:, 0].T.double()
+                        totals = (weights * proj**2).sum((1, 2)) * (0.5 if self.measure == KL else 1.0)
+                        for pair, total in zip(group, totals.tolist(), strict=True):
+                            acc.add_estimate(*pair, total)
+                        done += len(group)
+                        bar.update(base + done // len(chunks) - bar.n)
                 del fp32, grads
         finally:
             for m in inplace:
                 m.inplace = True
             for p in params:
                 p.requires_grad_(True)
+
+    def _changes(self, acc: _Accumulator, pair: tuple[str, LayerChoice], fp32: dict, grads: dict):
+        """Re-run the pair's segment on the FP32 values: (live value, its new and FP32 values as
+        (samples, elements), in the order of its gradients) for each live value with a gradient
+        (those without one must not change)."""
+        s = self.s
+        fqn, c = pair
+        start, end, live, quantized = self.segments[pair]
+        env = dict(fp32)
+        acc.swap_in(fqn, c)
+        try:
+            for i in range(start, end + 1):
+                env[s.nodes[i]] = s._node(s.nodes[i], env)
+        finally:
+            acc.swap_out(fqn)
+        for n in live:
+            new, old = env[n], fp32[n]
+            q = acc.parts[pair][1].get(quantized[n]) if n in quantized else None
+            if q is not None:  # what the next layer sees through its input quantizer
+                new = q.fake_quant(new)
+            if n not in grads:
+                if new is not old and not (isinstance(new, torch.Tensor) and torch.equal(new, old)):
+                    raise _NotApplicable(f"layer {fqn} changes a value without a gradient ({n.name})")
+            elif grads[n] is not None:
+                nhwc = _nhwc(old)
+                yield n, _flat(new, nhwc), _flat(old, nhwc)
+
+
+def _signs(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """Independent random +1/-1 (float64)."""
+    return torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
 
 
 def _nhwc(x: torch.Tensor) -> bool:

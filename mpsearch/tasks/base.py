@@ -25,6 +25,20 @@ def run_model(model: nn.Module, inputs: Batch) -> torch.Tensor:
     return model(inputs)
 
 
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """The batches' samples as one batch, in order (each tensor of a tuple concatenated)."""
+    if isinstance(batches[0], tuple):
+        return tuple(torch.cat(xs) for xs in zip(*batches, strict=True))
+    return torch.cat(list(batches))
+
+
+def take_samples(batch: Batch, idx: torch.Tensor | slice) -> Batch:
+    """The samples `idx` (indices or a slice) of a batch (of each of its tensors, for a tuple)."""
+    if isinstance(batch, tuple):
+        return tuple(x[idx] for x in batch)
+    return batch[idx]
+
+
 def first_samples(batch: Batch, n: int) -> Batch:
     """The first `n` samples of a batch (of each of its tensors, for a tuple)."""
     if isinstance(batch, tuple):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from torch import nn
 
 from hw_models import Candidate, LayerChoice, Precision, get_profile
 from mpsearch import metrics
-from mpsearch.engine.sensitivity import Sensitivity, measure_sensitivity
+from mpsearch.engine import sensitivity
+from mpsearch.engine.sensitivity import Sensitivity, _FisherRunner, measure_sensitivity
 from mpsearch.errors import InvalidConfigError
 from mpsearch.scoring.analysis import analyze
 from mpsearch.scoring.evaluator import Evaluator
@@ -107,8 +109,10 @@ def test_disk_cache_is_reused(digits, tmp_path):
     assert set(on_disk) == set(options) and on_disk["features.0"]["int2/int8"] == third.values["features.0"][
         LayerChoice(P.INT2, P.INT8)
     ]
-    # another number of batches is another file, and so is another method
-    measure_sensitivity(ev, some, cache_dir=tmp_path, batches=2)
+    # another number of batches is another file (the default for "fisher" here: 2, two 120-sample
+    # batches hold FISHER_POOL x DEFAULT_SAMPLES = 128), and so is another method
+    assert first.batches == 2
+    measure_sensitivity(ev, some, cache_dir=tmp_path, batches=1)
     assert len(list(tmp_path.glob("sensitivity-*.json"))) == 2
     exact = measure_sensitivity(ev, some, cache_dir=tmp_path, method="exact")
     assert exact.path == "suffix" and exact.from_cache == 0
@@ -137,11 +141,11 @@ def test_bad_arguments(digits):
         measure_sensitivity(ev, options, probes=0)
 
 
-def _small_task(model: nn.Module, kind: str = "classifier") -> Task:
+def _small_task(model: nn.Module, kind: str = "classifier", batches: int = 3) -> Task:
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(16, 1, 8, 8, generator=g) for _ in range(2)]
     evals = [
-        (torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(3)
+        (torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(batches)
     ]
     return Task("small", model.eval(), calib, evals, "accuracy", metrics.accuracy, kind=kind)
 
@@ -221,8 +225,8 @@ class _LinearHead(nn.Module):
         return self.head(self.second(self.first(torch.flatten(x, 1))))
 
 
-def _linear_head_evaluator(outputs: int, kind: str) -> Evaluator:
-    task = _small_task(_LinearHead(outputs), kind)
+def _linear_head_evaluator(outputs: int, kind: str, batches: int = 3) -> Evaluator:
+    task = _small_task(_LinearHead(outputs), kind, batches)
     return Evaluator(task, analyze(task.model, task.example_input), cache_dir=None)
 
 
@@ -254,16 +258,73 @@ def test_fisher_estimates_a_small_kl_without_bias():
     ev.close()
 
 
+def _metric_from_probes(counts: list[int], p: torch.Tensor, seed: int) -> torch.Tensor:
+    """sum_k w_k r_k r_k^T per sample, from the "fisher" probes of logits log(p)."""
+    runner = SimpleNamespace(measure="kl_to_fp32")
+    vectors, weights = _FisherRunner._probes(
+        runner, p.log(), torch.Generator().manual_seed(seed), torch.tensor(counts), torch.ones(len(counts), dtype=torch.float64)
+    )
+    return sum(w[:, None, None] * r[:, :, None] * r[:, None, :] for r, w in zip(vectors, weights, strict=True))
+
+
+def test_probes_give_the_kl_metric_exactly_when_they_cover_the_classes():
+    """Four classes, four or eight probes: the Walsh-Hadamard sign patterns cancel every cross
+    term, so sum_k w_k r_k r_k^T is diag(p) - p p^T itself, whatever the random signs; one probe
+    gives it only on average (4000 draws)."""
+    p = torch.tensor([[0.7, 0.2, 0.06, 0.04], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    metric = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    for seed in range(3):
+        assert torch.allclose(_metric_from_probes([4, 8], p, seed), metric, atol=1e-12)
+    mean = sum(_metric_from_probes([1, 1], p, seed) for seed in range(4000)) / 4000
+    assert torch.allclose(mean, metric, atol=0.02)
+    assert not torch.allclose(_metric_from_probes([1, 1], p, 0), metric, atol=0.02)
+
+
+def test_fisher_keeps_about_half_a_large_pool_without_bias(monkeypatch):
+    """160 samples (more than DEFAULT_SAMPLES = 64): about 80 kept, each with weight 1 / its
+    chance of being kept, so that the weighted trace sum over the kept ones is the pool's on
+    average; and the estimate, over 100 seeds, averages to the exact KL measured on every sample
+    of the pool (one seed's is off by 20-30% here: 80 samples of 160, and the trace is a weak
+    guide to these random logits' KL)."""
+    ev = _linear_head_evaluator(10, "classifier", batches=10)
+    ref = torch.cat(ev.reference_outputs)
+    p = torch.softmax(ref.double(), dim=-1)
+    trace = (p * (1 - p)).sum(-1)
+    runner = SimpleNamespace(measure="kl_to_fp32", probes=4)
+    sums, kept = [], []
+    for seed in range(200):
+        counts, weight = _FisherRunner._plan(runner, ref, torch.Generator().manual_seed(seed))
+        assert bool(((counts > 0) == (weight > 0)).all()) and bool((weight[counts > 0] >= 1).all())
+        assert set(counts[counts > 0].tolist()) <= {1, 2, 4, 8, 16, 32}
+        kept.append(int((counts > 0).sum()))
+        sums.append(float((weight * trace).sum()))
+    assert 75 <= sum(kept) / len(kept) <= 85
+    assert sum(sums) / len(sums) == pytest.approx(float(trace.sum()), rel=0.02)
+    options = {"first": [LayerChoice(P.INT8, P.INT8)], "second": [LayerChoice(P.INT4, P.INT8)]}
+    exact = measure_sensitivity(ev, options, batches=10, method="exact")
+    means = dict.fromkeys(options, 0.0)
+    for seed in range(100):
+        monkeypatch.setattr(sensitivity, "PROBE_SEED", seed)
+        fisher = measure_sensitivity(ev, options, batches=10, probes=16)
+        for fqn, (c,) in options.items():
+            means[fqn] += fisher.values[fqn][c] / 100
+    for fqn, (c,) in options.items():
+        assert means[fqn] == pytest.approx(exact.values[fqn][c], rel=0.1), fqn
+    ev.close()
+
+
 def test_fisher_ranks_digits_pairs_as_exact_does(digits):
-    """On a real CNN (ReLUs, pooling, depthwise convolutions) with the default two probes: the
-    same order within each layer; int8 and int4 within a factor of 2.5 of the exact values (two
-    probes add noise on top of the samples'); int2, a change beyond the second-order range on
-    these confident outputs, no higher than twice the exact value and at least a tenth of it;
-    reproducible; the model left as it was (in-place ReLUs, gradients of parameters)."""
+    """On a real CNN (ReLUs, pooling, depthwise convolutions) with the defaults (half the 240
+    samples of the pool, two probes each on average): the same order within each layer; int8 and
+    int4 within a factor of 2.5 of the exact values on the pool (the probes and the choice of
+    samples add noise); int2, a change beyond the second-order range on these confident outputs,
+    no higher than twice the exact value and at least a tenth of it; reproducible; the model left
+    as it was (in-place ReLUs, gradients of parameters)."""
     _, _, ev, options = digits
     flags = {name: m.inplace for name, m in ev.model.named_modules() if hasattr(m, "inplace")}
     fisher = measure_sensitivity(ev, options)
-    exact = measure_sensitivity(ev, options, method="exact")
+    exact = measure_sensitivity(ev, options, method="exact", batches=fisher.batches)
+    assert fisher.batches == 2
     assert fisher.path == "fisher" and fisher.note == ""
     int2, int4, int8 = (LayerChoice(w, P.INT8) for w in (P.INT2, P.INT4, P.INT8))
     for fqn, per in options.items():
