@@ -27,6 +27,7 @@ from mpsearch.defaults import (
     DEFAULT_RETRIES,
     DEFAULT_SAMPLER,
     DEFAULT_SEED,
+    DEFAULT_SENSITIVITY,
     DEFAULT_STRATEGY,
     DEFAULT_TARGET,
     DEFAULT_TRIALS,
@@ -99,6 +100,7 @@ def search(
     resume: bool = False,
     n_seeds: int | None = None,
     patience: int | None = None,
+    sensitivity: str = DEFAULT_SENSITIVITY,
     exhaustive_limit: int = EXHAUSTIVE_LIMIT,
     backend: str = DEFAULT_BACKEND,
     ray_address: str | None = None,
@@ -132,7 +134,9 @@ def search(
     of the trials). With a budget and no max_drop, best is the most accurate configuration within
     the budgets (mpsearch.results.selection), the ILP solutions lie near the budget, and the hybrid
     then refines around its best trial and stops once `patience` trials (default a fifth of the
-    trials, at least 10; 0: never) found nothing better (mpsearch.engine.refine).
+    trials, at least 10; 0: never) found nothing better (mpsearch.engine.refine). sensitivity: how
+    the ilp and hybrid strategies measure each layer's sensitivity, "fisher" (default: a
+    second-order estimate) or "exact" (mpsearch.engine.sensitivity).
     ties: groups of layer names that must share a precision pair (layers sharing a weight tensor
     are tied automatically); pins: {layer: "weight/activation"}; pin_first_last: the first and
     last layers at int8/int8 (their widest pair where the target has no int8).
@@ -165,7 +169,7 @@ def search(
         activation_precisions=activation_precisions, ties=ties, pins=pins or {}, pin_first_last=pin_first_last,
         batch_size=batch_size,
         quant=quant or QuantSettings(), early_stop=early_stop, evaluator_cache=evaluator_cache, n_seeds=n_seeds,
-        patience=patience, exhaustive_limit=exhaustive_limit, backend=backend, ray_address=ray_address, workers=workers,
+        patience=patience, sensitivity=sensitivity, exhaustive_limit=exhaustive_limit, backend=backend, ray_address=ray_address, workers=workers,
         worker_threads=worker_threads, retries=retries)
     sampler_obj = make_sampler(sampler, seed, n_trials)
     if resume and out_dir is None and storage is None:

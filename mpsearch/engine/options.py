@@ -32,12 +32,14 @@ from mpsearch.defaults import (
     DEFAULT_RETRIES,
     DEFAULT_SAMPLER,
     DEFAULT_SEED,
+    DEFAULT_SENSITIVITY,
     DEFAULT_STRATEGY,
     DEFAULT_TARGET,
     DEFAULT_TRIALS,
     DEFAULT_WORKER_THREADS,
     EXHAUSTIVE_LIMIT,
     SAMPLERS,
+    SENSITIVITY_METHODS,
     STRATEGIES,
 )
 from mpsearch.engine.budgets import Relative, parse_budget
@@ -47,7 +49,7 @@ from mpsearch.results.selection import parse_max_drop
 from mpsearch.scoring.evaluator import QuantSettings
 
 BUDGET_FIELDS = {"latency": "latency_budget_ms", "size": "size_budget_mb", "memory": "memory_budget_mb"}
-OPTIONS_VERSION = 2  # 2: relative budgets ("0.5xfp32", "75%int8"), weight_bytes and patience
+OPTIONS_VERSION = 3  # 2: relative budgets ("0.5xfp32", "75%int8"), weight_bytes and patience; 3: sensitivity
 
 
 def _positive_int(name: str, v: Any, low: int = 1) -> None:
@@ -114,6 +116,7 @@ class SearchOptions:
     evaluator_cache: bool = True
     n_seeds: int | None = None
     patience: int | None = None  # a budgeted hybrid search: trials without a better one before it stops
+    sensitivity: str = DEFAULT_SENSITIVITY  # how the ilp and hybrid strategies measure it (engine.sensitivity.METHODS)
     exhaustive_limit: int = EXHAUSTIVE_LIMIT
     backend: str = DEFAULT_BACKEND
     ray_address: str | None = None
@@ -151,6 +154,9 @@ class SearchOptions:
             _positive_int("ILP seeds", self.n_seeds)
         if self.patience is not None:
             _positive_int("patience", self.patience, low=0)
+        if self.sensitivity not in SENSITIVITY_METHODS:
+            raise InvalidConfigError(f"sensitivity method {self.sensitivity!r} is not one of "
+                                     f"{', '.join(SENSITIVITY_METHODS)}")
         _positive_int("exhaustive limit", self.exhaustive_limit)
         if self.backend not in BACKENDS:
             raise InvalidConfigError(f"unknown backend {self.backend!r} (known: {', '.join(BACKENDS)})")

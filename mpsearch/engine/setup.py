@@ -126,7 +126,7 @@ class Setup:
                          objectives=o.objectives, n_trials=self.remaining(len(previous), join), n_seeds=o.n_seeds,
                          tried=[t.config for t in previous], progress=progress,
                          cache_dir=cache_dir("sensitivity") if o.evaluator_cache else None, drop=self.drop,
-                         patience=o.patience)
+                         patience=o.patience, sensitivity=o.sensitivity)
 
     def study_name(self) -> str:
         return f"{slug(self.task_name)}-{slug(self.profile.name)}"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hw_models import Candidate, CostModel
+from mpsearch.defaults import DEFAULT_SENSITIVITY
 from mpsearch.engine.budgets import Budgets
 from mpsearch.engine.refine import Refiner, default_patience
 from mpsearch.errors import InvalidConfigError
@@ -82,6 +83,7 @@ def plan(
     progress: bool = True,
     drop: DropBudget | None = None,
     patience: int | None = None,
+    sensitivity: str = DEFAULT_SENSITIVITY,
 ) -> Plan:
     """The seeds of `strategy` (see the module doc), leaving out candidates already `tried`; for a
     hybrid search whose best is the most accurate within its budgets (`drop` mode "most_accurate"),
@@ -98,7 +100,7 @@ def plan(
 
     options = {o.fqn: list(o.pairs) for o in space.options}
     t0 = time.perf_counter()
-    sens = measure_sensitivity(evaluator, options, cache_dir=cache_dir, progress=progress)
+    sens = measure_sensitivity(evaluator, options, cache_dir=cache_dir, progress=progress, method=sensitivity)
     t1 = time.perf_counter()
     key = next((SWEEP_KEY[o] for o in objectives if o in SWEEP_KEY), "latency_s")
     limits = budgets.ilp_limits()
@@ -126,8 +128,9 @@ def plan(
             seeds.append(c)
     t2 = time.perf_counter()
     if progress:
+        how = {"fisher": "estimated", "suffix": "measured", "full": "measured"}.get(sens.path, "cached")
         print(f"mpsearch: {strategy}: sensitivity of {sum(len(v) for v in sens.values.values())} layer choices "
-              f"({sens.from_cache} from the cache) in {t1 - t0:.1f} s, {len(seeds)} ILP solutions over the "
+              f"({how}; {sens.from_cache} from the cache) in {t1 - t0:.1f} s, {len(seeds)} ILP solutions over the "
               f"{key} sweep in {t2 - t1:.2f} s", file=sys.stderr)
     refiner = None
     if strategy == "hybrid" and drop is not None and drop.mode == "most_accurate":
@@ -135,7 +138,8 @@ def plan(
                           default_patience(n_trials) if patience is None else patience)
     return Plan(seeds, len(seeds), strategy == "ilp",
                 setup_s={"sensitivity_s": t1 - t0, "ilp_s": t2 - t1},
-                info={"sensitivity_measure": sens.measure, "ilp_solutions": len(seeds), "sweep": key,
+                info={"sensitivity_measure": sens.measure, "sensitivity_path": sens.path,
+                      "ilp_solutions": len(seeds), "sweep": key,
                       **({"patience": refiner.patience} if refiner else {})}, refiner=refiner)
 
 

@@ -181,6 +181,7 @@ def build():
         (["search", "--task", "digits", "--trials", "0"], ["--trials"]),
         (["search", "--task", "digits", "--trials", "-3"], ["--trials"]),
         (["search", "--task", "digits", "--sampler", "cmaes"], ["cmaes", "tpe"]),
+        (["search", "--task", "digits", "--sensitivity", "hessian"], ["--sensitivity", "hessian", "fisher", "exact"]),
         (["search", "--task", "digits", "--weight-precisions", "int5"], ["int5"]),
         (["search", "--task", "digits", "--latency-budget", "1e-9", "--no-mlflow"], ["cheapest", "ms"]),
         (["search", "--task", "digits", "--latency-budget", "inf"], ["--latency-budget", "finite", "inf"]),

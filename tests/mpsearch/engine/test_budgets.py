@@ -75,8 +75,8 @@ def test_options_keep_a_relative_budget_as_typed_and_read_older_versions():
     assert SearchOptions.from_dict(o.to_dict()) == o
     v1 = {k: v for k, v in o.to_dict().items() if k != "weight_bytes"} | {"version": 1, "size_budget_mb": 0.5}
     assert SearchOptions.from_dict(v1).weight_bytes == "with-scales"  # a field v1 lacks takes its default
-    with pytest.raises(InvalidConfigError, match="options version 3, this mpsearch reads version 2"):
-        SearchOptions.from_dict({**o.to_dict(), "version": 3})
+    with pytest.raises(InvalidConfigError, match="options version 4, this mpsearch reads version 3"):
+        SearchOptions.from_dict({**o.to_dict(), "version": 4})
     with pytest.raises(InvalidConfigError, match="weight bytes: 'kernel' is not one of with-scales, payload"):
         SearchOptions(task="digits", weight_bytes="kernel")
 

@@ -36,10 +36,12 @@ def test_a_launch_record_written_before_the_version_still_reads():
     o = SearchOptions.from_dict(old, "study 's1'")
     assert (o.n_trials, o.size_budget_mb, o.max_drop, o.pin_first_last) == (40, 0.5, "1%", True)
     assert o.strategy == "hybrid" and o.retries == 1  # not in the old record: the defaults
+    assert o.sensitivity == "fisher"
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"version": 3}, "study 's1': options version 3, this mpsearch reads version 2"),
+    ({"version": 4}, "study 's1': options version 4, this mpsearch reads version 3"),
+    ({"sensitivity": "guess"}, "study 's1': sensitivity method 'guess' is not one of fisher, exact"),
     ({"colour": "red"}, "study 's1': unknown option 'colour'"),
     ({"n_trials": 0}, "study 's1': the number of trials must be a positive integer, got 0"),
     ({"strategy": "greedy"}, "study 's1': unknown strategy 'greedy'"),
