@@ -759,12 +759,8 @@ class _FisherRunner:
         inplace = [m for m in s.modules.values() if getattr(m, "inplace", False) is True]
         params = [p for p in s.gm.parameters() if p.requires_grad]  # gradients of values only
         gen = torch.Generator().manual_seed(PROBE_SEED)
-        batch = concat_batches([x for x, _ in s.ev.task.eval_batches[: s.batches]])
         counts, weight = self._plan(torch.cat(s.ev.reference_outputs[: s.batches]), gen)
-        # chunks of samples with similar probe counts (a chunk runs as many backward passes as
-        # its largest count)
-        order = torch.argsort(counts, descending=True, stable=True)[: int((counts > 0).sum())]
-        chunks = [order[lo : lo + FISHER_CHUNK] for lo in range(0, len(order), FISHER_CHUNK)]
+        chunks = _chunks([x for x, _ in s.ev.task.eval_batches[: s.batches]], counts, FISHER_CHUNK)
         # the pairs of one layer whose segments end in the same live values share one projection
         groups: dict[tuple, list[tuple[str, LayerChoice]]] = {}
         for fqn, c in acc.todo:
@@ -776,8 +772,8 @@ class _FisherRunner:
                 m.inplace = False
             for p in params:
                 p.requires_grad_(False)
-            for idx in chunks:
-                fp32, grads, weights = self._fp32_pass(take_samples(batch, idx), gen, counts[idx], weight[idx])
+            for inputs, idx in chunks:
+                fp32, grads, weights = self._fp32_pass(inputs, gen, counts[idx], weight[idx])
                 with torch.no_grad():
                     for (fqn, live, _), group in groups.items():
                         # the changes of the group's pairs at each live value, (samples, pairs, elements)
@@ -830,6 +826,28 @@ class _FisherRunner:
             elif grads[n] is not None:
                 nhwc = _nhwc(old)
                 yield n, _flat(new, nhwc), _flat(old, nhwc)
+
+
+def _chunks(batches: Sequence[Any], counts: torch.Tensor, size: int) -> list[tuple[Any, torch.Tensor]]:
+    """(inputs, their indices among the batches' samples) of up to `size` samples each: the kept
+    samples (counts > 0) in descending order of counts, so that a chunk's samples need about as
+    many backward passes; across batches where their tensors concatenate (equal shapes but the
+    first), else batch by batch (token batches padded each to its own longest)."""
+    tensors = [b if isinstance(b, tuple) else (b,) for b in batches]
+    sizes = [t[0].shape[0] for t in tensors]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    if len({tuple(x.shape[1:] for x in t) for t in tensors}) == 1:
+        groups = [(concat_batches(batches), torch.arange(sum(sizes)))]
+    else:
+        groups = [(b, torch.arange(n) + lo) for b, n, lo in zip(batches, sizes, starts, strict=True)]
+    out = []
+    for batch, index in groups:
+        order = index[torch.argsort(counts[index], descending=True, stable=True)]
+        order = order[counts[order] > 0]
+        for lo in range(0, len(order), size):
+            idx = order[lo : lo + size]
+            out.append((take_samples(batch, idx - index[0]), idx))
+    return out
 
 
 def _signs(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 from hw_models import Candidate, LayerChoice, Precision, get_profile
 from mpsearch import metrics
 from mpsearch.engine import sensitivity
-from mpsearch.engine.sensitivity import Sensitivity, _FisherRunner, measure_sensitivity
+from mpsearch.engine.sensitivity import Sensitivity, _chunks, _FisherRunner, measure_sensitivity
 from mpsearch.errors import InvalidConfigError
 from mpsearch.scoring.analysis import analyze
 from mpsearch.scoring.evaluator import Evaluator
@@ -311,6 +311,24 @@ def test_fisher_keeps_about_half_a_large_pool_without_bias(monkeypatch):
     for fqn, (c,) in options.items():
         assert means[fqn] == pytest.approx(exact.values[fqn][c], rel=0.1), fqn
     ev.close()
+
+
+def test_fisher_chunks_follow_the_probe_counts_across_batches_that_concatenate():
+    """The kept samples (count > 0) in descending count order, `size` at a time: across batches
+    of equal shapes, within each batch where they differ (tokens padded per batch)."""
+    a = torch.arange(4.0).reshape(2, 2)
+    b = torch.arange(10.0, 16.0).reshape(3, 2)
+    counts = torch.tensor([2, 0, 1, 4, 1])
+    chunks = _chunks([a, b], counts, 2)
+    assert [idx.tolist() for _, idx in chunks] == [[3, 0], [2, 4]]
+    assert [x.tolist() for x, _ in chunks] == [[[12.0, 13.0], [0.0, 1.0]], [[10.0, 11.0], [14.0, 15.0]]]
+    ids = (torch.zeros(2, 5), torch.ones(3, 7))
+    masks = (torch.zeros(2, 5) + 2, torch.ones(3, 7) + 2)
+    chunks = _chunks([(ids[0], masks[0]), (ids[1], masks[1])], counts, 2)
+    assert [idx.tolist() for _, idx in chunks] == [[0], [3, 2], [4]]
+    assert [tuple(t.shape for t in x) for x, _ in chunks] == [
+        ((1, 5), (1, 5)), ((2, 7), (2, 7)), ((1, 7), (1, 7))
+    ]
 
 
 def test_fisher_ranks_digits_pairs_as_exact_does(digits):
