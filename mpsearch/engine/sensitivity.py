@@ -705,12 +705,11 @@ class _FisherRunner:
         sp = p.sqrt()
         share = p * ((1 - p) ** 2 + (p**2).sum(-1, keepdim=True) - p**2)  # |row j of the metric's root|^2
         col = torch.argsort(torch.argsort(share, dim=-1, descending=True), dim=-1) % counts.clamp(min=1)[:, None]
-        h = torch.ones(1, 1, dtype=torch.float64)
-        while h.shape[0] < kmax:  # Sylvester: the top-left P x P block is the order-P matrix
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
         vectors = []
         for k, r in enumerate(rows):
-            e = signs * h[k][col] * r[:, None]
+            # Sylvester's H[k, c] = (-1)^popcount(k & c): its top-left P x P block is the order-P matrix
+            parity = sum(((col >> b) & 1) for b in range(kmax.bit_length()) if k >> b & 1)
+            e = signs * (1 - 2 * (torch.as_tensor(parity) % 2)) * r[:, None]
             vectors.append((sp * e - p * (sp * e).sum(-1, keepdim=True)).to(out.dtype))
         return vectors, weights
 
