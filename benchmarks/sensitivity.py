@@ -68,6 +68,8 @@ def main() -> int:
     ap.add_argument("--activations", default="int8", help="activation precisions of the space")
     ap.add_argument("--seeds", type=int, help="fisher seeds whose ranking quality is reported (default 5; --quick 2)")
     args = ap.parse_args()
+    if args.seeds is not None and args.seeds < 1:
+        ap.error(f"--seeds must be at least 1, got {args.seeds}")
     cpu = cpu_info()
     log(f"cpu: {cpu.get('cpu')} ({', '.join(cpu.get('features', [])) or 'no int8 features'}), "
         f"{cpu.get('cores')} cores")
