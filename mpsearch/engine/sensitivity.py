@@ -39,9 +39,10 @@ on its 64 samples (4.0x, a 2-core AVX-512 EPYC), and ranks the pairs at least as
 ILP: allocations solved from either at 41 weight budgets come within 2.9% at most (mean 0.25%;
 over five seeds at most 1.7-4.2%, mean 0.30%) and 4.8% (mean 0.46%) of those solved from exact
 values on all 256 evaluation samples (benchmarks/sensitivity.py). Peak memory: 1.9 GB against
-the exact path's 1.4 GB (the FP32 pass runs a few samples at a time). Models where it cannot apply (a node that modifies a tensor in place other than a
-module's own `inplace` flag, a non-tensor value a layer changes) are measured exactly instead, on
-the same batches (`Sensitivity.note` says why).
+the exact path's 1.4 GB (the FP32 pass runs a few samples at a time). Models where it cannot
+apply (a node that modifies a tensor in place other than a module's own `inplace` flag, a
+non-tensor value a layer changes) are measured exactly instead, on the same batches
+(`Sensitivity.note` says why).
 
 "exact": the measure itself. A layer quantized alone changes nothing computed before its first
 call, so per batch the FP32 graph is run once, in layer order, keeping only the values live across
@@ -834,11 +835,11 @@ def _chunks(batches: Sequence[Any], counts: torch.Tensor, size: int) -> list[tup
     first), else batch by batch (token batches padded each to its own longest)."""
     tensors = [b if isinstance(b, tuple) else (b,) for b in batches]
     sizes = [t[0].shape[0] for t in tensors]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
     if len({tuple(x.shape[1:] for x in t) for t in tensors}) == 1:
         groups = [(concat_batches(batches), torch.arange(sum(sizes)))]
     else:
-        groups = [(b, torch.arange(n) + lo) for b, n, lo in zip(batches, sizes, starts, strict=True)]
+        index = torch.arange(sum(sizes)).split(sizes)
+        groups = list(zip(batches, index, strict=True))
     out = []
     for batch, index in groups:
         order = index[torch.argsort(counts[index], descending=True, stable=True)]

@@ -41,9 +41,7 @@ def take_samples(batch: Batch, idx: torch.Tensor | slice) -> Batch:
 
 def first_samples(batch: Batch, n: int) -> Batch:
     """The first `n` samples of a batch (of each of its tensors, for a tuple)."""
-    if isinstance(batch, tuple):
-        return tuple(x[:n] for x in batch)
-    return batch[:n]
+    return take_samples(batch, slice(None, n))
 
 
 @dataclass
