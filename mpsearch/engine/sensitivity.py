@@ -41,8 +41,8 @@ over five seeds at most 1.7-4.2%, mean 0.30%) and 4.8% (mean 0.46%) of those sol
 values on all 256 evaluation samples (benchmarks/sensitivity.py). Peak memory: 1.9 GB against
 the exact path's 1.4 GB (the FP32 pass runs a few samples at a time). Models where it cannot
 apply (a node that modifies a tensor in place other than a module's own `inplace` flag, a
-non-tensor value a layer changes) are measured exactly instead, on the same batches
-(`Sensitivity.note` says why).
+non-tensor value a layer changes) are measured as if "exact" had been asked for: on
+its samples, from and into its cache (`Sensitivity.note` says why).
 
 "exact": the measure itself. A layer quantized alone changes nothing computed before its first
 call, so per batch the FP32 graph is run once, in layer order, keeping only the values live across
@@ -74,7 +74,7 @@ import operator
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +234,7 @@ def measure_sensitivity(
         raise InvalidConfigError(f"probes must be at least 1, got {probes}")
     n_eval = len(evaluator.task.eval_batches)
     measure = KL if evaluator.task.kind == "classifier" else NMSE
+    given_batches = batches
     if batches is None:
         pool = FISHER_POOL if method == "fisher" and suffix and measure == KL else 1
         batches = default_batches(evaluator, pool * DEFAULT_SAMPLES)
@@ -270,22 +271,30 @@ def measure_sensitivity(
     fisher = None
     if runner is not None and method == "fisher":
         fisher, note = _FisherRunner.build(runner, evaluator, todo, measure, probes)
+    if method == "fisher" and fisher is None:
+        return _as_exact(evaluator, options, given_batches, cache_dir, progress, suffix, note, start)
     how = "fisher" if fisher is not None else "suffix" if runner is not None else "full"
     bar = tqdm(total=len(todo), desc="layer sensitivity", unit="pair", file=sys.stderr, disable=not progress)
     try:
-        if fisher is not None:
-            try:
-                _measure(fisher, evaluator, measure, todo, batches, len(todo), values, path, bar)
-            except _NotApplicable as e:  # found on the first batch: measure exactly instead
-                how, note = "suffix", str(e)
-                bar.reset()
-        if how != "fisher":
-            _measure(runner, evaluator, measure, todo, batches, CHUNK_PAIRS, values, path, bar)
+        try:
+            _measure(fisher or runner, evaluator, measure, todo, batches, len(todo) if fisher else CHUNK_PAIRS,
+                     values, path, bar)
+        except _NotApplicable as e:  # fisher finds it on the first batch, before anything is cached
+            note = str(e)
+        else:
+            return Sensitivity(measure, values, time.perf_counter() - start, from_cache, batches, how, note)
     finally:
         evaluator.restore()
         bar.close()
-    seconds = time.perf_counter() - start
-    return Sensitivity(measure, values, seconds, from_cache, batches, how, note)
+    return _as_exact(evaluator, options, given_batches, cache_dir, progress, suffix, note, start)
+
+
+def _as_exact(evaluator, options, batches, cache_dir, progress, suffix, note, start) -> Sensitivity:
+    """Where "fisher" cannot apply: the "exact" method as if asked for, on its own samples and
+    cache (not fisher's larger pool); `note` says why, `seconds` counts the attempt too."""
+    exact = measure_sensitivity(evaluator, options, batches=batches, cache_dir=cache_dir, progress=progress,
+                                suffix=suffix, method="exact")
+    return replace(exact, seconds=time.perf_counter() - start, note=note)
 
 
 def _measure(runner, evaluator, measure, todo, batches, chunk, values, path, bar) -> None:

@@ -196,6 +196,23 @@ def test_in_place_ops_and_untraceable_models(model, path):
     ev.close()
 
 
+@pytest.mark.parametrize("model", [_InPlaceResidual, _Untraceable])
+def test_fisher_falls_back_to_exact_on_exacts_samples_and_cache(model, tmp_path):
+    """Where "fisher" cannot apply, the pass is "exact"'s own: its 64 samples (4 of these 10
+    batches of 16), not fisher's pool of 128 (8 batches), written to the cache an "exact" request reads."""
+    task = _small_task(model(), batches=10)
+    analysis = analyze(task.model, task.example_input)
+    ev = Evaluator(task, analysis, cache_dir=None)
+    options = {f: [LayerChoice(w, P.INT8) for w in (P.INT2, P.INT4)] for f in analysis.fqns}
+    s = measure_sensitivity(ev, options, cache_dir=tmp_path)
+    assert (s.batches, s.path) == (4, "suffix" if model is _InPlaceResidual else "full")
+    assert s.note
+    e = measure_sensitivity(ev, options, cache_dir=tmp_path, method="exact")
+    assert (e.batches, e.path, e.from_cache) == (4, "cache", 2 * len(analysis.fqns))
+    assert e.values == s.values
+    ev.close()
+
+
 def test_other_task_kinds_use_normalized_mse(digits):
     task, analysis, _, _ = digits
     other = Task("digits-other", task.model, task.calib_batches, task.eval_batches, "accuracy",
