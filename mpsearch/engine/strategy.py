@@ -4,8 +4,9 @@
   ilp         per-layer sensitivities (mpsearch.engine.sensitivity), then the budgeted allocation solved
               exactly as an integer linear program over a sweep of budgets (mpsearch.engine.ilp): each
               solution is one trial, and the search ends when they run out
-  hybrid      (default) those ILP solutions first, enqueued as the study's first trials, then the
-              sampler refines from them instead of starting blind
+  hybrid      (default) uniform int8 (where the space has it and it fits the budgets) and those
+              ILP solutions first, enqueued as the study's first trials, then the sampler refines
+              from them instead of starting blind
 
 With a budget on the swept cost (a size budget when weight memory is the first cost objective, a
 latency budget when latency is), the sweep covers the budget's neighbourhood (NEAR_BUDGET) rather
@@ -23,14 +24,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hw_models import Candidate, CostModel
+from hw_models import Candidate, CostModel, Precision
 from mpsearch.defaults import DEFAULT_SENSITIVITY
 from mpsearch.engine.budgets import Budgets
 from mpsearch.engine.refine import Refiner, default_patience
 from mpsearch.errors import InvalidConfigError
 from mpsearch.results.selection import DropBudget
 from mpsearch.scoring.evaluator import Evaluator
-from search_spaces import SearchSpace
+from search_spaces import SearchSpace, SpaceError
 
 # additive per-layer cost the ILP sweeps, per cost objective (activation memory is a peak, not a sum)
 SWEEP_KEY = {"latency": "latency_s", "weight_memory": "weight_bytes", "bops": "bops", "energy": "energy_j"}
@@ -126,12 +127,19 @@ def plan(
             c = _within_latency(c, a, budgets.latency_ms, cost_model, options, sens.values, costs, limits, space)
         if c is not None and c not in tried and c not in seeds:
             seeds.append(c)
+    n_ilp = len(seeds)
+    # a hybrid search tries uniform int8 first: the configuration most deployments start from, and
+    # where int4 runs on int8 kernels (CPUs, most GPUs) often the fastest one within the drop, which
+    # a sweep of BOPs or of weight bytes may never propose (a compare then called slower ones best)
+    int8 = _uniform_int8(space, cost_model, budgets) if strategy == "hybrid" else None
+    if int8 is not None and int8 not in tried and int8 not in seeds:
+        seeds.insert(0, int8)
     t2 = time.perf_counter()
     if progress:
         how = {"fisher": "estimated", "suffix": "measured", "full": "measured"}.get(sens.path, "cached")
         print(f"mpsearch: {strategy}: sensitivity of {sum(len(v) for v in sens.values.values())} layer choices "
               f"({how}; {sens.from_cache} from the cache) in {t1 - t0:.1f} s, {len(seeds)} ILP solutions over the "
-              f"{key} sweep in {t2 - t1:.2f} s", file=sys.stderr)
+              f"{key} sweep in {t2 - t1:.2f} s{', uniform int8 first' if len(seeds) > n_ilp else ''}", file=sys.stderr)
     refiner = None
     if strategy == "hybrid" and drop is not None and drop.mode == "most_accurate":
         refiner = Refiner(space, cost_model, budgets, sens.values, drop, objectives,
@@ -139,8 +147,24 @@ def plan(
     return Plan(seeds, len(seeds), strategy == "ilp",
                 setup_s={"sensitivity_s": t1 - t0, "ilp_s": t2 - t1},
                 info={"sensitivity_measure": sens.measure, "sensitivity_path": sens.path,
-                      "ilp_solutions": len(seeds), "sweep": key,
+                      "ilp_solutions": n_ilp, "uniform_int8_seed": len(seeds) > n_ilp, "sweep": key,
                       **({"patience": refiner.patience} if refiner else {})}, refiner=refiner)
+
+
+def _uniform_int8(space: SearchSpace, cost_model: CostModel, budgets: Budgets) -> Candidate | None:
+    """Every layer at int8 weights and int8 activations (fp32 where the space keeps a layer's
+    activations fp32), if the space has it, the target runs it and it fits the budgets."""
+    cand = space.uniform(Precision.INT8, Precision.INT8)
+    if any(c.weight != Precision.INT8 or c.activation not in (Precision.INT8, Precision.FP32) for c in cand.values()):
+        return None
+    try:
+        space.params(cand)  # inside the space: every pair allowed, ties kept
+    except SpaceError:
+        return None
+    cost = cost_model.price(cand)
+    if not cost.feasible or any(v > 0 for v in budgets.overruns(cost).values()):
+        return None
+    return cand
 
 
 def _within_latency(cand, alloc, budget_ms, cost_model, options, sensitivity, costs, limits, space, tries=4):

@@ -66,12 +66,16 @@ def test_exhaustive_scores_every_candidate_once_and_bounds_every_other_front(tmp
 def test_hybrid_starts_from_ilp_solutions_then_samples(tmp_path):
     r = run(tmp_path, "hy", strategy="hybrid", n_trials=12, n_seeds=4, seed=0,
             weight_precisions="int2,int4,int8", activation_precisions="int8")
-    n = r.settings["ilp_solutions"]
+    n, first = r.settings["ilp_solutions"], int(r.settings["uniform_int8_seed"])
     assert 2 <= n <= 4 and len(r.trials) == 12
     t = r.timing
     assert t["sensitivity_s"] >= 0 and t["ilp_s"] >= 0 and t["scoring_s"] > 0 and t["sampler_s"] > 0
+    # uniform int8 is tried among the seeds: first, unless an ILP solution is that already
+    int8 = [x.number for x in r.trials[: first + n] if all(c.weight == P.INT8 for c in x.config.values())
+            and all(c.activation == P.INT8 for f, c in x.config.items() if f != LAYERS[0])]
+    assert int8 == [0] if first else len(int8) == 1
     # the ILP solutions sweep latency: the seeds are ordered by their additive latency
-    seeds = [x.config for x in r.trials[:n]]
+    seeds = [x.config for x in r.trials[first : first + n]]
     assert len(set(seeds)) == n
     assert all(x.state in ("complete", "infeasible") for x in r.trials[:n])
     ilp = run(tmp_path, "ilp", strategy="ilp", n_trials=4, seed=0,
