@@ -12,7 +12,7 @@ from rich.table import Table
 
 from mpsearch.results.compare import Comparison
 from mpsearch.results.records import SearchResult, TrialRecord
-from mpsearch.results.selection import RANKED_BY
+from mpsearch.results.selection import COST_TIE, RANKED_BY
 
 
 def vs_fp32(latency_ms: float | None, fp32_latency_ms: float | None) -> str:
@@ -133,7 +133,8 @@ def best_lines(result: SearchResult) -> list[str]:
                  f"{sel.source})")
         if sel.within_drop:
             lines.append(f"  chosen: {RANKED_BY.get(sel.objective, sel.objective)} among the complete trials with "
-                         f"{limit}")
+                         f"{limit}; within {COST_TIE:.0%} of the {RANKED_BY.get(sel.objective, sel.objective)}, the higher "
+                         f"{name}, then the lower KL")
         else:
             lines.append(f"  no trial has {limit}: best falls back to the highest {name}")
     if fp32_ms is not None and (sel.fastest_speedup_fp32 is None or sel.fastest_speedup_fp32 <= 1):

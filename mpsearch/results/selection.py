@@ -8,7 +8,10 @@ sample while running slower than FP32. So, like AIMET's allowed accuracy drop, b
   among the complete trials within every budget (latency, size, memory, and the drop budget:
   metric >= FP32 metric - max_drop), the best by the search's cost objectives: the fastest when
   latency is an objective, else the cheapest in the first cost objective (smallest weight memory,
-  fewest BOPs, ...); ties go to the higher metric, then the earlier trial. If no trial is within
+  fewest BOPs, ...). Costs within COST_TIE (1%) of the cheapest are a tie: no cost model (nor a
+  timer on a shared machine) resolves less, and one int4 layer in an int8 model predicted 0.01%
+  faster is no reason to deploy it. Ties go to the higher metric, then the finer proxy (lower KL
+  to FP32, else higher SQNR), then the cheaper, then the earlier trial. If no trial is within
   the drop, best falls back to the highest-metric trial, and says so (Best.within_drop False).
 
 max_drop, in metric points (0.01: one point of accuracy in [0, 1]) or, given as "1%", in percent
@@ -44,7 +47,8 @@ from typing import Any
 from mpsearch.errors import InvalidConfigError
 from mpsearch.results.objectives import value as objective_value
 
-__all__ = ["DEFAULT_RELATIVE_DROP", "Best", "DropBudget", "default_drop", "drop_budget", "most_accurate",
+__all__ = ["COST_TIE", "DEFAULT_RELATIVE_DROP", "Best", "DropBudget", "cheapest", "default_drop", "drop_budget",
+           "most_accurate",
            "parse_max_drop", "select_best"]
 
 DEFAULT_RELATIVE_DROP = 0.01
@@ -52,6 +56,8 @@ DEFAULT_RELATIVE_DROP = 0.01
 _TOLERANCE = 1e-9
 # what "best" means per ranking objective, for the printed summary
 MODES = ("cheapest", "most_accurate")
+# costs within this share of the cheapest within the drop are a tie (see the module doc)
+COST_TIE = 0.01
 # the finer proxy that tells apart trials whose metrics are within the evaluation set's noise:
 # (proxy, sign): lower KL is better, higher SQNR is
 FINER_PROXIES = (("kl_to_fp32", 1.0), ("sqnr_db", -1.0))
@@ -161,13 +167,25 @@ def most_accurate(pool: Sequence, noise: float, objective: str):
         return None
     top = max(t.metric for t in pool)
     near = [t for t in pool if t.metric >= top - noise - _TOLERANCE * max(1.0, abs(top))]
-    proxy = next(((name, sign) for name, sign in FINER_PROXIES
-                  if all(t.proxies.get(name) is not None and math.isfinite(t.proxies[name]) for t in near)), None)
-
-    def finer(t) -> float:
-        return 0.0 if proxy is None else proxy[1] * t.proxies[proxy[0]]
-
+    finer = _finer_proxy(near)
     return min(near, key=lambda t: (finer(t), _cost(t, objective), -t.metric, t.number))
+
+
+def _finer_proxy(trials: Sequence):
+    """t -> the first of FINER_PROXIES every one of `trials` has, signed so that lower is better
+    (0 for all where none is common to them)."""
+    proxy = next(((name, sign) for name, sign in FINER_PROXIES
+                  if all(t.proxies.get(name) is not None and math.isfinite(t.proxies[name]) for t in trials)), None)
+    return lambda t: 0.0 if proxy is None else proxy[1] * t.proxies[proxy[0]]
+
+
+def cheapest(within: Sequence, objective: str):
+    """The cheapest of `within` in `objective`, costs within COST_TIE of the lowest tied: among
+    those the highest metric, then the finer proxy, then the cheapest, then the earliest."""
+    low = min(_cost(t, objective) for t in within)
+    tied = [t for t in within if _cost(t, objective) <= low * (1 + COST_TIE)] if math.isfinite(low) else list(within)
+    finer = _finer_proxy(tied)
+    return min(tied, key=lambda t: (-t.metric, finer(t), _cost(t, objective), t.number))
 
 
 def select_best(trials: Sequence, reference: dict[str, Any], objectives: Sequence[str],
@@ -200,7 +218,7 @@ def select_best(trials: Sequence, reference: dict[str, Any], objectives: Sequenc
                     speedup(fastest), mode=drop.mode)
     within = [t for t in pool if t.metric >= threshold]
     if within:
-        best = min(within, key=lambda t: (_cost(t, objective), -t.metric, t.number))
+        best = cheapest(within, objective)
         rule = f"{RANKED_BY.get(objective, 'cheapest ' + objective)} within the drop budget"
         return Best(best.number, rule, objective, True, drop.points, drop.min_metric, drop.source,
                     speedup(best), speedup(fastest))

@@ -206,6 +206,24 @@ def test_a_budgeted_search_chooses_the_most_accurate_trial_within_the_noise_by_k
     assert select_best(bare, REF, ["metric", "weight_memory"], {**drop, "min_metric": 0.98}).trial == 1
 
 
+def test_costs_within_one_percent_of_the_cheapest_tie_then_metric_then_kl():
+    """Fastest within the drop, but latencies within COST_TIE (1%) of the fastest are a tie: the
+    demo's all-int8 (2.19207 ms, KL 0.0491) against one int4 layer predicted 0.01% faster
+    (2.19185 ms, KL 0.0510) is uniform int8; outside the 1% the faster wins."""
+    drop = {"points": 1 / 256, "min_metric": 1 - 1 / 256, "source": "default"}
+    ref = {**REF, "fp32_metric": 1.0}
+    int8, one_int4 = kl_rec(0, 1.0, 0.0491, 3541984, lat=2.19207), kl_rec(3, 1.0, 0.0510, 3537664, lat=2.19185)
+    assert select_best([int8, one_int4], ref, ("metric", "latency"), drop).trial == 0
+    # 2.19185 * 1.01 = 2.2138: a trial at 2.2139 ms is out of the tie even with the lowest KL
+    assert select_best([kl_rec(0, 1.0, 0.01, 1, lat=2.2139), one_int4], ref, ("metric", "latency"), drop).trial == 3
+    # in the tie the higher metric goes first, whatever its KL or its cost
+    assert select_best([kl_rec(0, 1.0, 0.09, 1, lat=2.21), kl_rec(1, 1 - 1 / 256, 0.01, 1, lat=2.19)], ref,
+                       ("metric", "latency"), drop).trial == 0
+    # no proxies (results written before them): the cheaper of equal metrics, then the earlier
+    assert select_best([rec(0, 1.0, 2.20), rec(1, 1.0, 2.19), rec(2, 1.0, 2.19)], ref, ("metric", "latency"),
+                       drop).trial == 1
+
+
 def test_a_budgeted_digits_search_says_it_chose_the_most_accurate(tmp_path):
     import mpsearch
 
