@@ -48,8 +48,7 @@ from mpsearch.errors import InvalidConfigError
 from mpsearch.results.objectives import value as objective_value
 
 __all__ = ["COST_TIE", "DEFAULT_RELATIVE_DROP", "Best", "DropBudget", "cheapest", "default_drop", "drop_budget",
-           "most_accurate",
-           "parse_max_drop", "select_best"]
+           "most_accurate", "parse_max_drop", "select_best"]
 
 DEFAULT_RELATIVE_DROP = 0.01
 # floats of a share of n samples (k / n) compared with a threshold computed in another order
