@@ -11,6 +11,7 @@ from mpsearch.errors import InvalidConfigError, UnknownTargetError
 from mpsearch.report.text import compare_table
 from mpsearch.results.compare import Comparison
 from mpsearch.results.objectives import pareto_front
+from mpsearch.results.selection import COST_TIE
 from mpsearch.scoring.analysis import analyze
 from mpsearch.tasks import load_task
 
@@ -113,8 +114,8 @@ def test_bad_targets(tmp_path, capsys):
 
 def test_uniform_int8_is_tried_and_no_best_is_slower_than_it(tmp_path):
     """A hybrid compare sweeps BOPs, which may never propose uniform int8; it is tried first, so a
-    target's best (the fastest within the drop) is never slower than uniform int8 while uniform
-    int8 is within the drop (on mobilenet_v2, x86-vnni's best was once 0.68x uniform int8's speed)."""
+    target's best (the fastest within the drop, give or take the 1% that ties) is never slower
+    than uniform int8 while uniform int8 is within the drop (on mobilenet_v2, x86-vnni's best was once 0.68x uniform int8's speed)."""
     c = compare("digits", "x86-vnni,h100", 4, seed=0, out_dir=tmp_path / "out", track=False, progress=False)
     assert c.result.settings["uniform_int8_seed"] is True
     first = c.result.trials[0]
@@ -125,4 +126,4 @@ def test_uniform_int8_is_tried_and_no_best_is_slower_than_it(tmp_path):
     for name in ("x86-vnni", "h100"):
         view = c.view(name)
         best = view.trial(c.per_target[name]["best"])
-        assert best.latency_ms <= view.trial(0).latency_ms
+        assert best.latency_ms <= view.trial(0).latency_ms * (1 + COST_TIE)  # costs within 1% tie
