@@ -195,18 +195,11 @@ def paired(mct: dict, mps: dict) -> dict:
             "kl_diff": mean, "kl_diff_ci": [lo, hi], "verdict": verdict, "decided_by": by}
 
 
-def task_samples(task) -> int:
-    return sum(len(y) for _, y in task.eval_batches)
-
-
 def heldout_task(task, size: int):
     """The task with `size` margin-filtered crops drawn with HELDOUT_SEED as its evaluation set:
     crops neither tool saw (the same calibration crops, so the same quantizer)."""
     _, images, labels, _ = mobilenet.draw_confident_crops(task.model, mobilenet.photo_tensors(), size, HELDOUT_SEED)
-    b = mobilenet.TASK_BATCH_SIZE
-    evals = mobilenet.normalize(images)
-    batches = [(evals[i : i + b], labels[i : i + b]) for i in range(0, size, b)]
-    return dataclasses.replace(task, eval_batches=batches, fp32_metric=1.0)
+    return dataclasses.replace(task, eval_batches=mobilenet.labelled_batches(images, labels), fp32_metric=1.0)
 
 
 def judge(task, analysis, fractions, mct, searches, int8_bytes) -> dict:
@@ -227,7 +220,7 @@ def judge(task, analysis, fractions, mct, searches, int8_bytes) -> dict:
     for c in [int8] + [r[k] for r in rows for k in ("mct", "mpsearch")]:
         c.pop("_per_crop", None)
     del int8["bits"]
-    return {"evaluator_s": evaluator_s, "eval_samples": task_samples(task),
+    return {"evaluator_s": evaluator_s, "eval_samples": metrics.n_eval_samples(task.eval_batches),
             "int8": int8, "budgets": rows}
 
 
@@ -400,7 +393,7 @@ def main() -> int:
             else:
                 os.environ["MPSEARCH_CACHE_DIR"] = before
 
-    log(f"scoring both tools' choices with mpsearch's evaluator on the search's {task_samples(task)} crops")
+    log(f"scoring both tools' choices with mpsearch's evaluator on the search's {metrics.n_eval_samples(task.eval_batches)} crops")
     search_set = judge(task, analysis, fractions, mct, searches, int8_bytes)
     heldout, heldout_s = None, 0.0
     if args.heldout:

@@ -295,6 +295,13 @@ def _labels_match(model: nn.Module, data: dict) -> bool:
     return bool(torch.equal(pred, data["eval_labels"][:SPOT_CHECK]))
 
 
+def labelled_batches(images: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 crops and their labels as the task's (normalized inputs, labels) batches of
+    TASK_BATCH_SIZE."""
+    inputs, b = normalize(images), TASK_BATCH_SIZE
+    return [(inputs[i : i + b], labels[i : i + b]) for i in range(0, len(inputs), b)]
+
+
 def build() -> Task:
     model = load_model()
     data = _load_cached()
@@ -306,11 +313,9 @@ def build() -> Task:
         _save_cached(data)
 
     calib = normalize(data["calib_images"])
-    evals = normalize(data["eval_images"])
-    labels = data["eval_labels"]
     b = TASK_BATCH_SIZE
     calib_batches = [calib[i : i + b] for i in range(0, len(calib), b)]
-    eval_batches = [(evals[i : i + b], labels[i : i + b]) for i in range(0, len(evals), b)]
+    eval_batches = labelled_batches(data["eval_images"], data["eval_labels"])
     return Task(
         name="mobilenet_v2",
         model=model,
@@ -323,7 +328,7 @@ def build() -> Task:
         fp32_metric=1.0,
         kind="classifier",
         description=(
-            f"torchvision MobileNetV2 (IMAGENET1K_V1) on {len(evals)} evaluation and {len(calib)} calibration "
+            f"torchvision MobileNetV2 (IMAGENET1K_V1) on {len(data['eval_images'])} evaluation and {len(calib)} calibration "
             f"224x224 crops of {len(_SOURCES)} photos bundled with scikit-image/scikit-learn; metric: top-1 "
             f"agreement with the FP32 model; margin rule: {MARGIN_RULE}"
         ),
