@@ -132,9 +132,9 @@ def best_lines(result: SearchResult) -> list[str]:
         limit = (f"{name} >= {sel.min_metric:.4f} (FP32 {ref['fp32_metric']:.4f} - {sel.max_drop:.4g}; "
                  f"{sel.source})")
         if sel.within_drop:
-            lines.append(f"  chosen: {RANKED_BY.get(sel.objective, sel.objective)} among the complete trials with "
-                         f"{limit}; within {COST_TIE:.0%} of the {RANKED_BY.get(sel.objective, sel.objective)}, the higher "
-                         f"{name}, then the lower KL")
+            ranked = RANKED_BY.get(sel.objective, sel.objective)
+            lines.append(f"  chosen: {ranked} among the complete trials with {limit}; within {COST_TIE:.0%} of the "
+                         f"{ranked}, the higher {name}, then the lower KL to FP32 (else the higher SQNR)")
         else:
             lines.append(f"  no trial has {limit}: best falls back to the highest {name}")
     if fp32_ms is not None and (sel.fastest_speedup_fp32 is None or sel.fastest_speedup_fp32 <= 1):
